@@ -1,0 +1,123 @@
+"""`SATCallback`: SAT inside `transformers.Trainer` with one added line.
+
+Lifecycle (the Trainer wraps the model for accelerate/DDP/FSDP/DeepSpeed *before*
+``on_train_begin``, so patching happens at ``on_init_end``, on the bare model):
+
+* ``on_init_end``: :func:`apply_sat` on the model.
+* ``on_step_begin``: the schedule gives this optimizer step's omission rate; a new draw number
+  makes the next forward draw a new kept set, reused by the step's other micro-batches and by
+  gradient-checkpoint recompute (``draw_every: micro_batch`` draws again per micro-batch).
+* ``on_log``: adds ``sat/omission_rate``, ``sat/kept_flops_fraction`` and
+  ``sat/tokens_per_second`` to training log rows (and to ``state.log_history``).
+* checkpoints: the draw counter is saved through ``ExportableState`` and restored on resume;
+  the schedule position is the Trainer's own ``global_step``.
+
+Evaluation runs in ``eval()`` mode, where the patched projections run their original forwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .config import SATConfig
+from .patch.model import SATHandle, apply_sat, handle_of
+from .schedule import omission_rate_at
+
+logger = logging.getLogger("sat_trainer")
+
+
+class SATCallback(TrainerCallback, ExportableState):
+    """Runs SAT in a Trainer: ``Trainer(..., callbacks=[SATCallback(cfg)])``.
+
+    ``config`` is a :class:`SATConfig`, a mapping of its keys, a YAML path, or None (defaults).
+    """
+
+    def __init__(self, config: SATConfig | dict[str, Any] | str | Path | None = None):
+        if config is None:
+            config = SATConfig()
+        elif isinstance(config, dict):
+            config = SATConfig.from_dict(config)
+        elif isinstance(config, (str, Path)):
+            config = SATConfig.from_yaml(config)
+        self.config: SATConfig = config
+        self.handle: SATHandle | None = None
+        self.draw_id = 0
+        self._tokens = 0
+        self._window_start = 0.0
+        self._hook = None
+
+    # ---- ExportableState ------------------------------------------------------------------
+
+    def state(self) -> dict:
+        rate = self.handle.rate if self.handle is not None else 0.0
+        return {"args": {"config": self.config.to_dict()}, "attributes": {"draw_id": self.draw_id, "last_rate": rate}}
+
+    # ---- Trainer events -------------------------------------------------------------------
+
+    def on_init_end(self, args, state, control, model: nn.Module | None = None, **kwargs):
+        if model is not None:
+            self._attach(model)
+
+    def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs):
+        if model is None:
+            raise RuntimeError("SATCallback needs the Trainer to pass the model to its callbacks")
+        self._attach(model)
+        embeddings = model.get_input_embeddings()
+        if self._hook is None and embeddings is not None:
+            self._hook = embeddings.register_forward_pre_hook(self._count_tokens)
+        self._window_start = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.handle.set_rate(omission_rate_at(self.config, state.global_step, state.max_steps))
+        self._new_draw()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self.config.draw_every == "micro_batch":
+            self._new_draw()
+
+    def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
+        if logs is None or "loss" not in logs or self.handle is None:
+            return
+        now = time.perf_counter()
+        extra = {
+            "sat/omission_rate": round(self.handle.rate, 6),
+            "sat/kept_flops_fraction": round(self.handle.kept_flops_fraction(), 6),
+            "sat/tokens_per_second": round(self._tokens / max(now - self._window_start, 1e-9), 2),
+        }
+        self._tokens, self._window_start = 0, now
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+            state.log_history[-1].update(extra)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _attach(self, model: nn.Module) -> None:
+        """Patch once; a callback rebuilt by the Trainer on resume adopts the existing patch."""
+        if self.handle is None:
+            self.handle = handle_of(model) or apply_sat(model, self.config)
+            logger.info(
+                "sat_trainer: %d MLP and %d attention blocks patched",
+                sum(u.kind == "mlp" for u in self.handle.units),
+                sum(u.kind == "attention" for u in self.handle.units),
+            )
+        self.handle.draw_id = self.draw_id
+
+    def _new_draw(self) -> None:
+        self.draw_id += 1
+        self.handle.draw_id = self.draw_id
+
+    def _count_tokens(self, module: nn.Module, inputs: tuple) -> None:
+        if module.training and inputs and hasattr(inputs[0], "numel"):
+            self._tokens += inputs[0].numel()

@@ -1,0 +1,194 @@
+"""`SATConfig`: every SAT setting in one validated dataclass, loadable from YAML.
+
+Each field carries its help text in ``metadata["help"]`` (PEFT/TRL style) so the README table and
+error messages come from one place. Validation happens in ``__post_init__``: a bad value fails
+when the config is built, before any model is touched, with one message naming the key, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import SATConfigError
+
+METRICS = ("uniform", "magnitude", "wanda", "maxip")
+SELECTIONS = ("topk", "sampling")
+SCHEDULES = ("ladder", "constant", "linear", "cosine")
+TARGETS = ("mlp", "attention")
+DRAW_EVERY = ("step", "micro_batch")
+
+
+@dataclass
+class SATConfig:
+    """Settings of Sparsity-Accelerated Training. All fields are optional; see each field's help."""
+
+    omission_rate: float = field(
+        default=0.5,
+        metadata={"help": "Peak fraction of MLP channels / attention KV groups omitted per step, in [0, 1)."},
+    )
+    targets: list[str] = field(
+        default_factory=lambda: ["mlp", "attention"],
+        metadata={"help": "Which blocks omit neurons: any non-empty subset of ['mlp', 'attention']."},
+    )
+    metric: str = field(
+        default="wanda",
+        metadata={"help": "Importance score: uniform (random), magnitude, wanda or maxip."},
+    )
+    selection: str = field(
+        default="sampling",
+        metadata={"help": "topk keeps the highest scores; sampling draws kept units with p ~ score^(1/temperature)."},
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature (> 0): higher is closer to uniform, lower closer to topk."},
+    )
+    schedule: str = field(
+        default="ladder",
+        metadata={"help": "Omission-rate schedule over training: ladder (LORS), constant, linear or cosine."},
+    )
+    ladder_sparse_fraction: float = field(
+        default=0.75,
+        metadata={"help": "Ladder: fraction of total steps spent at the peak omission_rate, in (0, 1); the rest steps down to dense."},
+    )
+    ladder_num_rungs: int = field(
+        default=2,
+        metadata={
+            "help": "Ladder: number of rungs after the sparse phase, equally long, stepping the rate down "
+            "evenly; the last rung is 0 (dense). >= 1."
+        },
+    )
+    ladder_rungs: list[list[float]] | None = field(
+        default=None,
+        metadata={
+            "help": "Ladder: explicit [[start_fraction, rate], ...] overriding the two keys above; "
+            "first start 0, starts increasing in [0, 1), rates in [0, 1), last rate 0."
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the selection RNG; draws depend only on (seed, draw number, layer)."},
+    )
+    draw_every: str = field(
+        default="step",
+        metadata={"help": "step: one kept set per optimizer step; micro_batch: a new one per micro-batch."},
+    )
+    maxip_tokens: int = field(
+        default=64,
+        metadata={"help": "maxip: number of tokens subsampled per draw to score neurons (>= 1)."},
+    )
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check_values(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SATConfig:
+        """Build from a mapping, rejecting unknown keys by name."""
+        if not isinstance(data, dict):
+            raise SATConfigError(f"SAT config must be a mapping of keys to values, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SATConfigError(
+                f"unknown SAT config key {unknown[0]!r} (value {data[unknown[0]]!r}); allowed keys: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SATConfig:
+        """Load from a YAML file whose SAT settings are at top level or under a ``sat:`` key."""
+        path = Path(path)
+        if not path.is_file():
+            raise SATConfigError(f"SAT config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if isinstance(data, dict) and "sat" in data:
+            data = data["sat"] or {}
+        try:
+            return cls.from_dict(data)
+        except SATConfigError as err:
+            raise SATConfigError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_help() -> dict[str, str]:
+    """Help text per key, for docs and CLI listings."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(SATConfig)}
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise SATConfigError(f"SAT config key {key!r} has invalid value {value!r}; allowed: {allowed}")
+
+
+def _check_types(cfg: SATConfig) -> None:
+    expected: dict[str, tuple[type, ...]] = {
+        "omission_rate": (int, float),
+        "temperature": (int, float),
+        "ladder_sparse_fraction": (int, float),
+        "ladder_num_rungs": (int,),
+        "seed": (int,),
+        "maxip_tokens": (int,),
+        "metric": (str,),
+        "selection": (str,),
+        "schedule": (str,),
+        "draw_every": (str,),
+    }
+    for key, types in expected.items():
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, types):
+            _fail(key, value, f"a value of type {' or '.join(t.__name__ for t in types)}")
+    if isinstance(cfg.targets, str):
+        cfg.targets = [cfg.targets]
+    if not isinstance(cfg.targets, (list, tuple)) or not all(isinstance(t, str) for t in cfg.targets):
+        _fail("targets", cfg.targets, f"a list drawn from {list(TARGETS)}")
+    cfg.targets = list(cfg.targets)
+
+
+def _check_values(cfg: SATConfig) -> None:
+    if not 0.0 <= cfg.omission_rate < 1.0:
+        _fail("omission_rate", cfg.omission_rate, "a number in [0, 1)")
+    if not cfg.targets or any(t not in TARGETS for t in cfg.targets) or len(set(cfg.targets)) != len(cfg.targets):
+        _fail("targets", cfg.targets, f"a non-empty list without repeats drawn from {list(TARGETS)}")
+    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY)):
+        if getattr(cfg, key) not in allowed:
+            _fail(key, getattr(cfg, key), ", ".join(allowed))
+    if not cfg.temperature > 0:
+        _fail("temperature", cfg.temperature, "a number > 0")
+    if not 0.0 < cfg.ladder_sparse_fraction < 1.0:
+        _fail("ladder_sparse_fraction", cfg.ladder_sparse_fraction, "a number in (0, 1)")
+    if cfg.ladder_num_rungs < 1:
+        _fail("ladder_num_rungs", cfg.ladder_num_rungs, "an integer >= 1")
+    if cfg.maxip_tokens < 1:
+        _fail("maxip_tokens", cfg.maxip_tokens, "an integer >= 1")
+    if cfg.ladder_rungs is not None:
+        _check_rungs(cfg.ladder_rungs)
+
+
+def _check_rungs(rungs: Any) -> None:
+    allowed = "a list of [start_fraction, rate] pairs, first start 0, starts increasing in [0, 1), rates in [0, 1), last rate 0"
+    ok = isinstance(rungs, (list, tuple)) and len(rungs) > 0
+    ok = ok and all(
+        isinstance(r, (list, tuple))
+        and len(r) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)
+        for r in rungs
+    )
+    if ok:
+        starts = [float(r[0]) for r in rungs]
+        rates = [float(r[1]) for r in rungs]
+        ok = (
+            starts[0] == 0.0
+            and all(0.0 <= s < 1.0 for s in starts)
+            and all(a < b for a, b in zip(starts, starts[1:]))
+            and all(0.0 <= r < 1.0 for r in rates)
+            and rates[-1] == 0.0
+        )
+    if not ok:
+        _fail("ladder_rungs", rungs, allowed)

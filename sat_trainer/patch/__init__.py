@@ -1,0 +1,1 @@
+"""Patching models for SAT: the family registry, the per-block units, the model-level wiring."""

@@ -1,0 +1,173 @@
+"""Model-level wiring: find a model's blocks, patch them in place, and hand back a `SATHandle`.
+
+Patching is per instance and before any wrapper (accelerate, DDP, FSDP, DeepSpeed) is built:
+other models in the process stay untouched, nothing is added to the state dict, and
+:func:`remove_sat` restores the original forwards exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import SATConfig
+from ..errors import SATError
+from ..ops import SLICEABLE, is_sliceable, out_major_weight
+from .registry import FAMILIES, NO_ATTENTION_REASON, BlockShape, supported_model_types
+from .units import BlockUnit
+
+logger = logging.getLogger("sat_trainer")
+
+_HANDLES: weakref.WeakKeyDictionary[nn.Module, SATHandle] = weakref.WeakKeyDictionary()
+
+
+class SATHandle:
+    """Controls a patched model: the omission rate, when a new kept set is drawn, what is kept.
+
+    ``draw_id`` numbers the draws; every block draws its kept set at most once per number,
+    from a generator seeded by (config seed, draw_id, block index), so the choice is the same on
+    every rank and after a resume.
+    """
+
+    def __init__(self, model: nn.Module, config: SATConfig):
+        self.config = config
+        self.rate = 0.0
+        self.draw_id = 0
+        self.seq_len = 1
+        self.units: list[BlockUnit] = []
+        self._model_ref = weakref.ref(model)
+
+    def set_rate(self, rate: float) -> None:
+        """Omission rate from now on, in [0, 1). A rate that changes k makes the next forward redraw."""
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise SATError(f"omission rate must be a number in [0, 1), got {rate!r}")
+        self.rate = float(rate)
+
+    def new_step(self) -> None:
+        """The next forward draws a new kept set; until then every forward reuses the current one."""
+        self.draw_id += 1
+
+    def kept(self) -> dict[str, torch.Tensor]:
+        """{block name: kept MLP channel indices or kept query-head indices} of the latest draw.
+
+        Blocks running dense (rate 0, eval) report everything kept.
+        """
+        return {
+            u.name: u.kept_query_or_channels() if u.is_sparse() else torch.arange(u.n * u.heads_per_unit)
+            for u in self.units
+        }
+
+    def kept_flops_fraction(self) -> float:
+        """Forward matmul FLOPs per token of a training step at the current rate, over the dense model's.
+
+        Counts every linear layer (LM head included; the embedding lookup has no matmul FLOPs)
+        and the attention score/value products at the latest sequence length. Backward FLOPs
+        scale the same way, so this is also the training-step ratio.
+        """
+        model = self._model_ref()
+        if model is None:
+            raise SATError("the model this handle patched no longer exists")
+        dense = sum(out_major_weight(m).numel() for m in model.modules() if isinstance(m, SLICEABLE))
+        attention_core = _attention_core_flops(model, self.seq_len)
+        per_layer_core = attention_core / max(_num_layers(model), 1)
+        saved = 0.0
+        for unit in self.units:
+            omitted = 1.0 - unit.k() / unit.n
+            saved += omitted * sum(out_major_weight(p).numel() for p in [*unit.inputs, unit.output])
+            if unit.kind == "attention":
+                saved += omitted * per_layer_core
+        return (dense + attention_core - saved) / (dense + attention_core)
+
+    def sync_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Average data-dependent scores over ranks so every rank keeps the same set."""
+        if self.config.metric in ("wanda", "maxip") and dist.is_available() and dist.is_initialized():
+            if dist.get_world_size() > 1:
+                dist.all_reduce(scores, op=dist.ReduceOp.SUM)
+                scores /= dist.get_world_size()
+        return scores
+
+
+def apply_sat(model: nn.Module, config: SATConfig | None = None) -> SATHandle:
+    """Patch ``model``'s MLP and attention blocks in place for SAT; returns the controlling handle.
+
+    The handle starts at omission rate 0 (the original forwards run) until ``set_rate``.
+    Raises :class:`SATError` for an unsupported architecture or a model patched twice.
+    """
+    config = config or SATConfig()
+    if model in _HANDLES:
+        raise SATError(f"{type(model).__name__} is already patched by sat_trainer; call remove_sat(model) first")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise SATError(
+            f"model_type {model_type!r} ({type(model).__name__}) is not supported by sat_trainer; "
+            f"supported: {', '.join(supported_model_types())}"
+        )
+    handle = SATHandle(model, config)
+    shapes = [s for s in FAMILIES[model_type] if s.kind in config.targets]
+    if "attention" in config.targets and not any(s.kind == "attention" for s in FAMILIES[model_type]):
+        logger.warning(
+            "sat_trainer: attention heads are not omitted for model_type %r (%s); attention runs dense",
+            model_type,
+            NO_ATTENTION_REASON.get(model_type, "not supported"),
+        )
+    dense_fallbacks = []
+    for name, module in model.named_modules():
+        for shape in shapes:
+            if not _has_projections(module, shape):
+                continue
+            if not all(is_sliceable(getattr(module, a)) for a in (*shape.inputs, shape.output)):
+                dense_fallbacks.append(f"{name} ({_projection_types(module, shape)})")
+                continue
+            handle.units.append(BlockUnit(name, shape, module, len(handle.units), handle))
+    if dense_fallbacks:
+        logger.warning(
+            "sat_trainer: %d block(s) have projections SAT cannot slice and run dense: %s",
+            len(dense_fallbacks),
+            "; ".join(dense_fallbacks),
+        )
+    if not handle.units:
+        raise SATError(
+            f"no sliceable {' or '.join(config.targets)} blocks found in {type(model).__name__} "
+            f"(model_type {model_type!r}); nothing to omit"
+        )
+    for unit in handle.units:
+        unit.patch()
+    _HANDLES[model] = handle
+    return handle
+
+
+def remove_sat(model: nn.Module) -> None:
+    """Put back the original forwards of a model patched by :func:`apply_sat` (no-op otherwise)."""
+    handle = _HANDLES.pop(model, None)
+    if handle is not None:
+        for unit in handle.units:
+            unit.unpatch()
+
+
+def handle_of(model: nn.Module) -> SATHandle | None:
+    """The handle of a patched model, e.g. for a callback rebuilt on resume."""
+    return _HANDLES.get(model)
+
+
+def _has_projections(module: nn.Module, shape: BlockShape) -> bool:
+    return all(isinstance(getattr(module, a, None), nn.Module) for a in (*shape.inputs, shape.output))
+
+
+def _projection_types(module: nn.Module, shape: BlockShape) -> str:
+    return ", ".join(f"{a}: {type(getattr(module, a)).__name__}" for a in (*shape.inputs, shape.output))
+
+
+def _num_layers(model: nn.Module) -> int:
+    return int(getattr(model.config, "num_hidden_layers", 0) or 0)
+
+
+def _attention_core_flops(model: nn.Module, seq_len: int) -> float:
+    """Per-token FLOPs of QK^T and AV over all layers (full, not causally halved) at ``seq_len``."""
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", 0) or 0
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)
+    return 2.0 * seq_len * heads * head_dim * _num_layers(model)

@@ -1,0 +1,168 @@
+"""One patched block (an MLP or an attention module): its kept set and its projections' forwards.
+
+SAT never replaces a block's own forward. It binds new forwards onto the block's projection
+*instances* (Liger-Kernel style): the input projections return only their kept output features,
+the output projection reads only those. Everything between them in the block's unchanged
+forward is shape-agnostic: the MLP's activation and product are elementwise, and Llama-style
+attention views q/k/v as ``(*shape, -1, head_dim)`` and reads ``num_key_value_groups``, which
+dropping whole KV groups leaves intact (so RoPE, sliding windows, soft-capping, Qwen3/Gemma3
+q/k norms, biases, eager and sdpa all keep working). Each projection's own forward hooks (e.g.
+DeepSpeed ZeRO-3 gathering) still fire, because the module is still called.
+
+The kept set is drawn once per draw number (see :class:`sat_trainer.patch.model.SATHandle`) by
+whichever input projection runs first, and reused by every later call with the same number:
+the output projection, the other micro-batches of the step and gradient-checkpoint recompute.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+from .. import importance, selection
+from ..errors import SATError
+from ..ops import linear_keep_inputs, linear_keep_outputs, out_features, out_major_weight
+from ..schedule import kept_count
+from .registry import BlockShape
+
+if TYPE_CHECKING:
+    from .model import SATHandle
+
+
+class BlockUnit:
+    """A block whose units (MLP channels or attention KV groups) SAT keeps or omits together."""
+
+    def __init__(self, name: str, shape: BlockShape, block: nn.Module, index: int, handle: SATHandle):
+        self.name, self.kind, self.index = name, shape.kind, index
+        self.block = block
+        self._handle = handle
+        self.inputs: list[nn.Module] = [getattr(block, a) for a in shape.inputs]
+        self.output: nn.Module = getattr(block, shape.output)
+        self.n, self.heads_per_unit = _unit_layout(name, shape, block, self.inputs)
+        for proj in self.inputs:
+            _check_divisible(name, proj, out_features(proj), self.n)
+        _check_divisible(name, self.output, out_major_weight(self.output).shape[1], self.n)
+        self.kept_units = torch.arange(self.n)
+        self._drawn_for: tuple[int, int] | None = None
+        self._row_index: list[torch.Tensor] = []
+        self._col_index: torch.Tensor | None = None
+        self._saved_forwards: list[tuple[nn.Module, Callable | None]] = []
+
+    # ---- patching -------------------------------------------------------------------------
+
+    def patch(self) -> None:
+        for position, proj in enumerate(self.inputs):
+            self._bind(proj, functools.partial(_input_forward, self, proj, position, proj.forward))
+        self._bind(self.output, functools.partial(_output_forward, self, self.output, self.output.forward))
+
+    def unpatch(self) -> None:
+        for proj, previous in reversed(self._saved_forwards):
+            del proj.forward
+            if previous is not None:
+                proj.forward = previous
+        self._saved_forwards.clear()
+
+    def _bind(self, proj: nn.Module, forward: Callable) -> None:
+        """Set an instance-level forward; ``unpatch`` puts back what the instance had (usually nothing)."""
+        self._saved_forwards.append((proj, proj.__dict__.get("forward")))
+        proj.forward = forward
+
+    # ---- the kept set ---------------------------------------------------------------------
+
+    def k(self) -> int:
+        return kept_count(self.n, self._handle.rate)
+
+    def is_sparse(self) -> bool:
+        """Sliced forward only while training with something to omit: eval and rate 0 run dense."""
+        return self.block.training and self.k() < self.n
+
+    @torch.compiler.disable
+    def input_index(self, position: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Kept output features of input projection ``position``, drawing if this draw is new."""
+        self._handle.seq_len = x.shape[-2] if x.dim() > 1 else 1
+        if not self.is_sparse():
+            return None
+        key = (self._handle.draw_id, self.k())
+        if self._drawn_for != key:
+            self._draw(x, key)
+        return self._row_index[position]
+
+    @torch.compiler.disable
+    def output_index(self) -> torch.Tensor | None:
+        if not self.is_sparse():
+            return None
+        if self._drawn_for != (self._handle.draw_id, self.k()):
+            raise SATError(
+                f"{self.name}: its output projection ran before its input projections drew a kept set; "
+                "SAT needs the block's own forward to call the input projections first"
+            )
+        return self._col_index
+
+    def kept_query_or_channels(self) -> torch.Tensor:
+        """Kept MLP channel indices, or kept query-head indices for attention."""
+        return _expand(self.kept_units, self.heads_per_unit)
+
+    def _draw(self, x: torch.Tensor, key: tuple[int, int]) -> None:
+        cfg = self._handle.config
+        generator = selection.generator_for(cfg.seed, key[0], self.index)
+        with torch.no_grad():
+            scores = self._handle.sync_scores(self._scores(x.detach(), generator))
+            k = key[1]
+            if cfg.selection == "topk":
+                kept = selection.topk(scores, k)
+            else:
+                kept = selection.sampling(scores, k, cfg.temperature, generator)
+        self.kept_units = kept.cpu()
+        self._row_index = [_expand(kept, out_features(p) // self.n) for p in self.inputs]
+        self._col_index = _expand(kept, out_major_weight(self.output).shape[1] // self.n)
+        self._drawn_for = key
+
+    def _scores(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        cfg = self._handle.config
+        in_weights = [out_major_weight(p) for p in self.inputs]
+        if cfg.metric == "uniform":
+            return importance.uniform(self.n, generator, x.device)
+        if cfg.metric == "magnitude":
+            return importance.magnitude(in_weights, out_major_weight(self.output), self.n)
+        if cfg.metric == "wanda":
+            return importance.wanda(x, in_weights, self.n)
+        return importance.maxip(x, in_weights[0], self.n, cfg.maxip_tokens, generator)
+
+
+def _input_forward(unit: BlockUnit, proj: nn.Module, position: int, dense: Callable, x: torch.Tensor) -> torch.Tensor:
+    idx = unit.input_index(position, x)
+    return dense(x) if idx is None else linear_keep_outputs(proj, x, idx)
+
+
+def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.Tensor) -> torch.Tensor:
+    idx = unit.output_index()
+    return dense(h) if idx is None else linear_keep_inputs(proj, h, idx)
+
+
+def _expand(kept: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Unit indices -> feature indices, each unit owning ``chunk`` contiguous features."""
+    if chunk == 1:
+        return kept
+    return (kept.unsqueeze(1) * chunk + torch.arange(chunk, device=kept.device)).reshape(-1)
+
+
+def _unit_layout(name: str, shape: BlockShape, block: nn.Module, inputs: list[nn.Module]) -> tuple[int, int]:
+    """(number of units, query heads per unit): channels for MLPs, KV groups for attention."""
+    if shape.kind == "mlp":
+        return out_features(inputs[0]), 1
+    head_dim = getattr(block, "head_dim", None)
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        raise SATError(f"{name}: attention module has no integer 'head_dim' attribute; cannot find its heads")
+    q_heads = out_features(inputs[0]) // head_dim
+    kv_heads = out_features(inputs[1]) // head_dim
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise SATError(f"{name}: {q_heads} query heads do not split into {kv_heads} KV groups")
+    return kv_heads, q_heads // kv_heads
+
+
+def _check_divisible(name: str, proj: nn.Module, features: int, n: int) -> None:
+    if features % n:
+        raise SATError(f"{name}: projection {type(proj).__name__} has {features} features, not a multiple of {n} units")
