@@ -1,0 +1,82 @@
+"""Invariant 1: for a fixed kept set, the sliced forward equals the masked dense model, in output
+and gradients; omitted rows/columns get exactly zero gradient."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from reference import loss_and_grads, masked
+from tiny import FAMILY_CONFIGS, LLAMA_STYLE_ATTENTION, batch, build
+
+from sat_trainer import SATConfig, apply_sat, remove_sat
+
+# Gemma2 has no sdpa path in transformers (attention soft-capping needs eager).
+CASES = [(f, "eager") for f in FAMILY_CONFIGS] + [(f, "sdpa") for f in LLAMA_STYLE_ATTENTION if f != "gemma2"]
+
+
+@pytest.mark.parametrize("family,attn", CASES, ids=[f"{f}-{a}" for f, a in CASES])
+@pytest.mark.parametrize("metric", ["wanda", "maxip"])
+def test_sliced_equals_masked_dense(family, attn, metric):
+    model = build(family, attn)
+    reference = copy.deepcopy(model)
+    handle = apply_sat(model, SATConfig(omission_rate=0.5, metric=metric))
+    model.train()
+    reference.train()
+    handle.set_rate(0.5)
+    handle.new_step()
+    ids = batch()
+
+    loss, logits, grads = loss_and_grads(model, ids)
+    with masked(reference, handle):
+        ref_loss, ref_logits, ref_grads = loss_and_grads(reference, ids)
+
+    kinds = {u.kind for u in handle.units}
+    assert kinds == ({"mlp", "attention"} if family in LLAMA_STYLE_ATTENTION else {"mlp"})
+    assert all(u.k() < u.n for u in handle.units)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_omitted_grads_zero(model, handle)
+    remove_sat(model)
+
+
+def _assert_omitted_grads_zero(model, handle):
+    """Omitted rows of input projections and columns of the output projection: exactly 0."""
+    for unit in handle.units:
+        for position, proj in enumerate(unit.inputs):
+            grad = _out_major_grad(proj)
+            omitted = _complement(unit._row_index[position], grad.shape[0])
+            assert omitted.numel() > 0
+            assert torch.count_nonzero(grad.index_select(0, omitted)) == 0, f"{unit.name} input {position}"
+            kept_rows = grad.index_select(0, unit._row_index[position])
+            assert torch.count_nonzero(kept_rows) > 0
+        grad = _out_major_grad(unit.output)
+        omitted = _complement(unit._col_index, grad.shape[1])
+        assert torch.count_nonzero(grad.index_select(1, omitted)) == 0, f"{unit.name} output"
+
+
+def _out_major_grad(proj):
+    return proj.weight.grad.t() if type(proj).__name__ == "Conv1D" else proj.weight.grad
+
+
+def _complement(idx: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[idx] = False
+    return mask.nonzero().squeeze(1)
+
+
+def test_attention_drops_whole_kv_groups():
+    model = build("llama")
+    handle = apply_sat(model, SATConfig(omission_rate=0.5, targets=["attention"]))
+    model.train()
+    handle.set_rate(0.5)
+    handle.new_step()
+    model(batch())
+    for name, heads in handle.kept().items():
+        groups = heads.div(2, rounding_mode="floor")  # 8 query heads / 4 KV heads
+        assert heads.numel() == 4 and groups.unique().numel() == 2, name
+        assert torch.equal(heads, torch.cat([torch.arange(2 * g, 2 * g + 2) for g in groups.unique()]))

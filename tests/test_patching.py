@@ -1,0 +1,168 @@
+"""Invariants 2, 3, 5 and 7: free dense paths, one draw per step through checkpoint recompute,
+plain state dicts, clear errors for what SAT cannot do."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import transformers
+from reference import loss_and_grads
+from tiny import batch, build
+
+from sat_trainer import SATConfig, SATError, apply_sat, remove_sat
+from sat_trainer.patch.model import handle_of
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_rate_zero_eval_and_remove_are_bit_identical(family):
+    model = build(family)
+    plain = copy.deepcopy(model)
+    ids = batch()
+    plain.train()
+    expected_train = _logits(plain, ids)
+    plain.eval()
+    expected_eval = _logits(plain, ids)
+
+    handle = apply_sat(model, SATConfig(omission_rate=0.5))
+    model.train()
+    assert torch.equal(_logits(model, ids), expected_train)  # rate 0 (the handle's start)
+    handle.set_rate(0.5)
+    handle.new_step()
+    assert not torch.equal(_logits(model, ids), expected_train)  # sparse while training
+    model.eval()
+    assert torch.equal(_logits(model, ids), expected_eval)  # eval runs dense
+    remove_sat(model)
+    model.train()
+    assert torch.equal(_logits(model, ids), expected_train)
+    assert handle_of(model) is None
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_no_parameters_or_buffers_added():
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = apply_sat(model)
+    model.train()
+    handle.set_rate(0.5)
+    handle.new_step()
+    model(batch())
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_one_draw_per_step_and_redraw_on_new_step():
+    model = build("llama")
+    handle = apply_sat(model, SATConfig(omission_rate=0.5, metric="uniform"))
+    model.train()
+    handle.set_rate(0.5)
+    handle.new_step()
+    model(batch(seed=1))
+    first = {n: k.clone() for n, k in handle.kept().items()}
+    model(batch(seed=2))  # another micro-batch of the same step: same kept set
+    assert all(torch.equal(first[n], k) for n, k in handle.kept().items())
+    handle.new_step()
+    model(batch(seed=1))
+    assert any(not torch.equal(first[n], k) for n, k in handle.kept().items())
+
+
+def test_set_rate_changes_k_at_next_forward():
+    model = build("llama")
+    handle = apply_sat(model, SATConfig(targets=["mlp"]))
+    model.train()
+    handle.set_rate(0.5)
+    model(batch())
+    assert {k.numel() for k in handle.kept().values()} == {48}
+    handle.set_rate(0.25)
+    model(batch())
+    assert {k.numel() for k in handle.kept().values()} == {72}
+    with pytest.raises(SATError, match=r"\[0, 1\)"):
+        handle.set_rate(1.0)
+
+
+@pytest.mark.parametrize("metric,reentrant", [("wanda", False), ("uniform", False), ("wanda", True)])
+def test_gradient_checkpointing_reuses_the_kept_set(metric, reentrant):
+    base = build("llama")
+    checkpointed = copy.deepcopy(base)
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    results, calls = [], []
+    for model in (base, checkpointed):
+        handle = apply_sat(model, SATConfig(omission_rate=0.5, metric=metric, selection="sampling"))
+        model.train()
+        handle.set_rate(0.5)
+        handle.new_step()
+        draws, index_calls = [], []
+        for unit in handle.units:
+            index_calls_of = unit.input_index
+            unit.input_index = lambda *a, f=index_calls_of, c=index_calls: (c.append(1), f(*a))[1]
+            original = unit._draw
+            unit._draw = lambda x, key, u=unit, f=original: (draws.append(u.name), f(x, key))[1]
+        loss, _, grads = loss_and_grads(model, batch())
+        results.append((loss, grads, {n: k.clone() for n, k in handle.kept().items()}, draws))
+        calls.append(len(index_calls))
+    assert calls[1] == 2 * calls[0]  # the checkpointed model really recomputed every projection
+    (loss_a, grads_a, kept_a, draws_a), (loss_b, grads_b, kept_b, draws_b) = results
+    assert sorted(draws_a) == sorted(draws_b) == sorted(u for u in kept_a)  # recompute drew nothing
+    assert all(torch.equal(kept_a[n], kept_b[n]) for n in kept_a)
+    torch.testing.assert_close(loss_a, loss_b, atol=0, rtol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_unsupported_model_type_names_it_and_the_supported_list():
+    config = transformers.GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(SATError, match=r"model_type 'gpt_neox'.*supported: gemma, .*llama.*qwen3"):
+        apply_sat(model)
+
+
+def test_attention_target_on_gpt2_logs_dense_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="sat_trainer"):
+        handle = apply_sat(build("gpt2"))
+    assert {u.kind for u in handle.units} == {"mlp"}
+    lines = [r.getMessage() for r in caplog.records if "attention" in r.getMessage()]
+    assert len(lines) == 1 and "gpt2" in lines[0] and "c_attn" in lines[0]
+
+
+def test_odd_module_falls_back_dense_with_its_name(caplog):
+    class Quantised(torch.nn.Linear):
+        pass
+
+    model = build("llama")
+    odd = model.model.layers[1].mlp
+    odd.up_proj = Quantised(64, 96)
+    with caplog.at_level(logging.WARNING, logger="sat_trainer"):
+        handle = apply_sat(model, SATConfig(targets=["mlp"]))
+    assert [u.name for u in handle.units] == ["model.layers.0.mlp"]
+    assert any("model.layers.1.mlp" in r.getMessage() and "Quantised" in r.getMessage() for r in caplog.records)
+
+
+def test_patching_twice_is_an_error():
+    model = build("llama")
+    apply_sat(model)
+    with pytest.raises(SATError, match="already patched"):
+        apply_sat(model)
+    remove_sat(model)
+    apply_sat(model)
+
+
+def test_kept_flops_fraction_matches_hand_count():
+    model = build("llama", num_hidden_layers=1)
+    handle = apply_sat(model, SATConfig(targets=["mlp"]))
+    handle.set_rate(0.5)
+    # linear weights: q 64x128, k 64x64, v 64x64, o 128x64, gate/up/down 3 x 64x96, lm_head 96x64
+    dense = 64 * 128 + 64 * 64 * 2 + 128 * 64 + 3 * 64 * 96 + 96 * 64
+    handle.seq_len = 16
+    core = 2 * 16 * 8 * 16  # QK^T and AV: seq x heads x head_dim, one layer
+    expected = (dense + core - 0.5 * 3 * 64 * 96) / (dense + core)
+    assert handle.kept_flops_fraction() == pytest.approx(expected)
