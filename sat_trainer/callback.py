@@ -9,8 +9,9 @@ Lifecycle (the Trainer wraps the model for accelerate/DDP/FSDP/DeepSpeed *before
   gradient-checkpoint recompute (``draw_every: micro_batch`` draws again per micro-batch).
 * ``on_log``: adds ``sat/omission_rate``, ``sat/kept_flops_fraction`` and
   ``sat/tokens_per_second`` to training log rows (and to ``state.log_history``).
-* checkpoints: the draw counter is saved through ``ExportableState`` and restored on resume;
-  the schedule position is the Trainer's own ``global_step``.
+* checkpoints: the draw counter is saved through ``ExportableState`` and restored on resume
+  (with or without ``restore_callback_states_from_checkpoint``); the schedule position is the
+  Trainer's own ``global_step``.
 
 Evaluation runs in ``eval()`` mode, where the patched projections run their original forwards.
 """
@@ -68,6 +69,7 @@ class SATCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs):
         if model is None:
             raise RuntimeError("SATCallback needs the Trainer to pass the model to its callbacks")
+        self._restore(state)
         self._attach(model)
         embeddings = model.get_input_embeddings()
         if self._hook is None and embeddings is not None:
@@ -113,6 +115,20 @@ class SATCallback(TrainerCallback, ExportableState):
                 sum(u.kind == "attention" for u in self.handle.units),
             )
         self.handle.draw_id = self.draw_id
+
+    def _restore(self, state) -> None:
+        """On resume, continue the draw counter saved in the checkpoint's trainer state.
+
+        Read from ``state.stateful_callbacks`` directly, so it works whether or not the Trainer's
+        ``restore_callback_states_from_checkpoint`` (off by default) rebuilt this callback.
+        """
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0]
+        if state.global_step > 0 and self.draw_id == 0 and saved:
+            self.draw_id = int(saved["attributes"]["draw_id"])
+            if saved["args"]["config"] != self.config.to_dict():
+                logger.warning("sat_trainer: resuming with SAT settings that differ from the checkpoint's")
 
     def _new_draw(self) -> None:
         self.draw_id += 1

@@ -1,0 +1,123 @@
+"""SATCallback in a real `transformers.Trainer`: schedule in the logs, falling loss, plain
+checkpoints (loaded in a process that never imports sat_trainer), and exact resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from tiny import VOCAB, build
+
+from sat_trainer import SATCallback, SATConfig
+from sat_trainer.patch.model import handle_of
+from sat_trainer.schedule import omission_rate_at
+
+STEPS = 32
+SAT = SATConfig(omission_rate=0.5, metric="uniform", ladder_sparse_fraction=0.5, ladder_num_rungs=2, seed=3)
+
+
+class _Stream(torch.utils.data.Dataset):
+    """A learnable fixed stream: each row counts up from a random start (mod vocab)."""
+
+    def __init__(self, rows: int = 256, length: int = 24):
+        starts = torch.randint(0, VOCAB, (rows, 1), generator=torch.Generator().manual_seed(0))
+        self.ids = (starts + torch.arange(length)) % VOCAB
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class _KeptRecorder(transformers.TrainerCallback):
+    """Kept sets of every optimizer step, read after the step's forward and backward."""
+
+    def __init__(self):
+        self.kept = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.kept[state.global_step] = {n: k.tolist() for n, k in handle_of(model).kept().items()}
+
+
+def _trainer(out, model, recorder, **args):
+    targs = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=3e-3,
+        logging_steps=1, save_steps=16, save_strategy="steps", report_to=[], use_cpu=True, seed=0,
+        optim="adamw_torch", lr_scheduler_type="constant", disable_tqdm=True, **args,
+    )
+    return transformers.Trainer(
+        model=model, args=targs, train_dataset=_Stream(), callbacks=[SATCallback(SAT), recorder]
+    )
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    recorder = _KeptRecorder()
+    trainer = _trainer(out, build("llama"), recorder)
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+    return out, trainer, recorder
+
+
+def test_logs_follow_the_ladder_and_loss_falls(full_run):
+    _, trainer, recorder = full_run
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    # the row logged after optimizer step s (1-based) reports the rate that step trained at
+    assert [r["sat/omission_rate"] for r in rows] == [
+        pytest.approx(omission_rate_at(SAT, s - 1, STEPS)) for s in range(1, STEPS + 1)
+    ]
+    assert rows[0]["sat/omission_rate"] == 0.5 and rows[-1]["sat/omission_rate"] == 0.0
+    assert rows[0]["sat/kept_flops_fraction"] < 0.75 and rows[-1]["sat/kept_flops_fraction"] == 1.0
+    assert all(r["sat/tokens_per_second"] > 0 for r in rows)
+    assert sum(r["loss"] for r in rows[-4:]) / 4 < 0.5 * sum(r["loss"] for r in rows[:4]) / 4
+    sizes = {s: {len(k) for k in kept.values()} for s, kept in recorder.kept.items()}
+    assert sizes[0] == {48, 4} and sizes[STEPS - 1] == {96, 8}  # mlp channels / query heads kept
+
+
+def test_checkpoint_loads_with_plain_transformers_in_a_fresh_process(full_run, tmp_path):
+    out, trainer, _ = full_run
+    ids = _Stream().ids[:2]
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = model(ids).logits
+    script = (
+        "import sys, torch, transformers\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(out / 'final')!r}).eval()\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        "with torch.no_grad(): logits = m(ids).logits\n"
+        f"torch.save(logits, {str(tmp_path / 'logits.pt')!r})\n"
+        "assert 'sat_trainer' not in sys.modules\n"
+    )
+    torch.save(ids, tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("restore_callbacks", [False, True])
+def test_resume_continues_the_same_schedule_and_draws(full_run, tmp_path, restore_callbacks):
+    out, trainer, recorder = full_run
+    checkpoint = out / "checkpoint-16"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["SATCallback"]
+    assert saved["attributes"]["draw_id"] == 16 and saved["args"]["config"]["seed"] == 3
+
+    resumed_recorder = _KeptRecorder()
+    resumed = _trainer(
+        tmp_path, build("llama", seed=99), resumed_recorder, restore_callback_states_from_checkpoint=restore_callbacks
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    first = {r["step"]: r for r in trainer.state.log_history if "loss" in r}
+    again = {r["step"]: r for r in resumed.state.log_history if "loss" in r and r["step"] > 16}
+    assert sorted(again) == list(range(17, STEPS + 1))
+    assert {s: resumed_recorder.kept[s] for s in resumed_recorder.kept} == {
+        s: recorder.kept[s] for s in resumed_recorder.kept
+    }
+    for step, row in again.items():
+        assert row["sat/omission_rate"] == first[step]["sat/omission_rate"]
+        assert row["loss"] == pytest.approx(first[step]["loss"], rel=1e-4)
