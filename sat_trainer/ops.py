@@ -38,6 +38,10 @@ def out_features(module: nn.Module) -> int:
     return out_major_weight(module).shape[0]
 
 
+def in_features(module: nn.Module) -> int:
+    return out_major_weight(module).shape[1]
+
+
 def linear_keep_outputs(module: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``module(x)[..., idx]``, computed with only the kept rows of the weight."""
     bias = module.bias.index_select(0, idx) if module.bias is not None else None

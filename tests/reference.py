@@ -14,7 +14,7 @@ from sat_trainer.ops import out_major_weight
 def feature_mask(unit) -> torch.Tensor:
     """1 on the output projection's kept input features of ``unit``'s current draw, else 0."""
     mask = torch.zeros(out_major_weight(unit.output).shape[1])
-    mask[unit.output_index()] = 1.0
+    mask[unit.output_index(unit.output)] = 1.0
     return mask
 
 
@@ -24,9 +24,11 @@ def masked(reference: nn.Module, handle):
     modules = dict(reference.named_modules())
     hooks = []
     for unit in handle.units:
-        out_name = next(n for n, m in unit.block.named_children() if m is unit.output)
         mask = feature_mask(unit)
-        target = modules[f"{unit.name}.{out_name}" if unit.name else out_name]
+        out_name = unit.shape.output  # the block's attribute: a plain layer or its LoRA wrapper
+        path = f"{unit.name}.{out_name}" if unit.name else out_name
+        # the reference may be wrapped (e.g. a PeftModel) where the handle's model was not
+        (target,) = [m for n, m in modules.items() if n == path or n.endswith("." + path)]
         hooks.append(target.register_forward_pre_hook(lambda mod, args, mask=mask: (args[0] * mask,)))
     try:
         yield

@@ -49,13 +49,13 @@ def _assert_omitted_grads_zero(model, handle):
     for unit in handle.units:
         for position, proj in enumerate(unit.inputs):
             grad = _out_major_grad(proj)
-            omitted = _complement(unit._row_index[position], grad.shape[0])
+            omitted = _complement(unit.input_index(proj, torch.zeros(1, 1)), grad.shape[0])
             assert omitted.numel() > 0
             assert torch.count_nonzero(grad.index_select(0, omitted)) == 0, f"{unit.name} input {position}"
-            kept_rows = grad.index_select(0, unit._row_index[position])
+            kept_rows = grad.index_select(0, unit.input_index(proj, torch.zeros(1, 1)))
             assert torch.count_nonzero(kept_rows) > 0
         grad = _out_major_grad(unit.output)
-        omitted = _complement(unit._col_index, grad.shape[1])
+        omitted = _complement(unit.output_index(unit.output), grad.shape[1])
         assert torch.count_nonzero(grad.index_select(1, omitted)) == 0, f"{unit.name} output"
 
 

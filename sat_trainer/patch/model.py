@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import SATConfig
 from ..errors import SATError
-from ..ops import SLICEABLE, is_sliceable, out_major_weight
+from ..ops import SLICEABLE, out_major_weight
 from .registry import FAMILIES, NO_ATTENTION_REASON, BlockShape, supported_model_types
 from .units import BlockUnit
 
@@ -77,7 +77,7 @@ class SATHandle:
         saved = 0.0
         for unit in self.units:
             omitted = 1.0 - unit.k() / unit.n
-            saved += omitted * sum(out_major_weight(p).numel() for p in [*unit.inputs, unit.output])
+            saved += omitted * sum(out_major_weight(m).numel() for m in unit.members())
             if unit.kind == "attention":
                 saved += omitted * per_layer_core
         return (dense + attention_core - saved) / (dense + attention_core)
@@ -119,10 +119,11 @@ def apply_sat(model: nn.Module, config: SATConfig | None = None) -> SATHandle:
         for shape in shapes:
             if not _has_projections(module, shape):
                 continue
-            if not all(is_sliceable(getattr(module, a)) for a in (*shape.inputs, shape.output)):
-                dense_fallbacks.append(f"{name} ({_projection_types(module, shape)})")
-                continue
-            handle.units.append(BlockUnit(name, shape, module, len(handle.units), handle))
+            unit = BlockUnit(name, shape, module, len(handle.units), handle)
+            if unit.fallback is not None:
+                dense_fallbacks.append(f"{name} ({unit.fallback})")
+            else:
+                handle.units.append(unit)
     if dense_fallbacks:
         logger.warning(
             "sat_trainer: %d block(s) have projections SAT cannot slice and run dense: %s",
@@ -155,10 +156,6 @@ def handle_of(model: nn.Module) -> SATHandle | None:
 
 def _has_projections(module: nn.Module, shape: BlockShape) -> bool:
     return all(isinstance(getattr(module, a, None), nn.Module) for a in (*shape.inputs, shape.output))
-
-
-def _projection_types(module: nn.Module, shape: BlockShape) -> str:
-    return ", ".join(f"{a}: {type(getattr(module, a)).__name__}" for a in (*shape.inputs, shape.output))
 
 
 def _num_layers(model: nn.Module) -> int:

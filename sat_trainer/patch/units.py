@@ -17,46 +17,75 @@ the output projection, the other micro-batches of the step and gradient-checkpoi
 from __future__ import annotations
 
 import functools
+import logging
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-from .. import importance, selection
+from .. import adapters, importance, selection
 from ..errors import SATError
-from ..ops import linear_keep_inputs, linear_keep_outputs, out_features, out_major_weight
+from ..ops import in_features, linear_keep_inputs, linear_keep_outputs, out_features, out_major_weight
 from ..schedule import kept_count
 from .registry import BlockShape
 
 if TYPE_CHECKING:
     from .model import SATHandle
 
+logger = logging.getLogger("sat_trainer")
+
 
 class BlockUnit:
-    """A block whose units (MLP channels or attention KV groups) SAT keeps or omits together."""
+    """A block whose units (MLP channels or attention KV groups) SAT keeps or omits together.
+
+    ``inputs``/``output`` are the base layers (scored and sliced); the *members* are every layer
+    whose forward is patched: the base layers plus, under PEFT LoRA, each adapter's ``lora_B``
+    on the input side and ``lora_A`` on the output side (see :mod:`sat_trainer.adapters`).
+    """
 
     def __init__(self, name: str, shape: BlockShape, block: nn.Module, index: int, handle: SATHandle):
         self.name, self.kind, self.index = name, shape.kind, index
         self.block = block
+        self.shape = shape
         self._handle = handle
-        self.inputs: list[nn.Module] = [getattr(block, a) for a in shape.inputs]
-        self.output: nn.Module = getattr(block, shape.output)
-        self.n, self.heads_per_unit = _unit_layout(name, shape, block, self.inputs)
-        for proj in self.inputs:
-            _check_divisible(name, proj, out_features(proj), self.n)
-        _check_divisible(name, self.output, out_major_weight(self.output).shape[1], self.n)
-        self.kept_units = torch.arange(self.n)
-        self._drawn_for: tuple[int, int] | None = None
-        self._row_index: list[torch.Tensor] = []
-        self._col_index: torch.Tensor | None = None
         self._saved_forwards: list[tuple[nn.Module, Callable | None]] = []
+        self._drawn_for: tuple[int, int] | None = None
+        self._index: dict[nn.Module, torch.Tensor] = {}
+        self._resolve()
+        self.kept_units = torch.arange(self.n)
+
+    def _resolve(self) -> None:
+        """Read the block's projections (plain or LoRA-wrapped) and check they can be sliced."""
+        attrs = (*self.shape.inputs, self.shape.output)
+        projections = {a: adapters.resolve(f"{self.name}.{a}", getattr(self.block, a)) for a in attrs}
+        self._signature = tuple(p.signature for p in projections.values())
+        self.fallback = adapters.unsliceable_reason(projections)
+        ins = [projections[a] for a in self.shape.inputs]
+        out = projections[self.shape.output]
+        self.inputs = [p.base for p in ins]
+        self.output = out.base
+        self._in_members = self.inputs + [m for p in ins for m in p.lora_out]
+        self._out_members = [out.base, *out.lora_in]
+        self.n, self.heads_per_unit = 0, 1
+        if self.fallback is None:
+            self.n, self.heads_per_unit = _unit_layout(self.name, self.shape, self.block, self.inputs)
+            for member in self._in_members:
+                _check_divisible(self.name, member, out_features(member), self.n)
+            for member in self._out_members:
+                _check_divisible(self.name, member, in_features(member), self.n)
+
+    def members(self) -> list[nn.Module]:
+        return self._in_members + self._out_members
 
     # ---- patching -------------------------------------------------------------------------
 
     def patch(self) -> None:
-        for position, proj in enumerate(self.inputs):
-            self._bind(proj, functools.partial(_input_forward, self, proj, position, proj.forward))
-        self._bind(self.output, functools.partial(_output_forward, self, self.output, self.output.forward))
+        if self.fallback is not None:
+            return
+        for member in self._in_members:
+            self._bind(member, functools.partial(_input_forward, self, member, member.forward))
+        for member in self._out_members:
+            self._bind(member, functools.partial(_output_forward, self, member, member.forward))
 
     def unpatch(self) -> None:
         for proj, previous in reversed(self._saved_forwards):
@@ -70,6 +99,24 @@ class BlockUnit:
         self._saved_forwards.append((proj, proj.__dict__.get("forward")))
         proj.forward = forward
 
+    def _refresh(self) -> None:
+        """Re-patch if LoRA was added, removed or changed adapters since the last call.
+
+        This is what lets ``get_peft_model`` run after ``apply_sat``: PEFT wraps our patched
+        base layer, and its new ``lora_A``/``lora_B`` get patched here, before they run.
+        """
+        attrs = (*self.shape.inputs, self.shape.output)
+        current = tuple(adapters.signature(getattr(self.block, a)) for a in attrs)
+        if current == self._signature:
+            return
+        self.unpatch()
+        self._resolve()
+        if self.fallback is not None:
+            logger.warning("sat_trainer: %s now runs dense: SAT cannot slice %s", self.name, self.fallback)
+        self.patch()
+        if self._drawn_for is not None and self.fallback is None:
+            self._index_members(self.kept_units.to(self.inputs[0].weight.device))
+
     # ---- the kept set ---------------------------------------------------------------------
 
     def k(self) -> int:
@@ -77,21 +124,23 @@ class BlockUnit:
 
     def is_sparse(self) -> bool:
         """Sliced forward only while training with something to omit: eval and rate 0 run dense."""
-        return self.block.training and self.k() < self.n
+        return self.fallback is None and self.block.training and self.k() < self.n
 
     @torch.compiler.disable
-    def input_index(self, position: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Kept output features of input projection ``position``, drawing if this draw is new."""
+    def input_index(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Kept output features of input-side ``member``, drawing if this draw is new."""
         self._handle.seq_len = x.shape[-2] if x.dim() > 1 else 1
+        self._refresh()
         if not self.is_sparse():
             return None
         key = (self._handle.draw_id, self.k())
         if self._drawn_for != key:
             self._draw(x, key)
-        return self._row_index[position]
+        return self._index[member]
 
     @torch.compiler.disable
-    def output_index(self) -> torch.Tensor | None:
+    def output_index(self, member: nn.Module) -> torch.Tensor | None:
+        """Kept input features of output-side ``member`` (drawn by the input side)."""
         if not self.is_sparse():
             return None
         if self._drawn_for != (self._handle.draw_id, self.k()):
@@ -99,7 +148,7 @@ class BlockUnit:
                 f"{self.name}: its output projection ran before its input projections drew a kept set; "
                 "SAT needs the block's own forward to call the input projections first"
             )
-        return self._col_index
+        return self._index[member]
 
     def kept_query_or_channels(self) -> torch.Tensor:
         """Kept MLP channel indices, or kept query-head indices for attention."""
@@ -116,9 +165,12 @@ class BlockUnit:
             else:
                 kept = selection.sampling(scores, k, cfg.temperature, generator)
         self.kept_units = kept.cpu()
-        self._row_index = [_expand(kept, out_features(p) // self.n) for p in self.inputs]
-        self._col_index = _expand(kept, out_major_weight(self.output).shape[1] // self.n)
+        self._index_members(kept)
         self._drawn_for = key
+
+    def _index_members(self, kept: torch.Tensor) -> None:
+        self._index = {m: _expand(kept, out_features(m) // self.n) for m in self._in_members}
+        self._index.update({m: _expand(kept, in_features(m) // self.n) for m in self._out_members})
 
     def _scores(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         cfg = self._handle.config
@@ -132,13 +184,13 @@ class BlockUnit:
         return importance.maxip(x, in_weights[0], self.n, cfg.maxip_tokens, generator)
 
 
-def _input_forward(unit: BlockUnit, proj: nn.Module, position: int, dense: Callable, x: torch.Tensor) -> torch.Tensor:
-    idx = unit.input_index(position, x)
+def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor) -> torch.Tensor:
+    idx = unit.input_index(proj, x)
     return dense(x) if idx is None else linear_keep_outputs(proj, x, idx)
 
 
 def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.Tensor) -> torch.Tensor:
-    idx = unit.output_index()
+    idx = unit.output_index(proj)
     return dense(h) if idx is None else linear_keep_inputs(proj, h, idx)
 
 

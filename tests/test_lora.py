@@ -1,0 +1,129 @@
+"""SAT with PEFT LoRA: exact against the masked dense LoRA model, in outputs and adapter
+gradients, for any subset of targeted projections, merged/disabled/multiple adapters, either
+order of apply_sat and get_peft_model, and with gradient checkpointing. DoRA is refused."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from reference import loss_and_grads, masked
+from tiny import batch, build
+
+from sat_trainer import SATConfig, SATError, apply_sat
+
+ALL = ["gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+SUBSETS = [ALL, ["gate_proj", "down_proj"], ["up_proj", "q_proj", "v_proj"], ["o_proj", "k_proj"]]
+
+
+def _lora(model, targets=ALL, **kwargs):
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False, **kwargs)
+    return peft.get_peft_model(model, config)
+
+
+def _sparse(model, **cfg):
+    handle = apply_sat(model, SATConfig(omission_rate=0.5, **cfg))
+    model.train()
+    handle.set_rate(0.5)
+    handle.new_step()
+    return handle
+
+
+def _assert_exact(model, reference, handle, ids):
+    loss, logits, grads = loss_and_grads(model, ids)
+    reference.train()
+    with masked(reference, handle):
+        ref_loss, ref_logits, ref_grads = loss_and_grads(reference, ids)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and any("lora_A" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    return grads
+
+
+@pytest.mark.parametrize("targets", SUBSETS, ids=["all", "gate-down", "up-q-v", "o-k"])
+def test_lora_exact_against_masked_dense(targets):
+    model = _lora(build("llama"), targets)
+    reference = copy.deepcopy(model)
+    handle = _sparse(model)
+    grads = _assert_exact(model, reference, handle, batch())
+    # omitted channels: their lora_B rows (input side) / lora_A columns (output side) get zero gradient
+    unit = next(u for u in handle.units if u.kind == "mlp")
+    omitted = torch.ones(96, dtype=torch.bool)
+    omitted[handle.kept()[unit.name]] = False
+    if "gate_proj" in targets:
+        assert torch.count_nonzero(grads["base_model.model.model.layers.0.mlp.gate_proj.lora_B.default.weight"][omitted]) == 0
+    if "down_proj" in targets:
+        assert torch.count_nonzero(grads["base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight"][:, omitted]) == 0
+
+
+def test_get_peft_model_after_apply_sat_matches_the_other_order():
+    first = build("llama")
+    second = copy.deepcopy(first)
+    handle_a = apply_sat(first, SATConfig(omission_rate=0.5))
+    peft_a = _lora(first)
+    torch.manual_seed(0)
+    peft_b = _lora(second)
+    peft_b.load_state_dict(peft_a.state_dict())
+    handle_b = apply_sat(peft_b, SATConfig(omission_rate=0.5))
+    results = []
+    for model, handle in ((peft_a, handle_a), (peft_b, handle_b)):
+        model.train()
+        handle.set_rate(0.5)
+        handle.new_step()
+        results.append(loss_and_grads(model, batch()))
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
+    reference = _lora(build("llama"))
+    reference.load_state_dict(peft_a.state_dict())
+    _assert_exact(peft_a, reference, handle_a, batch())
+
+
+def test_merged_disabled_and_multiple_adapters():
+    model = _lora(build("llama"))
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["gate_proj", "o_proj"], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    reference = copy.deepcopy(model)
+    reference.base_model.set_adapter(["default", "other"])
+    handle = _sparse(model)
+    ids = batch()
+    _assert_exact(model, reference, handle, ids)
+
+    with model.disable_adapter(), reference.disable_adapter(), torch.no_grad(), masked(reference, handle):
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+    model.base_model.set_adapter("default")
+    reference.base_model.set_adapter("default")
+    model.merge_adapter()
+    reference.merge_adapter()
+    with torch.no_grad(), masked(reference, handle):
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_with_lora_gives_same_loss_and_grads():
+    base = _lora(build("llama"))
+    checkpointed = copy.deepcopy(base)
+    checkpointed.enable_input_require_grads()
+    checkpointed.base_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    results = []
+    for model in (base, checkpointed):
+        _sparse(model, metric="wanda")
+        results.append(loss_and_grads(model, batch()))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
+    for name, grad in results[0][2].items():
+        torch.testing.assert_close(grad, results[1][2][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_dora_is_refused_by_name():
+    model = _lora(build("llama"), ["down_proj"], use_dora=True)
+    with pytest.raises(SATError, match=r"model\.layers\.0\.mlp\.down_proj: .*DoRA.*use_dora=False"):
+        apply_sat(model)
+
+
+def test_dora_added_after_apply_sat_fails_at_the_next_forward():
+    model = build("llama")
+    apply_sat(model, SATConfig(omission_rate=0.5))
+    model = _lora(model, ["down_proj"], use_dora=True)
+    with pytest.raises(SATError, match="DoRA"):
+        model(batch())
