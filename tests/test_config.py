@@ -66,3 +66,18 @@ def test_yaml_error_names_the_file(tmp_path):
 
 def test_every_field_has_help():
     assert all(text.strip() for text in field_help().values())
+
+
+def test_readme_settings_table_matches_the_config():
+    """The README's SAT settings table lists every key with its real default."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", readme, flags=re.M))
+    defaults = SATConfig().to_dict()
+    assert rows.keys() == {f.name for f in dataclasses.fields(SATConfig)}
+    assert {k: yaml.safe_load(v) for k, v in rows.items()} == defaults
