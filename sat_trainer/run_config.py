@@ -1,0 +1,163 @@
+"""The scenario YAML of `sat-train cpt|sft`: model, data, training arguments, SAT, LoRA.
+
+One file per scenario (``configs/<scenario>.yaml``)::
+
+    model: builtin:base            # builtin:base (the embedded pretrained base), a local folder or a hub name
+    data:
+      train: builtin:shakespeare-continual
+      eval: {continual: builtin:shakespeare-continual, base: builtin:shakespeare-base}
+      max_length: 256              # CPT: packed block length; SFT: truncation length
+    training: {max_steps: 200, learning_rate: 3.0e-4, ...}   # transformers.TrainingArguments
+    sat: {omission_rate: 0.5, ...}                            # SATConfig; omit or `sat: null` for dense
+    lora: {r: 16, target_modules: [...]}                      # optional peft.LoraConfig fields
+
+Everything is validated before any model or data is loaded; each error names the key, the
+value and what is allowed. ``--set section.key=value`` overrides (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import SATConfig
+from .errors import SATConfigError
+
+TASKS = ("cpt", "sft")
+
+
+@dataclass
+class DataConfig:
+    train: str = field(metadata={"help": "Training data: builtin:<name>, a local file/folder, or a hub dataset name."})
+    eval: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "Held-out sets by name ({name: spec}); builtin sets use their validation split."},
+    )
+    max_length: int = field(default=256, metadata={"help": "CPT: packed block length. SFT: truncation length."})
+    text_field: str = field(default="text", metadata={"help": "Column holding raw text (CPT, local/hub data)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training records (None: all)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on blocks/records per held-out set."})
+
+
+@dataclass
+class RunConfig:
+    task: str
+    model: str
+    data: DataConfig
+    training: dict[str, Any]
+    sat: SATConfig | None
+    lora: dict[str, Any] | None = None
+    source: str = "<dict>"
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training["output_dir"])
+
+
+def load_run_config(task: str, path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read, override and validate a scenario YAML; raises :class:`SATConfigError` on any bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise SATConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise SATConfigError(f"{path}: expected a mapping at top level, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return build_run_config(task, raw, source=str(path))
+    except SATConfigError as err:
+        raise SATConfigError(f"{path}: {err}") from None
+
+
+def build_run_config(task: str, raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    if task not in TASKS:
+        raise SATConfigError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    allowed = {"model", "data", "training", "sat", "lora"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise SATConfigError(f"unknown top-level key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    if not isinstance(raw.get("model"), str) or not raw["model"]:
+        raise SATConfigError(f"key 'model' has invalid value {raw.get('model')!r}; allowed: builtin:base, a local folder or a hub name")
+    data = _data_config(raw.get("data"))
+    training = _training(raw.get("training") or {})
+    sat = None if raw.get("sat") is None else SATConfig.from_dict(raw["sat"])
+    lora = _lora(raw.get("lora"))
+    return RunConfig(task, raw["model"], data, training, sat, lora, source)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """``a.b.c=value``: set a nested key, the value parsed as YAML (so 0.3, true, [a, b] work)."""
+    if "=" not in item:
+        raise SATConfigError(f"--set {item!r}: expected key=value, e.g. training.max_steps=10")
+    key, value = item.split("=", 1)
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise SATConfigError(f"--set {item!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _data_config(raw: Any) -> DataConfig:
+    if not isinstance(raw, dict):
+        raise SATConfigError(f"key 'data' has invalid value {raw!r}; allowed: a mapping with at least 'train'")
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SATConfigError(f"unknown key 'data.{unknown[0]}'; allowed: {', '.join(sorted(known))}")
+    if not isinstance(raw.get("train"), str):
+        raise SATConfigError(f"key 'data.train' has invalid value {raw.get('train')!r}; allowed: a dataset spec string")
+    evals = raw.get("eval") or {}
+    if isinstance(evals, str):
+        evals = {"eval": evals}
+    if not isinstance(evals, dict) or not all(isinstance(v, str) for v in evals.values()):
+        raise SATConfigError(f"key 'data.eval' has invalid value {evals!r}; allowed: a spec string or {{name: spec}}")
+    max_length = raw.get("max_length", 256)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
+        raise SATConfigError(f"key 'data.max_length' has invalid value {max_length!r}; allowed: an integer >= 8")
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SATConfigError(f"key 'data.{key}' has invalid value {value!r}; allowed: null or an integer >= 1")
+    return DataConfig(**{**raw, "eval": evals, "max_length": max_length})
+
+
+def _training(raw: Any) -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    if not isinstance(raw, dict):
+        raise SATConfigError(f"key 'training' has invalid value {raw!r}; allowed: a mapping of TrainingArguments fields")
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SATConfigError(f"unknown key 'training.{unknown[0]}': not a transformers.TrainingArguments field")
+    if "output_dir" not in raw:
+        raise SATConfigError("key 'training.output_dir' is missing; allowed: a folder for checkpoints and the report")
+    return dict(raw)
+
+
+def _lora(raw: Any) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise SATConfigError(f"key 'lora' has invalid value {raw!r}; allowed: a mapping of peft.LoraConfig fields")
+    try:
+        import peft
+    except ImportError:
+        raise SATConfigError("key 'lora' needs peft: pip install 'sat_trainer[peft]'") from None
+    known = set(inspect.signature(peft.LoraConfig).parameters)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SATConfigError(f"unknown key 'lora.{unknown[0]}': not a peft.LoraConfig field")
+    if raw.get("use_dora"):
+        raise SATConfigError("key 'lora.use_dora' has invalid value True; allowed: false (SAT cannot slice DoRA)")
+    return dict(raw)

@@ -1,0 +1,79 @@
+"""Scenario YAMLs: every shipped config validates; bad ones fail before training, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sat_trainer.errors import SATConfigError
+from sat_trainer.run_config import load_run_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def _task(path: Path) -> str:
+    return "sft" if "sft" in path.stem else "cpt"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_validate(path):
+    cfg = load_run_config(_task(path), path)
+    assert cfg.sat is not None and cfg.training["output_dir"].startswith("runs/")
+    assert cfg.data.train
+
+
+def test_real_use_scenarios_are_shipped():
+    stems = {p.stem for p in CONFIGS}
+    assert {"demo_cpt", "demo_sft", "tinyllama_1b_cpt", "llama2_7b_cpt", "llama2_7b_sft", "llama2_7b_sft_lora"} <= stems
+    assert any(s.startswith("qwen") for s in stems)
+    assert load_run_config("sft", Path(__file__).parents[1] / "configs/llama2_7b_sft_lora.yaml").lora["r"] > 0
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    cfg = load_run_config(
+        "cpt",
+        CONFIGS[0].parent / "demo_cpt.yaml",
+        ["training.max_steps=7", "sat.omission_rate=0.3", "sat.targets=[mlp]", "data.eval.extra=builtin:chatterbot"],
+    )
+    assert cfg.training["max_steps"] == 7 and cfg.sat.omission_rate == 0.3 and cfg.sat.targets == ["mlp"]
+    assert cfg.data.eval["extra"] == "builtin:chatterbot"
+
+
+def _write(tmp_path, **changes) -> Path:
+    raw = yaml.safe_load((CONFIGS[0].parent / "demo_cpt.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes,pattern",
+    [
+        ({"optimiser": "adam"}, r"unknown top-level key 'optimiser'"),
+        ({"training__learning_rat": 0.1}, r"'training\.learning_rat'.*TrainingArguments"),
+        ({"sat__omission_rate": 1.5}, r"'omission_rate' has invalid value 1\.5; allowed: a number in \[0, 1\)"),
+        ({"sat__metric": "snip"}, r"'metric' has invalid value 'snip'"),
+        ({"data__max_length": 4}, r"'data\.max_length' has invalid value 4"),
+        ({"data__shuffle": True}, r"unknown key 'data\.shuffle'"),
+        ({"lora": {"r": 8, "use_dora": True}}, r"'lora\.use_dora'.*cannot slice DoRA"),
+        ({"lora": {"rank": 8}}, r"unknown key 'lora\.rank'"),
+        ({"model": None}, r"key 'model' has invalid value None"),
+    ],
+)
+def test_bad_configs_fail_with_one_clear_message(tmp_path, changes, pattern):
+    with pytest.raises(SATConfigError, match=pattern) as err:
+        load_run_config("cpt", _write(tmp_path, **changes))
+    assert str(err.value).startswith(str(tmp_path / "bad.yaml"))
+
+
+def test_bad_override_syntax():
+    with pytest.raises(SATConfigError, match="expected key=value"):
+        load_run_config("cpt", CONFIGS[0].parent / "demo_cpt.yaml", ["training.max_steps"])
