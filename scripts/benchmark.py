@@ -4,7 +4,8 @@ For each configuration it builds one Llama-shaped model from a config, copies it
 copy with SAT, and alternates timed training steps (forward, backward, fused AdamW step) between
 the two, so drift in machine load hits both alike. Beside the measured speedup it prints the
 ideal one from the matmul FLOP count (LM head included) and, with ``--memory``, each variant's
-peak memory measured in a separate process (CUDA: peak allocated; CPU: peak RSS growth).
+peak memory measured in a separate process (CUDA: peak allocated; CPU: peak RSS growth during
+the steps).
 
 Examples:
     python scripts/benchmark.py --shape realistic --rates 0.5 --targets both
@@ -22,6 +23,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -146,6 +148,8 @@ def peak_memory(args, targets: str, rate: float | None) -> float:
 
 
 def memory_child(args, spec: dict) -> None:
+    """Peak over 3 steps: CUDA peak allocated, or on CPU the peak RSS (sampled every 2 ms) above
+    the RSS before the first step (weights are resident by then; grads and Adam state are not)."""
     model = build(args)
     if spec["rate"] is not None:
         handle = apply_sat(model, SATConfig(omission_rate=spec["rate"], targets=TARGETS[spec["targets"]]))
@@ -153,15 +157,31 @@ def memory_child(args, spec: dict) -> None:
     step = make_step(model, args)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before, peak, stop = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for _ in range(3):
         if spec["rate"] is not None:
             handle.new_step()
         step()
+    stop.set()
+    sampler.join()
     if args.device.startswith("cuda"):
         print(torch.cuda.max_memory_allocated() / 2**20)
     else:
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+        print((peak[0] - before) / 2**20)
+
+
+def _rss() -> int:
+    """Resident set size in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def main(argv: list[str] | None = None) -> None:
