@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from .config import SATConfig
-from .errors import SATConfigError
+from .errors import SATConfigError, SATError
 
 TASKS = ("cpt", "sft")
 
@@ -40,8 +40,8 @@ class DataConfig:
     )
     max_length: int = field(default=256, metadata={"help": "CPT: packed block length. SFT: truncation length."})
     text_field: str = field(default="text", metadata={"help": "Column holding raw text (CPT, local/hub data)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training records (None: all)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on blocks/records per held-out set."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training blocks (CPT) or records (SFT); None: all."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on blocks (CPT) or records (SFT) per held-out set."})
 
 
 @dataclass
@@ -82,13 +82,14 @@ def build_run_config(task: str, raw: dict[str, Any], source: str = "<dict>") -> 
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise SATConfigError(f"unknown top-level key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
-    if not isinstance(raw.get("model"), str) or not raw["model"]:
-        raise SATConfigError(f"key 'model' has invalid value {raw.get('model')!r}; allowed: builtin:base, a local folder or a hub name")
+    model = raw.get("model")
+    if not isinstance(model, str) or not model or (model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir()):
+        raise SATConfigError(f"key 'model' has invalid value {model!r}; allowed: builtin:base, an existing local folder or a hub name")
     data = _data_config(raw.get("data"))
     training = _training(raw.get("training") or {})
     sat = None if raw.get("sat") is None else SATConfig.from_dict(raw["sat"])
     lora = _lora(raw.get("lora"))
-    return RunConfig(task, raw["model"], data, training, sat, lora, source)
+    return RunConfig(task, model, data, training, sat, lora, source)
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -128,6 +129,13 @@ def _data_config(raw: Any) -> DataConfig:
         value = raw.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise SATConfigError(f"key 'data.{key}' has invalid value {value!r}; allowed: null or an integer >= 1")
+    from .data.loading import check
+
+    for key, spec in [("data.train", raw["train"]), *((f"data.eval.{n}", s) for n, s in evals.items())]:
+        try:
+            check(spec)
+        except SATError as err:
+            raise SATConfigError(f"key {key!r}: {err}") from None
     return DataConfig(**{**raw, "eval": evals, "max_length": max_length})
 
 

@@ -31,10 +31,16 @@ def test_explicit_rungs():
 )
 def test_smooth_schedules(schedule, at_half):
     cfg = SATConfig(omission_rate=0.4, schedule=schedule)
-    assert omission_rate_at(cfg, 0, 10) == pytest.approx(0.4)
-    assert omission_rate_at(cfg, 5, 10) == pytest.approx(at_half)
+    assert omission_rate_at(cfg, 0, 11) == pytest.approx(0.4)
+    assert omission_rate_at(cfg, 5, 11) == pytest.approx(at_half)
     if schedule != "constant":
-        assert omission_rate_at(cfg, 10, 10) == pytest.approx(0.0, abs=1e-12)
+        assert omission_rate_at(cfg, 10, 11) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 33])
+def test_last_step_is_dense_however_few_steps(steps):
+    for schedule in ("ladder", "linear", "cosine"):
+        assert omission_rate_at(SATConfig(schedule=schedule), steps - 1, steps) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_kept_count_rounds_half_up_and_keeps_one():

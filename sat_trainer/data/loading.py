@@ -27,18 +27,27 @@ BUILTIN = {
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load(spec: str, split: str = "train") -> datasets.Dataset:
-    """Load ``spec``; ``split`` selects builtin splits and the default hub split."""
+def check(spec: str) -> str:
+    """Classify ``spec`` as "builtin", "local" or "hub" without loading it; raises for a missing
+    local path or an unknown builtin, so a bad config fails before any training starts."""
     if spec.startswith("builtin:"):
-        name = spec[len("builtin:") :]
-        if name not in BUILTIN:
+        if spec[len("builtin:") :] not in BUILTIN:
             raise SATError(f"unknown builtin dataset {spec!r}; allowed: {', '.join('builtin:' + n for n in BUILTIN)}")
-        return BUILTIN[name](split)
-    path = Path(spec).expanduser()
-    if path.exists():
-        return _load_local(path)
+        return "builtin"
+    if Path(spec).expanduser().exists():
+        return "local"
     if spec.startswith((".", "/", "~")) or Path(spec).suffix in (*FILE_BUILDERS, ".txt"):
         raise SATError(f"data path not found: {spec}")
+    return "hub"
+
+
+def load(spec: str, split: str = "train") -> datasets.Dataset:
+    """Load ``spec``; ``split`` selects builtin splits and the default hub split."""
+    kind = check(spec)
+    if kind == "builtin":
+        return BUILTIN[spec[len("builtin:") :]](split)
+    if kind == "local":
+        return _load_local(Path(spec).expanduser())
     return _load_hub(spec, split)
 
 

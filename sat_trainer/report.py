@@ -1,0 +1,136 @@
+"""What every `sat-train` run leaves behind: ``report.json``, ``report.png``, the dense comparison table.
+
+:class:`ReportCallback` records, per optimizer step, the time spent inside training steps (so
+evaluation pauses do not count against throughput), tokens seen, the omission rate, and every
+logged train/held-out loss. The report is written from that record alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .patch.model import handle_of
+
+
+class ReportCallback(TrainerCallback):
+    """Collects the per-step record a report is made of."""
+
+    def __init__(self):
+        self.steps: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+        self.losses: list[dict[str, Any]] = []
+        self.train_time = 0.0
+        self._step_start = 0.0
+        self._model = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._model = model
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.train_time += time.perf_counter() - self._step_start
+        handle = handle_of(self._model) if self._model is not None else None
+        self.steps.append(
+            {
+                "step": state.global_step,
+                "train_time_s": self.train_time,
+                "tokens": int(state.num_input_tokens_seen),
+                "omission_rate": handle.rate if handle is not None else 0.0,
+            }
+        )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.losses.append({"step": state.global_step, "train_time_s": self.train_time, "loss": logs["loss"]})
+        held_out = {k[len("eval_") : -len("_loss")]: v for k, v in logs.items() if k.startswith("eval_") and k.endswith("_loss")}
+        if held_out and self.evals and self.evals[-1]["step"] == state.global_step:
+            self.evals[-1].update(held_out)  # the Trainer logs each held-out set of a step separately
+        elif held_out:
+            self.evals.append({"step": state.global_step, "train_time_s": self.train_time, **held_out})
+
+
+def build_report(record: ReportCallback, *, mode: str, config: dict, wall_time_s: float) -> dict[str, Any]:
+    """The ``report.json`` content of one run."""
+    steps = record.steps
+    tokens = steps[-1]["tokens"] if steps else 0
+    final_eval = record.evals[-1] if record.evals else {}
+    return {
+        "mode": mode,
+        "steps": len(steps),
+        "wall_time_s": round(wall_time_s, 3),
+        "train_time_s": round(record.train_time, 3),
+        "tokens": tokens,
+        "tokens_per_second": round(tokens / record.train_time, 2) if record.train_time else None,
+        "final_train_loss": record.losses[-1]["loss"] if record.losses else None,
+        "held_out_loss": {k: v for k, v in final_eval.items() if k not in ("step", "train_time_s")},
+        "omission_schedule": [s["omission_rate"] for s in steps],
+        "history": {"steps": steps, "train_loss": record.losses, "held_out": record.evals},
+        "config": config,
+    }
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    plot_report(report, out_dir / "report.png")
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    """Held-out loss, omission rate and tokens/s against step, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = report["history"]["steps"]
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    held_out = report["history"]["held_out"]
+    for name in sorted({k for row in held_out for k in row} - {"step", "train_time_s"}):
+        axes[0].plot([r["step"] for r in held_out if name in r], [r[name] for r in held_out if name in r], marker="o", label=name)
+    train = report["history"]["train_loss"]
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], alpha=0.4, label="train")
+    axes[0].set_ylabel("loss")
+    axes[0].legend()
+    axes[1].step([s["step"] for s in steps], [s["omission_rate"] for s in steps], where="post")
+    axes[1].set_ylabel("omission rate")
+    axes[1].set_ylim(-0.05, 1.0)
+    rates = _windowed_tokens_per_second(steps)
+    axes[2].plot([s for s, _ in rates], [r for _, r in rates])
+    axes[2].set_ylabel("tokens / s (train steps)")
+    axes[2].set_xlabel("optimizer step")
+    fig.suptitle(f"sat-train {report['config'].get('task', '')} ({report['mode']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _windowed_tokens_per_second(steps: list[dict], window: int = 5) -> list[tuple[int, float]]:
+    out = []
+    for i in range(window, len(steps)):
+        dt = steps[i]["train_time_s"] - steps[i - window]["train_time_s"]
+        if dt > 0:
+            out.append((steps[i]["step"], (steps[i]["tokens"] - steps[i - window]["tokens"]) / dt))
+    return out
+
+
+def comparison_table(sat: dict[str, Any], dense: dict[str, Any]) -> str:
+    """Side-by-side markdown table of a SAT run and the same config run dense."""
+    rows = [
+        ("wall time (s)", f"{dense['wall_time_s']:.1f}", f"{sat['wall_time_s']:.1f}"),
+        ("train-step time (s)", f"{dense['train_time_s']:.1f}", f"{sat['train_time_s']:.1f}"),
+        ("tokens/s", f"{dense['tokens_per_second']:.0f}", f"{sat['tokens_per_second']:.0f}"),
+    ]
+    for name in sorted(dense["held_out_loss"]):
+        rows.append((f"held-out loss: {name}", f"{dense['held_out_loss'][name]:.4f}", f"{sat['held_out_loss'].get(name, float('nan')):.4f}"))
+    speedup = dense["train_time_s"] / sat["train_time_s"] if sat["train_time_s"] else float("nan")
+    rows.append(("speedup (train-step time)", "1.00x", f"{speedup:.2f}x"))
+    lines = ["| | dense | SAT |", "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows]]
+    return "\n".join(lines)

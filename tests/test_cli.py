@@ -1,0 +1,84 @@
+"""`sat-train` end to end on a tiny base built from the shipped corpus: run folder, report,
+plain-transformers final model, dense comparison, and failures before training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sat_trainer.cli import main
+from sat_trainer.pretrain import build_base
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_steps=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    info = build_base(out, vocab_size=300, block_size=64, **TINY)
+    assert info["parameters"] < 100_000 and set(info["validation_loss"]) == {"base", "continual"}
+    return out
+
+
+def _overrides(base, out, steps=4):
+    return [
+        "--set", f"model={base}",
+        "--set", f"training.output_dir={out}",
+        "--set", f"training.max_steps={steps}",
+        "--set", "training.eval_steps=2",
+        "--set", "training.logging_steps=1",
+        "--set", "training.per_device_train_batch_size=2",
+        "--set", "data.max_length=32",
+        "--set", "data.max_train_samples=40",
+        "--set", "data.max_eval_samples=4",
+    ]
+
+
+@pytest.mark.parametrize("task", ["cpt", "sft"])
+def test_sat_train_end_to_end(task, tiny_base, tmp_path):
+    out = tmp_path / task
+    assert main([task, "--config", f"configs/demo_{task}.yaml", *_overrides(tiny_base, out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "sat" and report["steps"] == 4 and report["tokens"] > 0
+    assert report["tokens_per_second"] > 0 and report["wall_time_s"] >= report["train_time_s"] > 0
+    assert report["omission_schedule"] == [0.5, 0.5, 0.5, 0.0]  # ladder 0.75 sparse, 2 rungs, 4 steps
+    expected_sets = {"cpt": {"continual", "base"}, "sft": {"chat"}}[task]
+    assert set(report["held_out_loss"]) == expected_sets and all(v > 0 for v in report["held_out_loss"].values())
+    assert (out / "report.png").stat().st_size > 10_000
+    script = (
+        "import sys, transformers\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(out / 'final')!r})\n"
+        f"t = transformers.AutoTokenizer.from_pretrained({str(out / 'final')!r})\n"
+        "print(m(**t('To be', return_tensors='pt')).logits.shape[-1])\n"
+        "assert 'sat_trainer' not in sys.modules\n"
+    )
+    printed = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    assert int(printed.strip()) == 300
+
+
+def test_compare_dense_prints_a_side_by_side_table(tiny_base, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["cpt", "--config", "configs/demo_cpt.yaml", "--compare-dense", *_overrides(tiny_base, out, steps=3)]) == 0
+    table = capsys.readouterr().out
+    assert "| | dense | SAT |" in table and "speedup" in table and "held-out loss: continual" in table
+    assert json.loads((out / "dense" / "report.json").read_text())["omission_schedule"] == [0.0, 0.0, 0.0]
+    assert json.loads((out / "sat" / "report.json").read_text())["omission_schedule"] == [0.5, 0.5, 0.0]
+    assert (out / "compare.md").read_text().startswith("| | dense | SAT |")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("training.no_such_arg=1", "unknown key 'training.no_such_arg'"),
+        ("sat.omission_rate=2", "'omission_rate' has invalid value 2"),
+        ("data.train=./no/such/file.jsonl", "data path not found: ./no/such/file.jsonl"),
+    ],
+)
+def test_bad_config_fails_before_training(tmp_path, capsys, override, message):
+    code = main(["cpt", "--config", "configs/demo_cpt.yaml", "--set", f"training.output_dir={tmp_path}", "--set", override])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
