@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,7 @@ def build_base(out_dir: str | Path, *, vocab_size: int = 8192, block_size: int =
     metrics = {d: trainer.evaluate(eval_dataset=ds, metric_key_prefix=f"eval_{d}")[f"eval_{d}_loss"] for d, ds in evals.items()}
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    shutil.rmtree(out / "_trainer", ignore_errors=True)  # the Trainer's scratch folder (nothing saved there)
     info = {
         "version": BASE_VERSION,
         "parameters": sum(p.numel() for p in model.parameters()),

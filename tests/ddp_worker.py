@@ -1,0 +1,61 @@
+"""A tiny SAT Trainer run, launched once plainly and once under torch.distributed (2 ranks, gloo).
+
+Usage: python ddp_worker.py OUT_DIR METRIC PER_DEVICE_BATCH STEPS
+Writes OUT_DIR/kept_rank<R>.json (kept sets per step) and, on rank 0, OUT_DIR/final.pt.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import VOCAB, build  # noqa: E402
+
+from sat_trainer import SATCallback, SATConfig  # noqa: E402
+from sat_trainer.patch.model import handle_of  # noqa: E402
+
+
+class Stream(torch.utils.data.Dataset):
+    def __init__(self, rows=64, length=16):
+        starts = torch.randint(0, VOCAB, (rows, 1), generator=torch.Generator().manual_seed(0))
+        self.ids = (starts + torch.arange(length)) % VOCAB
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class Recorder(transformers.TrainerCallback):
+    def __init__(self):
+        self.kept = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.kept[state.global_step] = {n: k.tolist() for n, k in handle_of(model).kept().items()}
+
+
+def main():
+    out, metric, batch, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    rank = int(os.environ.get("RANK", 0))
+    recorder = Recorder()
+    args = transformers.TrainingArguments(
+        output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, optim="adamw_torch",
+        lr_scheduler_type="constant", disable_tqdm=True, dataloader_drop_last=True,
+    )
+    sat = SATConfig(omission_rate=0.5, metric=metric, selection="sampling", ladder_sparse_fraction=0.6)
+    trainer = transformers.Trainer(model=build("llama"), args=args, train_dataset=Stream(), callbacks=[SATCallback(sat), recorder])
+    trainer.train()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    (out / f"kept_rank{rank}.json").write_text(json.dumps({"world": world, "kept": recorder.kept}))
+    if rank == 0:
+        torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, out / "final.pt")
+
+
+if __name__ == "__main__":
+    main()
