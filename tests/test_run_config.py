@@ -77,3 +77,16 @@ def test_bad_configs_fail_with_one_clear_message(tmp_path, changes, pattern):
 def test_bad_override_syntax():
     with pytest.raises(SATConfigError, match="expected key=value"):
         load_run_config("cpt", CONFIGS[0].parent / "demo_cpt.yaml", ["training.max_steps"])
+
+
+def test_shipped_accelerate_configs_parse_with_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    folder = Path(__file__).parents[1] / "configs" / "accelerate"
+    configs = {p.stem: load_config_from_file(str(p)) for p in folder.glob("*.yaml")}
+    assert configs["single_gpu"].distributed_type == DistributedType.NO and configs["single_gpu"].num_processes == 1
+    assert configs["multi_gpu"].distributed_type == DistributedType.MULTI_GPU
+    assert configs["fsdp2"].distributed_type == DistributedType.FSDP and configs["fsdp2"].fsdp_config["fsdp_version"] == 2
+    assert configs["zero3"].distributed_type == DistributedType.DEEPSPEED and configs["zero3"].deepspeed_config["zero_stage"] == 3
+    assert all(c.mixed_precision == "bf16" for c in configs.values())

@@ -137,6 +137,7 @@ def apply_sat(model: nn.Module, config: SATConfig | None = None) -> SATHandle:
         )
     for unit in handle.units:
         unit.patch()
+    _mark_zero3_leaves(model, handle)
     _HANDLES[model] = handle
     return handle
 
@@ -152,6 +153,22 @@ def remove_sat(model: nn.Module) -> None:
 def handle_of(model: nn.Module) -> SATHandle | None:
     """The handle of a patched model, e.g. for a callback rebuilt on resume."""
     return _HANDLES.get(model)
+
+
+def _mark_zero3_leaves(model: nn.Module, handle: SATHandle) -> None:
+    """Under DeepSpeed ZeRO-3, make each patched block a leaf so all its projections are gathered
+    at the block's forward: drawing a kept set reads every projection's weights (scores, slices)
+    while the first one runs, and a not-yet-gathered parameter is an empty shard. Must happen
+    before the engine is built, which is why ``apply_sat`` (and so ``SATCallback.on_init_end``) does it."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    if not hf_deepspeed.is_deepspeed_zero3_enabled():
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = sorted({type(u.block) for u in handle.units}, key=lambda c: c.__name__)
+    set_z3_leaf_modules(model, classes)
+    logger.info("sat_trainer: ZeRO-3 leaf modules set: %s", ", ".join(c.__name__ for c in classes))
 
 
 def _has_projections(module: nn.Module, shape: BlockShape) -> bool:
