@@ -8,7 +8,8 @@ Lifecycle (the Trainer wraps the model for accelerate/DDP/FSDP/DeepSpeed *before
   makes the next forward draw a new kept set, reused by the step's other micro-batches and by
   gradient-checkpoint recompute (``draw_every: micro_batch`` draws again per micro-batch).
 * ``on_log``: adds ``sat/omission_rate``, ``sat/kept_flops_fraction`` and
-  ``sat/tokens_per_second`` to training log rows (and to ``state.log_history``).
+  ``sat/tokens_per_second`` (tokens over time inside training steps since the last log, so
+  evaluation pauses do not count) to training log rows (and to ``state.log_history``).
 * checkpoints: the draw counter is saved through ``ExportableState`` and restored on resume
   (with or without ``restore_callback_states_from_checkpoint``); the schedule position is the
   Trainer's own ``global_step``.
@@ -51,7 +52,8 @@ class SATCallback(TrainerCallback, ExportableState):
         self.handle: SATHandle | None = None
         self.draw_id = 0
         self._tokens = 0
-        self._window_start = 0.0
+        self._busy = 0.0  # seconds inside training steps since the last log (evaluation excluded)
+        self._step_start = 0.0
         self._hook = None
 
     # ---- ExportableState ------------------------------------------------------------------
@@ -74,11 +76,14 @@ class SATCallback(TrainerCallback, ExportableState):
         embeddings = model.get_input_embeddings()
         if self._hook is None and embeddings is not None:
             self._hook = embeddings.register_forward_pre_hook(self._count_tokens)
-        self._window_start = time.perf_counter()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.handle.set_rate(omission_rate_at(self.config, state.global_step, state.max_steps))
         self._new_draw()
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._busy += time.perf_counter() - self._step_start
 
     def on_substep_end(self, args, state, control, **kwargs):
         if self.config.draw_every == "micro_batch":
@@ -87,13 +92,12 @@ class SATCallback(TrainerCallback, ExportableState):
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
         if logs is None or "loss" not in logs or self.handle is None:
             return
-        now = time.perf_counter()
         extra = {
             "sat/omission_rate": round(self.handle.rate, 6),
             "sat/kept_flops_fraction": round(self.handle.kept_flops_fraction(), 6),
-            "sat/tokens_per_second": round(self._tokens / max(now - self._window_start, 1e-9), 2),
+            "sat/tokens_per_second": round(self._tokens / max(self._busy, 1e-9), 2),
         }
-        self._tokens, self._window_start = 0, now
+        self._tokens, self._busy = 0, 0.0
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
             state.log_history[-1].update(extra)

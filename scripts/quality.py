@@ -1,0 +1,96 @@
+"""Quality benchmark: dense vs SAT variants from the embedded base, equal steps and data order.
+
+Each variant is one `sat-train` run of a scenario config (default: the CPT demo, whose held-out
+sets measure the new domain and forgetting of the base domain) with ``--set``-style overrides.
+All variants share the seed, so they see the same batches in the same order. Results are
+appended to a JSON-lines file and printed as a markdown table with, per variant: final held-out
+losses and their ratio to dense, time inside training steps, and the time SAT needed to first
+reach dense's final held-out loss on the first eval set, as a fraction of dense's time.
+
+Examples:
+    python scripts/quality.py --variants dense default                       # the headline pair
+    python scripts/quality.py --variants dense metric=uniform metric=magnitude metric=wanda metric=maxip
+    python scripts/quality.py --config configs/demo_sft.yaml --variants dense default
+    python scripts/quality.py --variants dense default --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from sat_trainer.run import run
+from sat_trainer.run_config import load_run_config
+
+
+def variant_overrides(variant: str) -> tuple[bool, list[str]]:
+    """``dense`` / ``default`` / ``k=v[,k=v...]`` (keys of the sat: block) -> (dense?, overrides)."""
+    if variant == "dense":
+        return True, []
+    if variant == "default":
+        return False, []
+    return False, [f"sat.{item}" for item in variant.split(",")]
+
+
+def time_to_reach(evals: list[dict], name: str, target: float) -> float | None:
+    """Train-step time of the first eval at or below ``target`` on set ``name``, else None."""
+    return next((e["train_time_s"] for e in evals if e.get(name, float("inf")) <= target), None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/demo_cpt.yaml")
+    p.add_argument("--variants", nargs="+", default=["dense", "default"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--set", action="append", default=[], help="override for every variant, e.g. training.max_steps=60")
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument("--json", default="docs/bench/quality.jsonl")
+    args = p.parse_args(argv)
+    task = "sft" if "sft" in Path(args.config).stem else "cpt"
+
+    results: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        for variant in args.variants:
+            dense, overrides = variant_overrides(variant)
+            out = Path(args.out) / Path(args.config).stem / f"seed{seed}" / variant.replace("=", "-").replace(",", "_")
+            cfg = load_run_config(task, args.config, [*args.set, *overrides, f"training.seed={seed}", f"training.output_dir={out}"])
+            report = run(cfg, dense=dense)
+            row = {"config": args.config, "variant": variant, "seed": seed, "train_time_s": report["train_time_s"],
+                   "held_out_loss": report["held_out_loss"], "evals": report["history"]["held_out"],
+                   "sat": report["config"]["sat"] if not dense else None, "steps": report["steps"]}
+            results.setdefault(variant, []).append(row)
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.json, "a") as f:
+                f.write(json.dumps({k: v for k, v in row.items() if k != "evals"} | {"evals": row["evals"]}) + "\n")
+    print(table(results))
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    """Mean (and spread over seeds) per variant, relative to dense when dense ran."""
+    dense = results.get("dense")
+    sets = sorted(next(iter(results.values()))[0]["held_out_loss"])
+    head = "| variant | " + " | ".join(f"held-out {s}" for s in sets) + " | vs dense | train-step s | speedup | time to dense's loss |"
+    lines = [head, "|" + "---|" * (len(sets) + 5)]
+    for variant, rows in results.items():
+        cells = []
+        for s in sets:
+            values = [r["held_out_loss"][s] for r in rows]
+            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.mean(values):.4f}{spread}")
+        time = statistics.mean(r["train_time_s"] for r in rows)
+        if dense:
+            first = sets[0]
+            ratio = statistics.mean(r["held_out_loss"][first] for r in rows) / statistics.mean(d["held_out_loss"][first] for d in dense)
+            dense_time = statistics.mean(d["train_time_s"] for d in dense)
+            reach = [time_to_reach(r["evals"], first, d["held_out_loss"][first]) for r, d in zip(rows, dense)]
+            reach_cell = "not reached" if any(t is None for t in reach) else f"{statistics.mean(reach) / dense_time:.2f}x"
+            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {100 * (ratio - 1):+.2f}% ({first}) | {time:.1f} | {dense_time / time:.2f}x | {reach_cell} |")
+        else:
+            lines.append(f"| {variant} | " + " | ".join(cells) + f" | | {time:.1f} | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
