@@ -10,6 +10,8 @@ Lifecycle (the Trainer wraps the model for accelerate/DDP/FSDP/DeepSpeed *before
 * ``on_log``: adds ``sat/omission_rate``, ``sat/kept_flops_fraction`` and
   ``sat/tokens_per_second`` (tokens over time inside training steps since the last log, so
   evaluation pauses do not count) to training log rows (and to ``state.log_history``).
+* ``omitted_update: freeze``: the omitted slices' weights are saved before the optimizer step
+  and written back after it, so momentum and weight decay do not move them.
 * checkpoints: the draw counter is saved through ``ExportableState`` and restored on resume
   (with or without ``restore_callback_states_from_checkpoint``); the schedule position is the
   Trainer's own ``global_step``.
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -54,6 +57,7 @@ class SATCallback(TrainerCallback, ExportableState):
         self._tokens = 0
         self._busy = 0.0  # seconds inside training steps since the last log (evaluation excluded)
         self._step_start = 0.0
+        self._frozen: list = []  # (tensor, dim, omitted indices, saved values) for omitted_update: freeze
         self._hook = None
 
     # ---- ExportableState ------------------------------------------------------------------
@@ -88,6 +92,16 @@ class SATCallback(TrainerCallback, ExportableState):
     def on_substep_end(self, args, state, control, **kwargs):
         if self.config.draw_every == "micro_batch":
             self._new_draw()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.config.omitted_update == "freeze":
+            self._frozen = [(t, dim, idx, t.detach().index_select(dim, idx)) for u in self.handle.units for t, dim, idx in u.omitted_parameters()]
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            for tensor, dim, idx, saved in self._frozen:
+                tensor.index_copy_(dim, idx, saved)
+        self._frozen = []
 
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
         if logs is None or "loss" not in logs or self.handle is None:

@@ -22,6 +22,7 @@ SELECTIONS = ("topk", "sampling")
 SCHEDULES = ("ladder", "constant", "linear", "cosine")
 TARGETS = ("mlp", "attention")
 DRAW_EVERY = ("step", "micro_batch")
+OMITTED_UPDATES = ("optimizer", "freeze")
 
 
 @dataclass
@@ -77,6 +78,13 @@ class SATConfig:
     draw_every: str = field(
         default="step",
         metadata={"help": "step: one kept set per optimizer step; micro_batch: a new one per micro-batch."},
+    )
+    omitted_update: str = field(
+        default="optimizer",
+        metadata={
+            "help": "optimizer: omitted rows get zero gradient and the optimizer still moves them (momentum, "
+            "weight decay); freeze: their weights are restored after the optimizer step (SATCallback)."
+        },
     )
     maxip_tokens: int = field(
         default=64,
@@ -139,6 +147,7 @@ def _check_types(cfg: SATConfig) -> None:
         "selection": (str,),
         "schedule": (str,),
         "draw_every": (str,),
+        "omitted_update": (str,),
     }
     for key, types in expected.items():
         value = getattr(cfg, key)
@@ -156,7 +165,7 @@ def _check_values(cfg: SATConfig) -> None:
         _fail("omission_rate", cfg.omission_rate, "a number in [0, 1)")
     if not cfg.targets or any(t not in TARGETS for t in cfg.targets) or len(set(cfg.targets)) != len(cfg.targets):
         _fail("targets", cfg.targets, f"a non-empty list without repeats drawn from {list(TARGETS)}")
-    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY)):
+    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES)):
         if getattr(cfg, key) not in allowed:
             _fail(key, getattr(cfg, key), ", ".join(allowed))
     if not cfg.temperature > 0:

@@ -121,3 +121,40 @@ def test_resume_continues_the_same_schedule_and_draws(full_run, tmp_path, restor
     for step, row in again.items():
         assert row["sat/omission_rate"] == first[step]["sat/omission_rate"]
         assert row["loss"] == pytest.approx(first[step]["loss"], rel=1e-4)
+
+
+class _RowWatcher(transformers.TrainerCallback):
+    """gate_proj and o_proj weights of layer 0 before and after each optimizer step, with the kept set."""
+
+    def __init__(self):
+        self.records = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        layer = model.model.layers[0]
+        kept = handle_of(model).kept()
+        self._before = (layer.mlp.gate_proj.weight.detach().clone(), layer.self_attn.o_proj.weight.detach().clone(),
+                        kept["model.layers.0.mlp"], kept["model.layers.0.self_attn"])
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        layer = model.model.layers[0]
+        self.records.append((*self._before, layer.mlp.gate_proj.weight.detach().clone(), layer.self_attn.o_proj.weight.detach().clone()))
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "freeze"])
+def test_omitted_update_modes(tmp_path, mode):
+    watcher = _RowWatcher()
+    sat = SATConfig(omission_rate=0.5, schedule="constant", omitted_update=mode)
+    targs = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.1,
+        report_to=[], use_cpu=True, optim="adamw_torch", disable_tqdm=True, save_strategy="no",
+    )
+    transformers.Trainer(model=build("llama"), args=targs, train_dataset=_Stream(), callbacks=[SATCallback(sat), watcher]).train()
+    for step, (gate0, o0, channels, heads, gate1, o1) in enumerate(watcher.records):
+        omitted = torch.ones(96, dtype=torch.bool)
+        omitted[channels] = False
+        head_cols = torch.ones(128, dtype=torch.bool)
+        head_cols[(heads.unsqueeze(1) * 16 + torch.arange(16)).flatten()] = False
+        assert not torch.equal(gate1[~omitted], gate0[~omitted])  # kept rows train
+        frozen = torch.equal(gate1[omitted], gate0[omitted]) and torch.equal(o1[:, head_cols], o0[:, head_cols])
+        # with "optimizer", weight decay (and momentum from step 2 on) moves omitted rows too
+        assert frozen == (mode == "freeze"), (step, mode)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import adapters, importance, selection
 from ..errors import SATError
-from ..ops import in_features, linear_keep_inputs, linear_keep_outputs, out_features, out_major_weight
+from ..ops import Conv1D, in_features, linear_keep_inputs, linear_keep_outputs, out_features, out_major_weight
 from ..schedule import kept_count
 from .registry import BlockShape
 
@@ -149,6 +149,28 @@ class BlockUnit:
                 "SAT needs the block's own forward to call the input projections first"
             )
         return self._index[member]
+
+    def omitted_parameters(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+        """(trainable tensor, dim, omitted indices along dim) for every slice this draw omitted:
+        the rows (outputs) of input-side members with their bias entries, the columns (inputs)
+        of output-side members. Empty when the block runs dense."""
+        if not self.is_sparse() or self._drawn_for is None:
+            return []
+        mask = torch.ones(self.n, dtype=torch.bool)
+        mask[self.kept_units] = False
+        omitted_units = mask.nonzero().squeeze(1)
+        out = []
+        for member in self.members():
+            conv = isinstance(member, Conv1D)
+            is_input_side = any(member is m for m in self._in_members)
+            chunk = (out_features(member) if is_input_side else in_features(member)) // self.n
+            dim = (1 if conv else 0) if is_input_side else (0 if conv else 1)
+            idx = _expand(omitted_units, chunk).to(member.weight.device)
+            if member.weight.requires_grad:
+                out.append((member.weight, dim, idx))
+            if is_input_side and member.bias is not None and member.bias.requires_grad:
+                out.append((member.bias, 0, idx))
+        return out
 
     def kept_query_or_channels(self) -> torch.Tensor:
         """Kept MLP channel indices, or kept query-head indices for attention."""
