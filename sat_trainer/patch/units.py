@@ -6,8 +6,9 @@ the output projection reads only those. Everything between them in the block's u
 forward is shape-agnostic: the MLP's activation and product are elementwise, and Llama-style
 attention views q/k/v as ``(*shape, -1, head_dim)`` and reads ``num_key_value_groups``, which
 dropping whole KV groups leaves intact (so RoPE, sliding windows, soft-capping, Qwen3/Gemma3
-q/k norms, biases, eager and sdpa all keep working). Each projection's own forward hooks (e.g.
-DeepSpeed ZeRO-3 gathering) still fire, because the module is still called.
+q/k norms, biases, eager and sdpa all keep working). Each projection's own forward hooks still
+fire, because the module is still called (under ZeRO-3 the whole block is made a leaf module,
+see :func:`sat_trainer.patch.model.apply_sat`, since a draw reads all its projections at once).
 
 The kept set is drawn once per draw number (see :class:`sat_trainer.patch.model.SATHandle`) by
 whichever input projection runs first, and reused by every later call with the same number:
@@ -160,17 +161,17 @@ class BlockUnit:
         mask[self.kept_units] = False
         omitted_units = mask.nonzero().squeeze(1)
         out = []
-        for member in self.members():
-            conv = isinstance(member, Conv1D)
-            is_input_side = any(member is m for m in self._in_members)
-            chunk = (out_features(member) if is_input_side else in_features(member)) // self.n
-            dim = (1 if conv else 0) if is_input_side else (0 if conv else 1)
+        for member, input_side in self._members_with_side():
+            dim, chunk = _sliced_dim_and_chunk(member, input_side, self.n)
             idx = _expand(omitted_units, chunk).to(member.weight.device)
             if member.weight.requires_grad:
                 out.append((member.weight, dim, idx))
-            if is_input_side and member.bias is not None and member.bias.requires_grad:
+            if input_side and member.bias is not None and member.bias.requires_grad:
                 out.append((member.bias, 0, idx))
         return out
+
+    def _members_with_side(self) -> list[tuple[nn.Module, bool]]:
+        return [(m, True) for m in self._in_members] + [(m, False) for m in self._out_members]
 
     def kept_query_or_channels(self) -> torch.Tensor:
         """Kept MLP channel indices, or kept query-head indices for attention."""
@@ -191,8 +192,7 @@ class BlockUnit:
         self._drawn_for = key
 
     def _index_members(self, kept: torch.Tensor) -> None:
-        self._index = {m: _expand(kept, out_features(m) // self.n) for m in self._in_members}
-        self._index.update({m: _expand(kept, in_features(m) // self.n) for m in self._out_members})
+        self._index = {m: _expand(kept, _sliced_dim_and_chunk(m, side, self.n)[1]) for m, side in self._members_with_side()}
 
     def _scores(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         cfg = self._handle.config
@@ -221,6 +221,15 @@ def _expand(kept: torch.Tensor, chunk: int) -> torch.Tensor:
     if chunk == 1:
         return kept
     return (kept.unsqueeze(1) * chunk + torch.arange(chunk, device=kept.device)).reshape(-1)
+
+
+def _sliced_dim_and_chunk(member: nn.Module, input_side: bool, n: int) -> tuple[int, int]:
+    """The weight dim SAT slices (outputs on the input side, inputs on the output side; Conv1D
+    stores ``(in, out)``) and how many features of it each of the ``n`` units owns."""
+    conv = isinstance(member, Conv1D)
+    if input_side:
+        return (1 if conv else 0), out_features(member) // n
+    return (0 if conv else 1), in_features(member) // n
 
 
 def _unit_layout(name: str, shape: BlockShape, block: nn.Module, inputs: list[nn.Module]) -> tuple[int, int]:
