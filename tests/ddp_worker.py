@@ -13,7 +13,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import VOCAB, build  # noqa: E402
+from tiny import VOCAB, build, leave_process_group  # noqa: E402
 
 from sat_trainer import SATCallback, SATConfig  # noqa: E402
 from sat_trainer.patch.model import handle_of  # noqa: E402
@@ -55,6 +55,7 @@ def main():
     (out / f"kept_rank{rank}.json").write_text(json.dumps({"world": world, "kept": recorder.kept}))
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, out / "final.pt")
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import batch, build  # noqa: E402
+from tiny import batch, build, leave_process_group  # noqa: E402
 
 from sat_trainer import SATConfig, apply_sat  # noqa: E402
 
@@ -34,7 +34,7 @@ def main():
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
     if dist.get_rank() == 0:
         torch.save({"loss": loss.detach(), "grads": grads, "kept": handle.kept()}, out / "fsdp.pt")
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,22 +16,19 @@ WORKER = Path(__file__).parent / "ddp_worker.py"
 STEPS = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _launch(args: list[str], processes: int, env: dict) -> None:
+    """Run a worker in `processes` ranks; on failure show its stderr (the traceback of the rank that died)."""
+    if processes > 1:  # --standalone: torchrun picks a free rendezvous port itself, no race with other tests
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args]
+    proc = subprocess.run([sys.executable, *args], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                                       **env}, timeout=180, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"worker exited with {proc.returncode}:\n{proc.stderr[-6000:]}")
 
 
 def _run(out: Path, metric: str, batch: int, processes: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    if processes == 1:
-        cmd = [sys.executable, str(WORKER)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER)]
-    subprocess.run([*cmd, str(out), metric, str(batch), str(STEPS)], check=True, env=env, timeout=300,
-                   capture_output=True, text=True)
+    _launch([str(WORKER), str(out), metric, str(batch), str(STEPS)], processes, {"MASTER_ADDR": "127.0.0.1"})
 
 
 def _kept(out: Path, rank: int) -> dict:
@@ -65,10 +61,7 @@ def test_fsdp2_sharded_step_matches_unsharded(tmp_path, metric):
 
     from sat_trainer import SATConfig, apply_sat
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(Path(__file__).parent / "fsdp_worker.py"), str(tmp_path), metric]
-    subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True, text=True)
+    _launch([str(Path(__file__).parent / "fsdp_worker.py"), str(tmp_path), metric], 2, {})
     sharded = torch.load(tmp_path / "fsdp.pt")
 
     model = build("llama")
