@@ -184,6 +184,29 @@ def _rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def plot(rows: list[dict], args) -> None:
+    """Measured (solid) and ideal (dashed) speedup against omission rate, one colour per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, targets in enumerate(dict.fromkeys(r["targets"] for r in rows)):
+        mine = sorted((r for r in rows if r["targets"] == targets), key=lambda r: r["rate"])
+        rates = [r["rate"] for r in mine]
+        ax.plot(rates, [r["speedup"] for r in mine], marker="o", color=f"C{i}", label=f"{targets}: measured")
+        ax.plot(rates, [r["ideal"] for r in mine], linestyle="--", color=f"C{i}", label=f"{targets}: ideal (FLOPs)")
+    ax.set_xlabel("omission rate")
+    ax.set_ylabel("speedup over dense (step time)")
+    ax.set_title(f"{args.shape}, batch {args.batch} x {args.seq}, {args.dtype}, {args.device}" + (", LoRA" if args.lora else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="realistic")
@@ -201,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ladder-steps", type=int, default=0, help="also time a whole ladder run of this many steps")
     p.add_argument("--memory", action="store_true", help="also measure peak memory per variant (separate processes)")
     p.add_argument("--json", help="append result rows to this JSON-lines file")
+    p.add_argument("--plot", help="write a PNG of measured and ideal speedup against omission rate, per target")
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
@@ -227,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append(lad)
             print(f"| {targets} | ladder {lad['steps']} steps | {lad['dense_s']:.1f} s total | {lad['sat_s']:.1f} s total | "
                   f"{lad['speedup']:.2f}x | {lad['ideal']:.2f}x | {lad['speedup'] / lad['ideal']:.2f} |", flush=True)
+    if args.plot:
+        plot([r for r in results if "rate" in r], args)
     if args.json:
         with open(args.json, "a") as f:
             for r in results:

@@ -7,11 +7,17 @@ appended to a JSON-lines file and printed as a markdown table with, per variant:
 losses and their ratio to dense, time inside training steps, and the time SAT needed to first
 reach dense's final held-out loss on the first eval set, as a fraction of dense's time.
 
+With ``--report`` nothing is trained: the table (and a PNG of held-out loss against training
+time) is built from the rows already in the JSON-lines file for ``--config``, the latest row per
+variant and seed.
+
 Examples:
     python scripts/quality.py --variants dense default                       # the headline pair
     python scripts/quality.py --variants dense metric=uniform metric=magnitude metric=wanda metric=maxip
     python scripts/quality.py --config configs/demo_sft.yaml --variants dense default
     python scripts/quality.py --variants dense default --seeds 0 1 2
+    python scripts/quality.py --variants training.max_steps=160               # SAT given more steps
+    python scripts/quality.py --report --plot docs/bench/quality_cpt.png
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from sat_trainer.run_config import load_run_config
 
 
 def variant_overrides(variant: str) -> tuple[bool, list[str]]:
-    """``dense`` / ``default`` / ``k=v[,k=v...]`` (keys of the sat: block) -> (dense?, overrides)."""
+    """``dense`` / ``default`` / ``k=v[,k=v...]`` -> (dense?, overrides). A bare key is one of the
+    sat: block; a dotted one (``training.max_steps=160``) is passed as is, with SAT on."""
     if variant == "dense":
         return True, []
     if variant == "default":
         return False, []
-    return False, [f"sat.{item}" for item in variant.split(",")]
+    return False, [item if "." in item.split("=")[0] else f"sat.{item}" for item in variant.split(",")]
 
 
 def time_to_reach(evals: list[dict], name: str, target: float) -> float | None:
@@ -47,9 +54,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], help="override for every variant, e.g. training.max_steps=60")
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--json", default="docs/bench/quality.jsonl")
+    p.add_argument("--report", action="store_true", help="train nothing: tabulate the rows already in --json")
+    p.add_argument("--plot", help="also write a PNG of held-out loss (first eval set) against training time")
     args = p.parse_args(argv)
-    task = "sft" if "sft" in Path(args.config).stem else "cpt"
+    results = saved_results(args.json, args.config) if args.report else train_variants(args)
+    print(table(results))
+    if args.plot:
+        plot(results, args.plot)
 
+
+def train_variants(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Run every variant for every seed, appending each result row to ``args.json`` as it lands."""
+    task = "sft" if "sft" in Path(args.config).stem else "cpt"
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         for variant in args.variants:
@@ -64,13 +80,28 @@ def main(argv: list[str] | None = None) -> None:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             with open(args.json, "a") as f:
                 f.write(json.dumps({k: v for k, v in row.items() if k != "evals"} | {"evals": row["evals"]}) + "\n")
-    print(table(results))
+    return results
+
+
+def saved_results(path: str, config: str) -> dict[str, list[dict]]:
+    """Rows of ``config`` in the JSON-lines file, the latest per (variant, seed), dense first."""
+    latest: dict[tuple[str, int], dict] = {}
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        if row["config"] == config:
+            latest[(row["variant"], row["seed"])] = row
+    if not latest:
+        raise SystemExit(f"no rows for {config} in {path}")
+    results: dict[str, list[dict]] = {}
+    for (variant, _), row in sorted(latest.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0] != "default")):
+        results.setdefault(variant, []).append(row)
+    return results
 
 
 def table(results: dict[str, list[dict]]) -> str:
     """Mean (and spread over seeds) per variant, relative to dense when dense ran."""
     dense = results.get("dense")
-    sets = sorted(next(iter(results.values()))[0]["held_out_loss"])
+    sets = list(next(iter(results.values()))[0]["held_out_loss"])  # config order: the new domain first
     head = "| variant | " + " | ".join(f"held-out {s}" for s in sets) + " | vs dense | train-step s | speedup | time to dense's loss |"
     lines = [head, "|" + "---|" * (len(sets) + 5)]
     for variant, rows in results.items():
@@ -90,6 +121,29 @@ def table(results: dict[str, list[dict]]) -> str:
         else:
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | | {time:.1f} | | |")
     return "\n".join(lines)
+
+
+def plot(results: dict[str, list[dict]], path: str) -> None:
+    """Held-out loss on the first eval set against time inside training steps, seed 0 of each variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    first = list(next(iter(results.values()))[0]["held_out_loss"])[0]
+    for variant, rows in results.items():
+        evals = rows[0]["evals"]
+        style = dict(color="black", linewidth=2.5) if variant == "dense" else dict(linewidth=2.5) if variant == "default" else dict(alpha=0.7)
+        ax.plot([e["train_time_s"] for e in evals], [e[first] for e in evals], marker="o", markersize=3, label=variant, **style)
+    ax.set_xlabel("time inside training steps (s)")
+    ax.set_ylabel(f"held-out loss: {first}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,47 @@
+"""The benchmark scripts' bookkeeping: which eval set and which time the quality table compares."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPTS = Path(__file__).parent.parent / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(variant: str, seed: int, final: dict, evals: list[dict], time: float) -> dict:
+    return {"config": "c.yaml", "variant": variant, "seed": seed, "train_time_s": time, "held_out_loss": final,
+            "evals": evals, "sat": None, "steps": 10}
+
+
+def test_quality_table_compares_the_first_configured_eval_set_and_time_to_dense_loss(tmp_path):
+    quality = _load("quality")
+    dense = _row("dense", 0, {"new": 4.0, "base": 5.0}, [{"step": 5, "train_time_s": 50, "new": 4.5, "base": 5.0},
+                                                        {"step": 10, "train_time_s": 100, "new": 4.0, "base": 5.0}], 100)
+    sat = _row("default", 0, {"new": 3.9, "base": 6.0}, [{"step": 5, "train_time_s": 30, "new": 4.2, "base": 6.0},
+                                                          {"step": 10, "train_time_s": 60, "new": 3.9, "base": 6.0}], 60)
+    stale = _row("default", 0, {"new": 9.0, "base": 9.0}, [], 1)
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (stale, sat, dense)))
+
+    results = quality.saved_results(str(path), "c.yaml")
+    assert list(results) == ["dense", "default"] and results["default"][0]["held_out_loss"]["new"] == 3.9  # latest row wins
+    line = quality.table(results).splitlines()[-1]
+    # "new" (listed first in the config) is compared, not the alphabetically first "base"
+    assert "-2.50% (new)" in line and "1.67x" in line and "| 0.60x |" in line
+    assert quality.time_to_reach(sat["evals"], "new", 4.1) == 60
+    assert quality.time_to_reach(sat["evals"], "new", 3.0) is None
+
+
+def test_quality_variant_names_become_overrides():
+    quality = _load("quality")
+    assert quality.variant_overrides("dense") == (True, [])
+    assert quality.variant_overrides("metric=maxip,selection=topk") == (False, ["sat.metric=maxip", "sat.selection=topk"])
+    assert quality.variant_overrides("training.max_steps=160") == (False, ["training.max_steps=160"])
