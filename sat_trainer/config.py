@@ -42,8 +42,9 @@ class SATConfig:
         metadata={"help": "Importance score: uniform (random), magnitude, wanda or maxip."},
     )
     selection: str = field(
-        default="sampling",
-        metadata={"help": "topk keeps the highest scores; sampling draws kept units with p ~ score^(1/temperature)."},
+        default="topk",
+        metadata={"help": "topk keeps the highest scores; sampling draws kept units with p ~ score^(1/temperature). "
+                  "Default topk: best held-out loss and least forgetting in docs/benchmarks.md."},
     )
     temperature: float = field(
         default=1.0,
