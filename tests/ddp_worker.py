@@ -13,9 +13,9 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import VOCAB, build, leave_process_group  # noqa: E402
+from tiny import VOCAB, build, leave_process_group, sat_config  # noqa: E402
 
-from sat_trainer import SATCallback, SATConfig  # noqa: E402
+from sat_trainer import SATCallback  # noqa: E402
 from sat_trainer.patch.model import handle_of  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main():
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, optim="adamw_torch",
         lr_scheduler_type="constant", disable_tqdm=True, dataloader_drop_last=True,
     )
-    sat = SATConfig(omission_rate=0.5, metric=metric, selection="sampling", ladder_sparse_fraction=0.6)
+    sat = sat_config(omission_rate=0.5, metric=metric, selection="sampling", ladder_sparse_fraction=0.6)
     trainer = transformers.Trainer(model=build("llama"), args=args, train_dataset=Stream(), callbacks=[SATCallback(sat), recorder])
     trainer.train()
     world = int(os.environ.get("WORLD_SIZE", 1))

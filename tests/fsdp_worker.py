@@ -12,16 +12,16 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import batch, build, leave_process_group  # noqa: E402
+from tiny import batch, build, leave_process_group, sat_config  # noqa: E402
 
-from sat_trainer import SATConfig, apply_sat  # noqa: E402
+from sat_trainer import apply_sat  # noqa: E402
 
 
 def main():
     out, metric = Path(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo")
     model = build("llama")
-    handle = apply_sat(model, SATConfig(omission_rate=0.5, metric=metric))
+    handle = apply_sat(model, sat_config(omission_rate=0.5, metric=metric))
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)

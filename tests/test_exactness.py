@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 from reference import loss_and_grads, masked
-from tiny import FAMILY_CONFIGS, LLAMA_STYLE_ATTENTION, batch, build
+from tiny import FAMILY_CONFIGS, LLAMA_STYLE_ATTENTION, batch, build, sat_config
 
-from sat_trainer import SATConfig, apply_sat, remove_sat
+from sat_trainer import apply_sat, remove_sat
 
 # Gemma2 has no sdpa path in transformers (attention soft-capping needs eager).
 CASES = [(f, "eager") for f in FAMILY_CONFIGS] + [(f, "sdpa") for f in LLAMA_STYLE_ATTENTION if f != "gemma2"]
@@ -21,7 +21,7 @@ CASES = [(f, "eager") for f in FAMILY_CONFIGS] + [(f, "sdpa") for f in LLAMA_STY
 def test_sliced_equals_masked_dense(family, attn, metric):
     model = build(family, attn)
     reference = copy.deepcopy(model)
-    handle = apply_sat(model, SATConfig(omission_rate=0.5, metric=metric))
+    handle = apply_sat(model, sat_config(omission_rate=0.5, metric=metric))
     model.train()
     reference.train()
     handle.set_rate(0.5)
@@ -71,7 +71,7 @@ def _complement(idx: torch.Tensor, size: int) -> torch.Tensor:
 
 def test_attention_drops_whole_kv_groups():
     model = build("llama")
-    handle = apply_sat(model, SATConfig(omission_rate=0.5, targets=["attention"]))
+    handle = apply_sat(model, sat_config(omission_rate=0.5, targets=["attention"]))
     model.train()
     handle.set_rate(0.5)
     handle.new_step()

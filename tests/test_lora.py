@@ -10,9 +10,9 @@ import peft
 import pytest
 import torch
 from reference import loss_and_grads, masked
-from tiny import batch, build
+from tiny import batch, build, sat_config
 
-from sat_trainer import SATConfig, SATError, apply_sat
+from sat_trainer import SATError, apply_sat
 
 ALL = ["gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
 SUBSETS = [ALL, ["gate_proj", "down_proj"], ["up_proj", "q_proj", "v_proj"], ["o_proj", "k_proj"]]
@@ -24,7 +24,7 @@ def _lora(model, targets=ALL, **kwargs):
 
 
 def _sparse(model, **cfg):
-    handle = apply_sat(model, SATConfig(omission_rate=0.5, **cfg))
+    handle = apply_sat(model, sat_config(omission_rate=0.5, **cfg))
     model.train()
     handle.set_rate(0.5)
     handle.new_step()
@@ -62,12 +62,12 @@ def test_lora_exact_against_masked_dense(targets):
 def test_get_peft_model_after_apply_sat_matches_the_other_order():
     first = build("llama")
     second = copy.deepcopy(first)
-    handle_a = apply_sat(first, SATConfig(omission_rate=0.5))
+    handle_a = apply_sat(first, sat_config(omission_rate=0.5))
     peft_a = _lora(first)
     torch.manual_seed(0)
     peft_b = _lora(second)
     peft_b.load_state_dict(peft_a.state_dict())
-    handle_b = apply_sat(peft_b, SATConfig(omission_rate=0.5))
+    handle_b = apply_sat(peft_b, sat_config(omission_rate=0.5))
     results = []
     for model, handle in ((peft_a, handle_a), (peft_b, handle_b)):
         model.train()
@@ -123,7 +123,7 @@ def test_dora_is_refused_by_name():
 
 def test_dora_added_after_apply_sat_fails_at_the_next_forward():
     model = build("llama")
-    apply_sat(model, SATConfig(omission_rate=0.5))
+    apply_sat(model, sat_config(omission_rate=0.5))
     model = _lora(model, ["down_proj"], use_dora=True)
     with pytest.raises(SATError, match="DoRA"):
         model(batch())

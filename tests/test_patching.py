@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 from reference import loss_and_grads
-from tiny import batch, build
+from tiny import batch, build, sat_config
 
-from sat_trainer import SATConfig, SATError, apply_sat, remove_sat
+from sat_trainer import SATError, apply_sat, remove_sat
 from sat_trainer.patch.model import handle_of
 
 
@@ -31,7 +31,7 @@ def test_rate_zero_eval_and_remove_are_bit_identical(family):
     plain.eval()
     expected_eval = _logits(plain, ids)
 
-    handle = apply_sat(model, SATConfig(omission_rate=0.5))
+    handle = apply_sat(model, sat_config(omission_rate=0.5))
     model.train()
     assert torch.equal(_logits(model, ids), expected_train)  # rate 0 (the handle's start)
     handle.set_rate(0.5)
@@ -49,7 +49,7 @@ def test_rate_zero_eval_and_remove_are_bit_identical(family):
 def test_no_parameters_or_buffers_added():
     model = build("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    handle = apply_sat(model)
+    handle = apply_sat(model, sat_config())
     model.train()
     handle.set_rate(0.5)
     handle.new_step()
@@ -61,7 +61,7 @@ def test_no_parameters_or_buffers_added():
 
 def test_one_draw_per_step_and_redraw_on_new_step():
     model = build("llama")
-    handle = apply_sat(model, SATConfig(omission_rate=0.5, metric="uniform"))
+    handle = apply_sat(model, sat_config(omission_rate=0.5, metric="uniform"))
     model.train()
     handle.set_rate(0.5)
     handle.new_step()
@@ -76,7 +76,7 @@ def test_one_draw_per_step_and_redraw_on_new_step():
 
 def test_set_rate_changes_k_at_next_forward():
     model = build("llama")
-    handle = apply_sat(model, SATConfig(targets=["mlp"]))
+    handle = apply_sat(model, sat_config(targets=["mlp"]))
     model.train()
     handle.set_rate(0.5)
     model(batch())
@@ -95,7 +95,7 @@ def test_gradient_checkpointing_reuses_the_kept_set(metric, reentrant):
     checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     results, calls = [], []
     for model in (base, checkpointed):
-        handle = apply_sat(model, SATConfig(omission_rate=0.5, metric=metric, selection="sampling"))
+        handle = apply_sat(model, sat_config(omission_rate=0.5, metric=metric, selection="sampling"))
         model.train()
         handle.set_rate(0.5)
         handle.new_step()
@@ -128,7 +128,7 @@ def test_unsupported_model_type_names_it_and_the_supported_list():
 
 def test_attention_target_on_gpt2_logs_dense_once(caplog):
     with caplog.at_level(logging.WARNING, logger="sat_trainer"):
-        handle = apply_sat(build("gpt2"))
+        handle = apply_sat(build("gpt2"), sat_config())
     assert {u.kind for u in handle.units} == {"mlp"}
     lines = [r.getMessage() for r in caplog.records if "attention" in r.getMessage()]
     assert len(lines) == 1 and "gpt2" in lines[0] and "c_attn" in lines[0]
@@ -142,7 +142,7 @@ def test_odd_module_falls_back_dense_with_its_name(caplog):
     odd = model.model.layers[1].mlp
     odd.up_proj = Quantised(64, 96)
     with caplog.at_level(logging.WARNING, logger="sat_trainer"):
-        handle = apply_sat(model, SATConfig(targets=["mlp"]))
+        handle = apply_sat(model, sat_config(targets=["mlp"]))
     assert [u.name for u in handle.units] == ["model.layers.0.mlp"]
     assert any("model.layers.1.mlp" in r.getMessage() and "Quantised" in r.getMessage() for r in caplog.records)
 
@@ -158,7 +158,7 @@ def test_patching_twice_is_an_error():
 
 def test_kept_flops_fraction_matches_hand_count():
     model = build("llama", num_hidden_layers=1)
-    handle = apply_sat(model, SATConfig(targets=["mlp"]))
+    handle = apply_sat(model, sat_config(targets=["mlp"]))
     handle.set_rate(0.5)
     # linear weights: q 64x128, k 64x64, v 64x64, o 128x64, gate/up/down 3 x 64x96, lm_head 96x64
     dense = 64 * 128 + 64 * 64 * 2 + 128 * 64 + 3 * 64 * 96 + 96 * 64

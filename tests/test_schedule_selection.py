@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-from tiny import batch, build
+from tiny import batch, build, sat_config
 
-from sat_trainer import SATConfig, apply_sat, importance, selection
+from sat_trainer import apply_sat, importance, selection
 from sat_trainer.schedule import kept_count, ladder_rungs, omission_rate_at
 
 
 def test_ladder_default_shape_ends_dense():
-    cfg = SATConfig(omission_rate=0.6, ladder_sparse_fraction=0.5, ladder_num_rungs=2)
+    cfg = sat_config(omission_rate=0.6, ladder_sparse_fraction=0.5, ladder_num_rungs=2)
     rates = [omission_rate_at(cfg, s, 100) for s in range(100)]
     assert rates[:50] == [0.6] * 50
     assert rates[50:75] == [pytest.approx(0.3)] * 25
@@ -21,7 +21,7 @@ def test_ladder_default_shape_ends_dense():
 
 
 def test_explicit_rungs():
-    cfg = SATConfig(ladder_rungs=[[0.0, 0.7], [0.4, 0.5], [0.9, 0.0]])
+    cfg = sat_config(ladder_rungs=[[0.0, 0.7], [0.4, 0.5], [0.9, 0.0]])
     assert ladder_rungs(cfg) == [(0.0, 0.7), (0.4, 0.5), (0.9, 0.0)]
     assert [omission_rate_at(cfg, s, 10) for s in (0, 3, 4, 8, 9)] == [0.7, 0.7, 0.5, 0.5, 0.0]
 
@@ -30,7 +30,7 @@ def test_explicit_rungs():
     "schedule,at_half", [("constant", 0.4), ("linear", 0.2), ("cosine", 0.2)]
 )
 def test_smooth_schedules(schedule, at_half):
-    cfg = SATConfig(omission_rate=0.4, schedule=schedule)
+    cfg = sat_config(omission_rate=0.4, schedule=schedule)
     assert omission_rate_at(cfg, 0, 11) == pytest.approx(0.4)
     assert omission_rate_at(cfg, 5, 11) == pytest.approx(at_half)
     if schedule != "constant":
@@ -40,7 +40,7 @@ def test_smooth_schedules(schedule, at_half):
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 33])
 def test_last_step_is_dense_however_few_steps(steps):
     for schedule in ("ladder", "linear", "cosine"):
-        assert omission_rate_at(SATConfig(schedule=schedule), steps - 1, steps) == pytest.approx(0.0, abs=1e-12)
+        assert omission_rate_at(sat_config(schedule=schedule), steps - 1, steps) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_kept_count_rounds_half_up_and_keeps_one():
@@ -52,7 +52,7 @@ def test_kept_count_rounds_half_up_and_keeps_one():
 
 def test_sampling_trains_every_channel_within_50_steps():
     model = build("llama")
-    handle = apply_sat(model, SATConfig(omission_rate=0.5, metric="wanda", selection="sampling", targets=["mlp"]))
+    handle = apply_sat(model, sat_config(omission_rate=0.5, metric="wanda", selection="sampling", targets=["mlp"]))
     model.train()
     handle.set_rate(0.5)
     seen = {}
@@ -66,7 +66,7 @@ def test_sampling_trains_every_channel_within_50_steps():
 
 def test_topk_with_fixed_input_keeps_the_same_set():
     model = build("llama")
-    handle = apply_sat(model, SATConfig(omission_rate=0.5, metric="wanda", selection="topk"))
+    handle = apply_sat(model, sat_config(omission_rate=0.5, metric="wanda", selection="topk"))
     model.train()
     handle.set_rate(0.5)
     sets = []
@@ -81,7 +81,7 @@ def test_topk_with_fixed_input_keeps_the_same_set():
 def test_uniform_metric_draws_random_subsets_reproducibly():
     def kept_sets(seed):
         model = build("llama")
-        handle = apply_sat(model, SATConfig(omission_rate=0.5, metric="uniform", selection="topk", seed=seed))
+        handle = apply_sat(model, sat_config(omission_rate=0.5, metric="uniform", selection="topk", seed=seed))
         model.train()
         handle.set_rate(0.5)
         out = []

@@ -57,15 +57,15 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path, metric):
 def test_fsdp2_sharded_step_matches_unsharded(tmp_path, metric):
     """fully_shard per decoder layer: SAT slices the unsharded parameters inside the layer's forward."""
     from reference import loss_and_grads
-    from tiny import batch, build
+    from tiny import batch, build, sat_config
 
-    from sat_trainer import SATConfig, apply_sat
+    from sat_trainer import apply_sat
 
     _launch([str(Path(__file__).parent / "fsdp_worker.py"), str(tmp_path), metric], 2, {})
     sharded = torch.load(tmp_path / "fsdp.pt")
 
     model = build("llama")
-    handle = apply_sat(model, SATConfig(omission_rate=0.5, metric=metric))
+    handle = apply_sat(model, sat_config(omission_rate=0.5, metric=metric))
     model.train()
     handle.set_rate(0.5)
     handle.new_step()
@@ -81,7 +81,7 @@ def test_zero3_marks_patched_blocks_as_leaf_modules(monkeypatch):
     import types
 
     import transformers.integrations.deepspeed as hf_deepspeed
-    from tiny import build
+    from tiny import build, sat_config
 
     from sat_trainer import apply_sat
 
@@ -91,6 +91,6 @@ def test_zero3_marks_patched_blocks_as_leaf_modules(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed.utils", fake_utils)
     monkeypatch.setattr(hf_deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
     model = build("llama")
-    apply_sat(model)
+    apply_sat(model, sat_config())
     assert len(calls) == 1 and calls[0][0] is model
     assert [c.__name__ for c in calls[0][1]] == ["LlamaAttention", "LlamaMLP"]

@@ -6,14 +6,14 @@ import copy
 
 import torch
 from reference import loss_and_grads
-from tiny import batch, build
+from tiny import batch, build, sat_config
 
-from sat_trainer import SATConfig, apply_sat
+from sat_trainer import apply_sat
 from sat_trainer.schedule import omission_rate_at
 
 
 def _sparse(model, **cfg):
-    handle = apply_sat(model, SATConfig(omission_rate=0.5, **cfg))
+    handle = apply_sat(model, sat_config(omission_rate=0.5, **cfg))
     model.train()
     handle.set_rate(0.5)
     handle.new_step()
@@ -48,7 +48,7 @@ def test_bf16_weights_train_with_finite_loss_and_grads():
 
 def test_compile_recompiles_only_when_k_changes():
     model = build("llama")
-    handle = apply_sat(model, SATConfig(omission_rate=0.5, ladder_sparse_fraction=0.5, ladder_num_rungs=2))
+    handle = apply_sat(model, sat_config(omission_rate=0.5, ladder_sparse_fraction=0.5, ladder_num_rungs=2))
     compiles = []
 
     def counting_backend(gm, example_inputs):

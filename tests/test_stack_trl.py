@@ -5,9 +5,9 @@ from __future__ import annotations
 import datasets
 import pytest
 import transformers
-from tiny import build
+from tiny import build, sat_config
 
-from sat_trainer import SATCallback, SATConfig
+from sat_trainer import SATCallback
 from sat_trainer.data import corpus
 from sat_trainer.data.tokenizer import train_tokenizer
 from sat_trainer.patch.model import handle_of
@@ -29,7 +29,7 @@ def test_sft_trainer_with_sat(tmp_path):
     model = build("llama", vocab_size=len(tokenizer))
     records = corpus.chatterbot("train")[:64]
     dataset = datasets.Dataset.from_list(records)
-    sat = SATConfig(omission_rate=0.5, ladder_sparse_fraction=0.5, ladder_num_rungs=1)
+    sat = sat_config(omission_rate=0.5, ladder_sparse_fraction=0.5, ladder_num_rungs=1)
     sizes = _Sizes()
     args = trl.SFTConfig(
         output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1,

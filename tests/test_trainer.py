@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 import transformers
-from tiny import VOCAB, build
+from tiny import VOCAB, build, sat_config
 
-from sat_trainer import SATCallback, SATConfig
+from sat_trainer import SATCallback
 from sat_trainer.patch.model import handle_of
 from sat_trainer.schedule import omission_rate_at
 
 STEPS = 32
-SAT = SATConfig(omission_rate=0.5, metric="uniform", ladder_sparse_fraction=0.5, ladder_num_rungs=2, seed=3)
+SAT = sat_config(omission_rate=0.5, metric="uniform", ladder_sparse_fraction=0.5, ladder_num_rungs=2, seed=3)
 
 
 class _Stream(torch.utils.data.Dataset):
@@ -143,7 +143,7 @@ class _RowWatcher(transformers.TrainerCallback):
 @pytest.mark.parametrize("mode", ["optimizer", "freeze"])
 def test_omitted_update_modes(tmp_path, mode):
     watcher = _RowWatcher()
-    sat = SATConfig(omission_rate=0.5, schedule="constant", omitted_update=mode)
+    sat = sat_config(omission_rate=0.5, schedule="constant", omitted_update=mode)
     targs = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.1,
         report_to=[], use_cpu=True, optim="adamw_torch", disable_tqdm=True, save_strategy="no",

@@ -6,6 +6,8 @@ import torch
 import transformers
 from torch import nn
 
+from sat_trainer import SATConfig
+
 VOCAB = 96
 
 _LLAMA_LIKE = dict(
@@ -70,3 +72,9 @@ def leave_process_group() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def sat_config(**kwargs) -> SATConfig:
+    """A SATConfig that omits attention groups as well as MLP channels (the package default is
+    MLP only), so every test that does not choose its targets covers both kinds of block."""
+    return SATConfig(**{"targets": ["mlp", "attention"], **kwargs})
