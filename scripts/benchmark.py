@@ -8,7 +8,7 @@ peak memory measured in a separate process (CUDA: peak allocated; CPU: peak RSS 
 the steps).
 
 Examples:
-    python scripts/benchmark.py --shape realistic --rates 0.5 --targets both
+    python scripts/benchmark.py --shape realistic --rates 0.25 0.5 0.75 --targets mlp both attention
     python scripts/benchmark.py --shape realistic --rates 0.5 --lora --memory
     python scripts/benchmark.py --shape realistic --ladder-steps 40
     python scripts/benchmark.py --shape 1b --device cuda --dtype bf16 --rates 0.25 0.5
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rates", type=float, nargs="+", default=[0.5])
-    p.add_argument("--targets", choices=sorted(TARGETS), nargs="+", default=["both"])
+    p.add_argument("--targets", choices=sorted(TARGETS), nargs="+", default=["mlp"], help="blocks that omit neurons (default mlp, as SATConfig)")
     p.add_argument("--metric", default=SATConfig.metric)
     p.add_argument("--selection", default=SATConfig.selection)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")

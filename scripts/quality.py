@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -33,12 +34,14 @@ from sat_trainer.run_config import load_run_config
 
 def variant_overrides(variant: str) -> tuple[bool, list[str]]:
     """``dense`` / ``default`` / ``k=v[,k=v...]`` -> (dense?, overrides). A bare key is one of the
-    sat: block; a dotted one (``training.max_steps=160``) is passed as is, with SAT on."""
+    sat: block (``targets=[mlp,attention]`` works); a dotted one (``training.max_steps=160``) is
+    passed as is, with SAT on."""
     if variant == "dense":
         return True, []
     if variant == "default":
         return False, []
-    return False, [item if "." in item.split("=")[0] else f"sat.{item}" for item in variant.split(",")]
+    items = re.split(r",(?![^\[]*\])", variant)  # commas inside [...] belong to a list value
+    return False, [item if "." in item.split("=")[0] else f"sat.{item}" for item in items]
 
 
 def time_to_reach(evals: list[dict], name: str, target: float) -> float | None:
