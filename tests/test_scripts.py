@@ -45,11 +45,6 @@ def test_quality_variant_names_become_overrides():
     assert quality.variant_overrides("dense") == (True, [])
     assert quality.variant_overrides("metric=maxip,selection=topk") == (False, ["sat.metric=maxip", "sat.selection=topk"])
     assert quality.variant_overrides("training.max_steps=160") == (False, ["training.max_steps=160"])
-
-
-def test_quality_variants_become_overrides_with_list_values_intact():
-    quality = _load("quality")
-    assert quality.variant_overrides("dense") == (True, [])
     assert quality.variant_overrides("default") == (False, [])
-    assert quality.variant_overrides("targets=[mlp,attention],metric=uniform,training.max_steps=160") == (
-        False, ["sat.targets=[mlp,attention]", "sat.metric=uniform", "training.max_steps=160"])
+    assert quality.variant_overrides("targets=[mlp,attention],metric=uniform") == (
+        False, ["sat.targets=[mlp,attention]", "sat.metric=uniform"])
