@@ -37,7 +37,7 @@ class SATConfig:
         default_factory=lambda: ["mlp"],
         metadata={"help": "Which blocks omit neurons: any non-empty subset of ['mlp', 'attention']. "
                   "Default mlp: omitting attention groups as well cost +1.5% (CPT) and +33% (SFT) held-out "
-                  "loss in docs/benchmarks.md, MLP channels alone +0.1% and +2.0%."},
+                  "loss in docs/benchmarks.md, MLP channels alone +0.1% and +1.9%."},
     )
     metric: str = field(
         default="wanda",
