@@ -43,6 +43,7 @@ SHAPES = {
 }
 TARGETS = {"mlp": ["mlp"], "attention": ["attention"], "both": ["mlp", "attention"]}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_TARGETS = next(name for name, blocks in TARGETS.items() if blocks == SATConfig().targets)
 
 
 @dataclass
@@ -72,6 +73,11 @@ def build(args) -> torch.nn.Module:
     return model.to(args.device).train()
 
 
+def sat_config(args, targets: str, rate: float) -> SATConfig:
+    """The SAT settings every measurement of one configuration uses: timing, ladder and memory alike."""
+    return SATConfig(omission_rate=rate, targets=TARGETS[targets], metric=args.metric, selection=args.selection)
+
+
 def make_step(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
@@ -98,7 +104,7 @@ def sync(device: str) -> None:
 def compare(args, targets: str, rate: float) -> Row:
     dense = build(args)
     sat = copy.deepcopy(dense)
-    handle = apply_sat(sat, SATConfig(omission_rate=rate, targets=TARGETS[targets], metric=args.metric, selection=args.selection))
+    handle = apply_sat(sat, sat_config(args, targets, rate))
     handle.set_rate(rate)
     dense_step, sat_step = make_step(dense, args), make_step(sat, args)
     times = {"dense": [], "sat": []}
@@ -117,7 +123,7 @@ def compare(args, targets: str, rate: float) -> Row:
 
 def ladder(args, targets: str) -> dict:
     """A whole ladder run against the same number of dense steps, interleaved step by step."""
-    cfg = SATConfig(omission_rate=max(args.rates), targets=TARGETS[targets], metric=args.metric, selection=args.selection)
+    cfg = sat_config(args, targets, max(args.rates))
     dense = build(args)
     sat = copy.deepcopy(dense)
     handle = apply_sat(sat, cfg)
@@ -152,7 +158,7 @@ def memory_child(args, spec: dict) -> None:
     the RSS before the first step (weights are resident by then; grads and Adam state are not)."""
     model = build(args)
     if spec["rate"] is not None:
-        handle = apply_sat(model, SATConfig(omission_rate=spec["rate"], targets=TARGETS[spec["targets"]]))
+        handle = apply_sat(model, sat_config(args, spec["targets"], spec["rate"]))
         handle.set_rate(spec["rate"])
     step = make_step(model, args)
     if args.device.startswith("cuda"):
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rates", type=float, nargs="+", default=[0.5])
-    p.add_argument("--targets", choices=sorted(TARGETS), nargs="+", default=["mlp"], help="blocks that omit neurons (default mlp, as SATConfig)")
+    p.add_argument("--targets", choices=sorted(TARGETS), nargs="+", default=[DEFAULT_TARGETS], help=f"blocks that omit neurons (default {DEFAULT_TARGETS}, as SATConfig)")
     p.add_argument("--metric", default=SATConfig.metric)
     p.add_argument("--selection", default=SATConfig.selection)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")

@@ -44,6 +44,11 @@ def variant_overrides(variant: str) -> tuple[bool, list[str]]:
     return False, [item if "." in item.split("=")[0] else f"sat.{item}" for item in items]
 
 
+def task_of(config: str) -> str:
+    """``sft`` for an SFT scenario file (its name says so), else ``cpt``."""
+    return "sft" if "sft" in Path(config).stem else "cpt"
+
+
 def time_to_reach(evals: list[dict], name: str, target: float) -> float | None:
     """Train-step time of the first eval at or below ``target`` on set ``name``, else None."""
     return next((e["train_time_s"] for e in evals if e.get(name, float("inf")) <= target), None)
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def train_variants(args: argparse.Namespace) -> dict[str, list[dict]]:
     """Run every variant for every seed, appending each result row to ``args.json`` as it lands."""
-    task = "sft" if "sft" in Path(args.config).stem else "cpt"
+    task = task_of(args.config)
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         for variant in args.variants:

@@ -16,7 +16,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import transformers
@@ -27,7 +26,7 @@ from sat_trainer.patch.model import handle_of
 from sat_trainer.run import resolve_model_path
 from sat_trainer.run_config import load_run_config
 
-from quality import variant_overrides  # scripts/quality.py: the same variant syntax
+from quality import task_of, variant_overrides  # scripts/quality.py: the same scenario and variant syntax
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="+", default=["dense", "default"],
                    help="dense, default (the config's sat: block), or k=v[,k=v] changes to it, e.g. targets=[attention]")
     args = p.parse_args(argv)
-    task = "sft" if "sft" in Path(args.config).stem else "cpt"
+    task = task_of(args.config)
     cfg = load_run_config(task, args.config, ["training.output_dir=runs/sparse_dense_gap"])
     model_path = resolve_model_path(cfg.model)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
