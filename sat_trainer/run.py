@@ -17,24 +17,13 @@ import torch
 import transformers
 
 from . import data as sat_data
+from .builtin_models import resolve_model_path
 from .callback import SATCallback
 from .patch.model import remove_sat
 from .report import ReportCallback, build_report, write_report
 from .run_config import RunConfig
 
 logger = logging.getLogger("sat_trainer")
-
-BUILTIN_BASE = "builtin:base"
-
-
-def resolve_model_path(name: str) -> str:
-    """``builtin:base`` is built on first use (``sat-train pretrain-base``) and cached."""
-    if name == BUILTIN_BASE:
-        from .pretrain import ensure_base
-
-        return str(ensure_base())
-    return name
-
 
 def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
     """Train one scenario; with ``dense=True`` the same run without SAT. Returns the report."""

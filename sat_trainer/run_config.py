@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from .builtin_models import MODEL_BUILTINS, check_builtin, is_builtin
 from .config import SATConfig
 from .errors import SATConfigError, SATError
 
@@ -84,7 +85,12 @@ def build_run_config(task: str, raw: dict[str, Any], source: str = "<dict>") -> 
         raise SATConfigError(f"unknown top-level key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
     model = raw.get("model")
     if not isinstance(model, str) or not model or (model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir()):
-        raise SATConfigError(f"key 'model' has invalid value {model!r}; allowed: builtin:base, an existing local folder or a hub name")
+        raise SATConfigError(
+            f"key 'model' has invalid value {model!r}; allowed: {', '.join('builtin:' + n for n in MODEL_BUILTINS)}, "
+            "an existing local folder or a hub name"
+        )
+    if is_builtin(model):
+        check_builtin(model)
     data = _data_config(raw.get("data"))
     training = _training(raw.get("training") or {})
     sat = None if raw.get("sat") is None else SATConfig.from_dict(raw["sat"])
