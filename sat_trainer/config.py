@@ -23,6 +23,7 @@ SCHEDULES = ("ladder", "constant", "linear", "cosine")
 TARGETS = ("mlp", "attention")
 DRAW_EVERY = ("step", "micro_batch")
 OMITTED_UPDATES = ("optimizer", "freeze")
+ATTENTION_UNITS = ("kv_group", "query_head")
 
 
 @dataclass
@@ -38,6 +39,11 @@ class SATConfig:
         metadata={"help": "Which blocks omit neurons: any non-empty subset of ['mlp', 'attention']. "
                   "Default mlp: omitting attention groups as well cost +1.5% (CPT) and +33% (SFT) held-out "
                   "loss in docs/benchmarks.md, MLP channels alone +0.1% and +1.9%."},
+    )
+    attention_unit: str = field(
+        default="kv_group",
+        metadata={"help": "What attention omits: kv_group (a KV head with all its query heads: q, k, v rows and o "
+                  "columns) or query_head (query heads, the same number in every KV group; k and v stay dense)."},
     )
     metric: str = field(
         default="wanda",
@@ -175,6 +181,7 @@ def _check_types(cfg: SATConfig) -> None:
         "schedule": (str,),
         "draw_every": (str,),
         "omitted_update": (str,),
+        "attention_unit": (str,),
     }
     for key, types in expected.items():
         value = getattr(cfg, key)
@@ -195,7 +202,7 @@ def _check_values(cfg: SATConfig) -> None:
         _fail("omission_rate", cfg.omission_rate, "a number in [0, 1)")
     if not cfg.targets or any(t not in TARGETS for t in cfg.targets) or len(set(cfg.targets)) != len(cfg.targets):
         _fail("targets", cfg.targets, f"a non-empty list without repeats drawn from {list(TARGETS)}")
-    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES)):
+    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES), ("attention_unit", ATTENTION_UNITS)):
         if getattr(cfg, key) not in allowed:
             _fail(key, getattr(cfg, key), ", ".join(allowed))
     if not cfg.temperature > 0:
