@@ -98,3 +98,11 @@ def test_shipped_accelerate_configs_parse_with_accelerate():
     assert configs["fsdp2"].distributed_type == DistributedType.FSDP and configs["fsdp2"].fsdp_config["fsdp_version"] == 2
     assert configs["zero3"].distributed_type == DistributedType.DEEPSPEED and configs["zero3"].deepspeed_config["zero_stage"] == 3
     assert all(c.mixed_precision == "bf16" for c in configs.values())
+
+
+def test_numbers_written_as_yaml_strings_are_numbers(tmp_path):
+    """`1e-4` is a string to YAML 1.1; it reaches TrainingArguments as a float, as do quoted numbers."""
+    path = _write(tmp_path, training__max_steps="12", training__warmup_steps=0)
+    cfg = load_run_config("cpt", path, ["training.learning_rate=1e-4", "training.weight_decay='0.01'", "sat.omission_rate=5e-1"])
+    assert cfg.training["learning_rate"] == 1e-4 and cfg.training["weight_decay"] == 0.01 and cfg.training["max_steps"] == 12
+    assert cfg.sat.omission_rate == 0.5
