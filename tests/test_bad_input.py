@@ -1,7 +1,8 @@
 """Bad input to `sat-train`, fed as a new user would: broken YAML, overrides, data files, model
-paths, settings. Each case runs the real CLI in a subprocess and must end with exit status 2,
-one `sat-train: error:` line naming what is wrong, no traceback, few lines, and no training
-step. Most cases are rejected before torch is imported (a fraction of a second each)."""
+paths, settings. Each case must end with exit status 2, one `sat-train: error:` line naming
+what is wrong, no traceback, few lines, and no training step. The cases rejected before torch
+is imported (a fraction of a second each) run the real CLI in a subprocess; those that need
+transformers run through `main()` in this process."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ LONG_TEXT = "To be, or not to be, that is the question.\n" * 60
 # (id, task, scenario changes or raw config text, extra CLI arguments, expected part of the error line)
 # In strings, {files} is a folder of prepared data files and models (also ./files: the cases run
 # in its parent folder), {base} the tiny base model.
-CASES = [
+# Rejected before torch or transformers are imported: each case runs `sat-train` in a subprocess.
+BEFORE_IMPORTS = [
     # the YAML file itself
     ("yaml-tab", "cpt", "model: x\ndata:\n\ttrain: y\n", [], "bad.yaml:3:1: YAML syntax error"),
     ("yaml-bracket", "cpt", "model: x\ndata: {train: [a, b\n", [], "bad.yaml:3:1: YAML syntax error"),
@@ -72,6 +74,12 @@ CASES = [
     ("sat-not-mapping", "cpt", {"sat": [0.5]}, [], "SAT config must be a mapping"),
     ("max-skipped", "cpt", {"max_skipped_steps": -1}, [], "key 'max_skipped_steps' has invalid value -1"),
     ("lora-not-mapping", "cpt", {"lora": "r=8"}, [], "key 'lora' has invalid value 'r=8'"),
+]
+# Rejected once transformers is imported (TrainingArguments, LoraConfig, the run folder, the
+# tokenizer): the same checks, through `main()` in this process, so the suite does not pay the
+# imports twenty times.
+AFTER_IMPORTS = [
+    # SAT, LoRA and run settings
     ("lora-unknown-key", "cpt", {"lora": {"rank": 8}}, [], "unknown key 'lora.rank'"),
     ("lora-dora", "cpt", {"lora": {"r": 8, "use_dora": True}}, [], "cannot slice DoRA"),
     ("lora-type", "cpt", {"lora": {"r": "eight"}}, [], "key 'lora.r' has invalid value 'eight'; allowed: an integer"),
@@ -148,9 +156,10 @@ def _write_files(files: Path) -> None:
     (files / "old_run" / "checkpoint-2" / "trainer_state.json").write_text("{}")
 
 
-def _run_case(case, tmp: Path, base: Path, files: Path) -> tuple[subprocess.CompletedProcess, Path]:
+def _prepare(case, cases: Path, base: Path, files: Path) -> tuple[list[str], Path]:
+    """The case's config file written; returns its `sat-train` arguments and its run folder."""
     name, task, config, extra, _ = case
-    folder = tmp / name
+    folder = cases / name
     folder.mkdir()
     out = folder / "out"
     path = folder / "bad.yaml"
@@ -160,39 +169,64 @@ def _run_case(case, tmp: Path, base: Path, files: Path) -> tuple[subprocess.Comp
         path.write_text(config)
     elif isinstance(config, dict):
         path.write_text(yaml.safe_dump(_scenario(task, base, files, out, _fill(config, files, base))))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "sat_trainer.cli", task, "--config", str(path), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=files.parent, timeout=300), out
+    return [task, "--config", str(path), *extra], out
+
+
+def _assert_refused(case, code: int, stdout: str, stderr: str, out: Path, files: Path) -> None:
+    """Exit 2, one error line with the expected words, no traceback, few lines, no training step."""
+    output = stdout + stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("sat-train: error:")]
+    assert code == 2, output[-2000:]
+    assert "Traceback" not in output and len(errors) == 1, output[-2000:]
+    assert case[4].replace("{files}", str(files)) in errors[0]
+    lines = [line for line in stderr.splitlines() if not PROGRESS.search(line)]
+    assert len(lines) <= 3, stderr  # the error, and at most a warning or two (progress bars aside)
+    assert not out.exists() and "'loss'" not in output  # no training step, no run folder
 
 
 @pytest.fixture(scope="module")
-def outcomes(tiny_base, tmp_path_factory):
-    """Every case run once, two at a time (the machine has two cores)."""
-    tmp = tmp_path_factory.mktemp("bad_input")
-    files = tmp / "files"
-    files.mkdir()
-    _write_files(files)
-    (tmp / "cases").mkdir()
+def files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bad_input") / "files"
+    folder.mkdir()
+    _write_files(folder)
+    (folder.parent / "cases").mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def outcomes(tiny_base, files):
+    """Every subprocess case run once, two at a time (the machine has two cores)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+    def run(case):
+        argv, out = _prepare(case, files.parent / "cases", tiny_base, files)
+        cmd = [sys.executable, "-m", "sat_trainer.cli", *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=files.parent, timeout=300), out
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = pool.map(lambda c: _run_case(c, tmp / "cases", tiny_base, files), CASES)
-        return {case[0]: (*result, files) for case, result in zip(CASES, results)}
+        return dict(zip((c[0] for c in BEFORE_IMPORTS), pool.map(run, BEFORE_IMPORTS)))
 
 
-def test_there_are_at_least_40_cases():
-    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+def test_cases_are_many_and_distinct():
+    names = [c[0] for c in BEFORE_IMPORTS + AFTER_IMPORTS]
+    assert len(BEFORE_IMPORTS) >= 40 and len(names) == len(set(names))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_exit_2(case, outcomes):
-    proc, out, files = outcomes[case[0]]
-    output = proc.stdout + proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("sat-train: error:")]
-    assert proc.returncode == 2, output[-2000:]
-    assert "Traceback" not in output and len(errors) == 1, output[-2000:]
-    assert case[4].replace("{files}", str(files)) in errors[0]
-    lines = [line for line in proc.stderr.splitlines() if not PROGRESS.search(line)]
-    assert len(lines) <= 3, proc.stderr  # the error, and at most a warning or two (progress bars aside)
-    assert not out.exists() and "'loss'" not in output  # no training step, no run folder
+@pytest.mark.parametrize("case", BEFORE_IMPORTS, ids=[c[0] for c in BEFORE_IMPORTS])
+def test_bad_input_in_a_subprocess(case, outcomes, files):
+    proc, out = outcomes[case[0]]
+    _assert_refused(case, proc.returncode, proc.stdout, proc.stderr, out, files)
+
+
+@pytest.mark.parametrize("case", AFTER_IMPORTS, ids=[c[0] for c in AFTER_IMPORTS])
+def test_bad_input_in_process(case, tiny_base, files, capsys, monkeypatch):
+    from sat_trainer.cli import main
+
+    monkeypatch.chdir(files.parent)
+    argv, out = _prepare(case, files.parent / "cases", tiny_base, files)
+    code = main(argv)  # an uncaught exception (a traceback) fails the test
+    captured = capsys.readouterr()
+    _assert_refused(case, code, captured.out, captured.err, out, files)
 
 
 def test_rejected_before_torch_is_imported(tmp_path):
