@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from .run_config import load_run_config
-    from .run_folder import clear_checkpoints, remove_empty, resume_point
+    from .run_folder import clear_checkpoints, first_missing, remove_empty, resume_point
 
     cfg = load_run_config(args.command, args.config, args.set)
     explicit = cfg.training.get("resume_from_checkpoint")
@@ -76,11 +76,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.overwrite:
         for folder in folders:
             clear_checkpoints(folder)
-    new = [f for f in dict.fromkeys((cfg.output_dir, *folders)) if not f.exists()]
+    new = {first_missing(f) for f in folders} - {None}
     try:
         return _run(args, cfg, starts)
     except BaseException:
-        for folder in reversed(new):  # a run that failed before writing anything leaves no empty folder
+        for folder in new:  # a run that failed before writing anything leaves no empty folder
             remove_empty(folder)
         raise
 

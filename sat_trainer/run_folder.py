@@ -65,6 +65,17 @@ def clear_checkpoints(folder: Path) -> None:
         shutil.rmtree(checkpoint)
 
 
+def first_missing(folder: Path) -> Path | None:
+    """The outermost folder on the way to ``folder`` that does not exist yet (None if it exists):
+    what a run would create, and so what it may remove again if it fails."""
+    missing = None
+    for path in (folder.absolute(), *folder.absolute().parents):
+        if path.exists():
+            return missing
+        missing = path
+    return missing
+
+
 def remove_empty(folder: Path) -> None:
     """Remove ``folder`` and its sub-folders if they hold no file (a run that failed before writing)."""
     if not folder.is_dir():
