@@ -38,4 +38,6 @@ class NonFiniteGuard(TrainerCallback):
             self.diverged_at = step
             control.should_training_stop = True
         else:
-            logger.warning("sat_trainer: step %d: non-finite gradient, update skipped (%d of %d allowed)", step, len(self.skipped), self.max_skipped)
+            logger.warning(
+                "sat_trainer: step %d: non-finite gradient, update skipped (%d of %d allowed)", step, len(self.skipped), self.max_skipped
+            )

@@ -68,22 +68,21 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
     # the Trainer rebuilds stateful callbacks on resume when restore_callback_states_from_checkpoint is set
     record = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ReportCallback))
     wall = record.wall_time()
-    config = _config_record(cfg, model_path)
-    if guard.diverged_at is not None:
-        write_report(
-            build_report(record, mode=mode, config=config, wall_time_s=wall, status="diverged", diverged_at_step=guard.diverged_at,
-                         skipped_steps=guard.skipped, resumed_from=resume_from),
-            out,
-        )
+    diverged = guard.diverged_at is not None
+    if not diverged:
+        if eval_sets and (not record.evals or record.evals[-1]["step"] != trainer.state.global_step):
+            trainer.evaluate()
+        _save_final(trainer.model, tokenizer, out, lora=cfg.lora is not None)
+    report = build_report(
+        record, mode=mode, config=_config_record(cfg, model_path), wall_time_s=wall, status="diverged" if diverged else "completed",
+        diverged_at_step=guard.diverged_at, skipped_steps=guard.skipped, resumed_from=resume_from,
+    )
+    write_report(report, out)
+    if diverged:
         raise SATTrainingError(
             f"training diverged at step {guard.diverged_at}: non-finite loss or gradient; final/ not saved, "
             f"report in {out / 'report.json'}; lower training.learning_rate (or allow skipped steps with max_skipped_steps)"
         )
-    if eval_sets and (not record.evals or record.evals[-1]["step"] != trainer.state.global_step):
-        trainer.evaluate()
-    _save_final(trainer.model, tokenizer, out, lora=cfg.lora is not None)
-    report = build_report(record, mode=mode, config=config, wall_time_s=wall, skipped_steps=guard.skipped, resumed_from=resume_from)
-    write_report(report, out)
     return report
 
 

@@ -52,3 +52,19 @@ def test_failed_run_leaves_no_empty_run_folder(tiny_base, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="out of memory"):
         main([*demo_run_args("cpt", tiny_base, out), "--compare-dense"])
     assert not (tmp_path / "runs").exists()  # run folder and the parent it made: gone
+
+
+def test_final_model_with_non_finite_weights_is_never_saved(tmp_path):
+    """The last line of defence, whatever made the weights non-finite."""
+    import torch
+    from tiny import build
+
+    from sat_trainer.errors import SATTrainingError
+    from sat_trainer.run import _save_final
+
+    model = build("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(SATTrainingError, match=r"final/ not saved: 1 weight tensors are not finite \(first: model.layers.1.mlp.down_proj.weight\)"):
+        _save_final(model, None, tmp_path, lora=False)
+    assert not (tmp_path / "final").exists()
