@@ -9,13 +9,13 @@ value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import SATConfigError
+from .yaml_io import load_yaml_file
 
 METRICS = ("uniform", "magnitude", "wanda", "maxip", "activation")
 SELECTIONS = ("topk", "sampling")
@@ -141,10 +141,7 @@ class SATConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> SATConfig:
         """Load from a YAML file whose SAT settings are at top level or under a ``sat:`` key."""
-        path = Path(path)
-        if not path.is_file():
-            raise SATConfigError(f"SAT config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml_file(path) or {}
         if isinstance(data, dict) and "sat" in data:
             data = data["sat"] or {}
         try:
@@ -154,6 +151,23 @@ class SATConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def to_config(config: Any) -> SATConfig:
+    """What ``SATCallback`` and ``apply_sat`` accept: a SATConfig, a mapping of its keys, a YAML
+    path, or None (defaults); anything else raises one line saying so."""
+    if config is None:
+        return SATConfig()
+    if isinstance(config, SATConfig):
+        return config
+    if isinstance(config, Mapping):
+        return SATConfig.from_dict(dict(config))
+    if isinstance(config, (str, Path)):
+        return SATConfig.from_yaml(config)
+    raise SATConfigError(
+        f"SAT config must be a SATConfig, a mapping of its keys (e.g. {{'omission_rate': 0.5}}), a YAML path or None; "
+        f"got {type(config).__name__} {config!r:.60}"
+    )
 
 
 def field_help() -> dict[str, str]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import SATConfig
+from ..config import SATConfig, to_config
 from ..errors import SATError
 from ..ops import SLICEABLE, out_major_weight
 from .registry import FAMILIES, NO_ATTENTION_REASON, BlockShape, supported_model_types
@@ -91,13 +93,14 @@ class SATHandle:
         return scores
 
 
-def apply_sat(model: nn.Module, config: SATConfig | None = None) -> SATHandle:
+def apply_sat(model: nn.Module, config: SATConfig | Mapping[str, Any] | str | None = None) -> SATHandle:
     """Patch ``model``'s MLP and attention blocks in place for SAT; returns the controlling handle.
 
+    ``config``: a SATConfig, a mapping of its keys, a YAML path, or None (defaults).
     The handle starts at omission rate 0 (the original forwards run) until ``set_rate``.
     Raises :class:`SATError` for an unsupported architecture or a model patched twice.
     """
-    config = config or SATConfig()
+    config = to_config(config)
     if model in _HANDLES:
         raise SATError(f"{type(model).__name__} is already patched by sat_trainer; call remove_sat(model) first")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
