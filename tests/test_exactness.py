@@ -17,7 +17,7 @@ CASES = [(f, "eager") for f in FAMILY_CONFIGS] + [(f, "sdpa") for f in LLAMA_STY
 
 
 @pytest.mark.parametrize("family,attn", CASES, ids=[f"{f}-{a}" for f, a in CASES])
-@pytest.mark.parametrize("metric", ["wanda", "maxip"])
+@pytest.mark.parametrize("metric", ["wanda", "maxip", "activation"])
 def test_sliced_equals_masked_dense(family, attn, metric):
     model = build(family, attn)
     reference = copy.deepcopy(model)

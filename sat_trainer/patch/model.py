@@ -24,6 +24,8 @@ from .units import BlockUnit
 
 logger = logging.getLogger("sat_trainer")
 
+DATA_DEPENDENT_METRICS = ("wanda", "maxip", "activation")  # scores read the rank's own tokens: averaged over ranks
+
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, SATHandle] = weakref.WeakKeyDictionary()
 
 
@@ -86,7 +88,7 @@ class SATHandle:
 
     def sync_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Average data-dependent scores over ranks so every rank keeps the same set."""
-        if self.config.metric in ("wanda", "maxip") and dist.is_available() and dist.is_initialized():
+        if self.config.metric in DATA_DEPENDENT_METRICS and dist.is_available() and dist.is_initialized():
             if dist.get_world_size() > 1:
                 dist.all_reduce(scores, op=dist.ReduceOp.SUM)
                 scores /= dist.get_world_size()

@@ -233,7 +233,8 @@ class BlockUnit:
             act = getattr(self.block, self.shape.activation)
             return importance.activation_mlp(tokens, in_weights, [p.bias for p in self.inputs], act, out_weight)
         values = out_major_weight(self.values)
-        return importance.activation_attention(tokens, values, self.values.bias, out_weight, self.groups, self.query_heads)
+        kv_groups = self.groups if self.query_heads else self.n
+        return importance.activation_attention(tokens, values, self.values.bias, out_weight, kv_groups, self.query_heads)
 
 
 def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor) -> torch.Tensor:
