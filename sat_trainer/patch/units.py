@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import adapters, importance, selection
 from ..errors import SATError
-from ..ops import Conv1D, in_features, linear_keep_inputs, linear_keep_outputs, out_features, out_major_weight
+from ..ops import KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, SliceCache, in_features, kept_linear, out_features, out_major_weight
 from ..schedule import kept_count
 from .registry import BlockShape
 
@@ -52,6 +52,7 @@ class BlockUnit:
         self._saved_forwards: list[tuple[nn.Module, Callable | None]] = []
         self._drawn_for: tuple[int, int] | None = None
         self._index: dict[nn.Module, torch.Tensor] = {}
+        self.slices = SliceCache()
         self._resolve()
         self.kept_units = torch.arange(self.n)
 
@@ -192,6 +193,7 @@ class BlockUnit:
         self._drawn_for = key
 
     def _index_members(self, kept: torch.Tensor) -> None:
+        self.slices.clear()
         self._index = {m: _expand(kept, _sliced_dim_and_chunk(m, side, self.n)[1]) for m, side in self._members_with_side()}
 
     def _scores(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -208,12 +210,12 @@ class BlockUnit:
 
 def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor) -> torch.Tensor:
     idx = unit.input_index(proj, x)
-    return dense(x) if idx is None else linear_keep_outputs(proj, x, idx)
+    return dense(x) if idx is None else kept_linear(proj, x, idx, KEEP_OUTPUTS, unit.slices)
 
 
 def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.Tensor) -> torch.Tensor:
     idx = unit.output_index(proj)
-    return dense(h) if idx is None else linear_keep_inputs(proj, h, idx)
+    return dense(h) if idx is None else kept_linear(proj, h, idx, KEEP_INPUTS, unit.slices)
 
 
 def _expand(kept: torch.Tensor, chunk: int) -> torch.Tensor:
