@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .report import comparison_table
+    from .report import comparison_table, plot_comparison
     from .run import run
     from .run_config import load_run_config
 
@@ -54,8 +54,9 @@ def _train(args: argparse.Namespace) -> int:
     dense = run(cfg, dense=True, output_dir=cfg.output_dir / "dense")
     table = comparison_table(sat, dense)
     (cfg.output_dir / "compare.md").write_text(table + "\n")
+    plot_comparison(sat, dense, cfg.output_dir / "report.png")
     print("\n" + table)
-    print(f"\nrun folders: {cfg.output_dir / 'sat'} and {cfg.output_dir / 'dense'}")
+    print(f"\nrun folders: {cfg.output_dir / 'sat'} and {cfg.output_dir / 'dense'}; curves: {cfg.output_dir / 'report.png'}")
     return 0
 
 

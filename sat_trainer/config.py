@@ -17,7 +17,7 @@ import yaml
 
 from .errors import SATConfigError
 
-METRICS = ("uniform", "magnitude", "wanda", "maxip")
+METRICS = ("uniform", "magnitude", "wanda", "maxip", "activation")
 SELECTIONS = ("topk", "sampling")
 SCHEDULES = ("ladder", "constant", "linear", "cosine")
 TARGETS = ("mlp", "attention")
@@ -41,7 +41,8 @@ class SATConfig:
     )
     metric: str = field(
         default="wanda",
-        metadata={"help": "Importance score: uniform (random), magnitude, wanda or maxip."},
+        metadata={"help": "Importance score: uniform (random), magnitude, wanda, maxip or activation (what each "
+                  "unit actually outputs on a token subsample, times its output weights' norm)."},
     )
     selection: str = field(
         default="topk",
@@ -92,6 +93,26 @@ class SATConfig:
     maxip_tokens: int = field(
         default=64,
         metadata={"help": "maxip: number of tokens subsampled per draw to score neurons (>= 1)."},
+    )
+    activation_tokens: int = field(
+        default=256,
+        metadata={"help": "activation: number of the micro-batch's tokens subsampled per scoring to measure each "
+                  "unit's output (>= 1); all tokens if the micro-batch has fewer."},
+    )
+    score_every: int = field(
+        default=1,
+        metadata={"help": "Re-score the units every this many draws (>= 1); draws in between reuse the last scores "
+                  "(topk then keeps the same set). Scoring is part of SAT's overhead on a GPU."},
+    )
+    dense_layers: list[int] = field(
+        default_factory=list,
+        metadata={"help": "Decoder layers (0-based; negative counts from the last) whose blocks are never omitted, "
+                  "e.g. [0, 1, 2, -1] (SparseLoRA keeps the first three and the last layer dense)."},
+    )
+    dense_warmup_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of total steps trained dense before the schedule starts, in [0, 1); the "
+                  "schedule runs over the remaining steps."},
     )
 
     def __post_init__(self) -> None:
@@ -146,6 +167,9 @@ def _check_types(cfg: SATConfig) -> None:
         "ladder_num_rungs": (int,),
         "seed": (int,),
         "maxip_tokens": (int,),
+        "activation_tokens": (int,),
+        "score_every": (int,),
+        "dense_warmup_fraction": (int, float),
         "metric": (str,),
         "selection": (str,),
         "schedule": (str,),
@@ -161,6 +185,9 @@ def _check_types(cfg: SATConfig) -> None:
     if not isinstance(cfg.targets, (list, tuple)) or not all(isinstance(t, str) for t in cfg.targets):
         _fail("targets", cfg.targets, f"a list drawn from {list(TARGETS)}")
     cfg.targets = list(cfg.targets)
+    if not isinstance(cfg.dense_layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in cfg.dense_layers):
+        _fail("dense_layers", cfg.dense_layers, "a list of layer indices (integers; negative counts from the last layer)")
+    cfg.dense_layers = list(cfg.dense_layers)
 
 
 def _check_values(cfg: SATConfig) -> None:
@@ -177,8 +204,11 @@ def _check_values(cfg: SATConfig) -> None:
         _fail("ladder_sparse_fraction", cfg.ladder_sparse_fraction, "a number in (0, 1)")
     if cfg.ladder_num_rungs < 1:
         _fail("ladder_num_rungs", cfg.ladder_num_rungs, "an integer >= 1")
-    if cfg.maxip_tokens < 1:
-        _fail("maxip_tokens", cfg.maxip_tokens, "an integer >= 1")
+    for key in ("maxip_tokens", "activation_tokens", "score_every"):
+        if getattr(cfg, key) < 1:
+            _fail(key, getattr(cfg, key), "an integer >= 1")
+    if not 0.0 <= cfg.dense_warmup_fraction < 1.0:
+        _fail("dense_warmup_fraction", cfg.dense_warmup_fraction, "a number in [0, 1)")
     if cfg.ladder_rungs is not None:
         _check_rungs(cfg.ladder_rungs)
 

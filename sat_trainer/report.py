@@ -132,5 +132,46 @@ def comparison_table(sat: dict[str, Any], dense: dict[str, Any]) -> str:
         rows.append((f"held-out loss: {name}", f"{dense['held_out_loss'][name]:.4f}", f"{sat['held_out_loss'].get(name, float('nan')):.4f}"))
     speedup = dense["train_time_s"] / sat["train_time_s"] if sat["train_time_s"] else float("nan")
     rows.append(("speedup (train-step time)", "1.00x", f"{speedup:.2f}x"))
+    first = next(iter(dense["held_out_loss"]), None)  # the config's first held-out set: the target domain
+    if first is not None and first in sat["held_out_loss"]:
+        change = 100 * (sat["held_out_loss"][first] / dense["held_out_loss"][first] - 1)
+        rows.append((f"held-out loss vs dense: {first}", "", f"{change:+.2f}%"))
+        reached = time_to_reach(sat["history"]["held_out"], first, dense["held_out_loss"][first])
+        rows.append((f"train-step time to dense's final {first} loss", "1.00x",
+                     f"{reached / dense['train_time_s']:.2f}x" if reached is not None else "not reached"))
     lines = ["| | dense | SAT |", "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows]]
     return "\n".join(lines)
+
+
+def time_to_reach(evals: list[dict[str, Any]], name: str, target: float) -> float | None:
+    """Train-step time of the first evaluation with held-out loss ``name`` at or below ``target``, else None."""
+    return next((e["train_time_s"] for e in evals if e.get(name, float("inf")) <= target), None)
+
+
+def plot_comparison(sat: dict[str, Any], dense: dict[str, Any], path: Path) -> None:
+    """Dense and SAT together: held-out losses against time inside training steps, and the omission rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(7, 6.5), gridspec_kw={"height_ratios": [3, 1]})
+    names = sorted({k for row in dense["history"]["held_out"] for k in row} - {"step", "train_time_s"})
+    for report, style in ((dense, "--"), (sat, "-")):
+        evals = report["history"]["held_out"]
+        for i, name in enumerate(names):
+            points = [(e["train_time_s"], e[name]) for e in evals if name in e]
+            axes[0].plot(*zip(*points), style, marker="o", color=f"C{i}", label=f"{report['mode']}: {name}")
+        steps = report["history"]["steps"]
+        axes[1].step([s["train_time_s"] for s in steps], [s["omission_rate"] for s in steps], style, where="post", label=report["mode"])
+    axes[0].set_ylabel("held-out loss")
+    axes[0].legend(fontsize=8)
+    axes[0].grid(alpha=0.3)
+    axes[1].set_ylabel("omission rate")
+    axes[1].set_xlabel("time inside training steps (s)")
+    axes[1].set_ylim(-0.05, 1.0)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"sat-train {sat['config'].get('task', '')}: SAT (solid) vs dense (dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -30,12 +30,16 @@ def ladder_rungs(cfg: SATConfig) -> list[tuple[float, float]]:
 def omission_rate_at(cfg: SATConfig, step: int, total_steps: int) -> float:
     """Omission rate for optimizer step ``step`` (0-based) of ``total_steps``.
 
-    Progress runs from 0 at the first step to 1 at the last, so the last step always gets the
-    schedule's final value (0 for ladder, linear and cosine: training ends dense), however few
+    The first ``dense_warmup_fraction`` of the steps are dense; over the rest, progress runs from
+    0 at the first step to 1 at the last, so the last step always gets the schedule's final value (0 for ladder, linear and cosine: training ends dense), however few
     steps there are.
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be > 0 to schedule the omission rate, got {total_steps}")
+    warmup = math.floor(cfg.dense_warmup_fraction * total_steps)
+    if step < warmup:
+        return 0.0
+    step, total_steps = step - warmup, total_steps - warmup
     progress = min(max(step / (total_steps - 1), 0.0), 1.0) if total_steps > 1 else 1.0
     peak = cfg.omission_rate
     if cfg.schedule == "constant":

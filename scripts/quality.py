@@ -28,6 +28,7 @@ import re
 import statistics
 from pathlib import Path
 
+from sat_trainer.report import time_to_reach
 from sat_trainer.run import run
 from sat_trainer.run_config import load_run_config
 
@@ -47,11 +48,6 @@ def variant_overrides(variant: str) -> tuple[bool, list[str]]:
 def task_of(config: str) -> str:
     """``sft`` for an SFT scenario file (its name says so), else ``cpt``."""
     return "sft" if "sft" in Path(config).stem else "cpt"
-
-
-def time_to_reach(evals: list[dict], name: str, target: float) -> float | None:
-    """Train-step time of the first eval at or below ``target`` on set ``name``, else None."""
-    return next((e["train_time_s"] for e in evals if e.get(name, float("inf")) <= target), None)
 
 
 def main(argv: list[str] | None = None) -> None:

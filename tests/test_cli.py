@@ -67,6 +67,8 @@ def test_compare_dense_prints_a_side_by_side_table(tiny_base, tmp_path, capsys):
     assert json.loads((out / "dense" / "report.json").read_text())["omission_schedule"] == [0.0, 0.0, 0.0]
     assert json.loads((out / "sat" / "report.json").read_text())["omission_schedule"] == [0.5, 0.5, 0.0]
     assert (out / "compare.md").read_text().startswith("| | dense | SAT |")
+    assert "held-out loss vs dense: continual" in table and "time to dense's final continual loss" in table
+    assert (out / "report.png").stat().st_size > 10_000  # dense and SAT curves together
 
 
 @pytest.mark.parametrize(

@@ -122,10 +122,11 @@ def apply_sat(model: nn.Module, config: SATConfig | None = None) -> SATHandle:
             model_type,
             NO_ATTENTION_REASON.get(model_type, "not supported"),
         )
+    dense_layers = _dense_layer_set(model, config.dense_layers)
     dense_fallbacks = []
     for name, module in model.named_modules():
         for shape in shapes:
-            if not _has_projections(module, shape):
+            if not _has_projections(module, shape) or _layer_index(name) in dense_layers:
                 continue
             unit = BlockUnit(name, shape, module, len(handle.units), handle)
             if unit.fallback is not None:
@@ -143,6 +144,8 @@ def apply_sat(model: nn.Module, config: SATConfig | None = None) -> SATHandle:
             f"no sliceable {' or '.join(config.targets)} blocks found in {type(model).__name__} "
             f"(model_type {model_type!r}); nothing to omit"
         )
+    if dense_layers:
+        logger.info("sat_trainer: layers %s run dense (dense_layers)", sorted(dense_layers))
     for unit in handle.units:
         unit.patch()
     _mark_zero3_leaves(model, handle)
@@ -196,6 +199,24 @@ def _clear_slices_after_every_optimizer_step(handle_ref: weakref.ref) -> torch.u
 
 def _has_projections(module: nn.Module, shape: BlockShape) -> bool:
     return all(isinstance(getattr(module, a, None), nn.Module) for a in (*shape.inputs, shape.output))
+
+
+def _layer_index(name: str) -> int | None:
+    """The decoder layer a block belongs to: the last integer in its module path
+    (``model.layers.3.mlp`` -> 3, ``transformer.h.3.mlp`` -> 3)."""
+    numbers = [int(part) for part in name.split(".") if part.isdigit()]
+    return numbers[-1] if numbers else None
+
+
+def _dense_layer_set(model: nn.Module, dense_layers: list[int]) -> set[int]:
+    """``dense_layers`` with negative indices resolved; raises for an index outside the model."""
+    n = _num_layers(model)
+    if dense_layers and n <= 0:
+        raise SATError(f"SAT config key 'dense_layers' = {dense_layers}: {type(model).__name__}'s config has no num_hidden_layers")
+    bad = [i for i in dense_layers if not -n <= i < n]
+    if bad:
+        raise SATError(f"SAT config key 'dense_layers' has invalid value {bad}: {type(model).__name__} has {n} layers; allowed: {-n}..{n - 1}")
+    return {i % n for i in dense_layers}
 
 
 def _num_layers(model: nn.Module) -> int:

@@ -18,12 +18,13 @@ class BlockShape:
     kind: str  # "mlp" or "attention"
     inputs: tuple[str, ...]
     output: str
+    activation: str | None = None  # MLP: attribute of the activation function applied to the first input's output
 
 
-GATED_MLP = BlockShape("mlp", ("gate_proj", "up_proj"), "down_proj")
+GATED_MLP = BlockShape("mlp", ("gate_proj", "up_proj"), "down_proj", "act_fn")
 LLAMA_ATTENTION = BlockShape("attention", ("q_proj", "k_proj", "v_proj"), "o_proj")
-GPT2_MLP = BlockShape("mlp", ("c_fc",), "c_proj")  # Conv1D, transposed weights
-OPT_MLP = BlockShape("mlp", ("fc1",), "fc2")  # lives on the decoder layer itself
+GPT2_MLP = BlockShape("mlp", ("c_fc",), "c_proj", "act")  # Conv1D, transposed weights
+OPT_MLP = BlockShape("mlp", ("fc1",), "fc2", "activation_fn")  # lives on the decoder layer itself
 
 _LLAMA_LIKE = (GATED_MLP, LLAMA_ATTENTION)
 

@@ -51,6 +51,8 @@ class BlockUnit:
         self._handle = handle
         self._saved_forwards: list[tuple[nn.Module, Callable | None]] = []
         self._drawn_for: tuple[int, int] | None = None
+        self._scores_cache: torch.Tensor | None = None  # reused for score_every draws
+        self._scored_at = 0
         self._index: dict[nn.Module, torch.Tensor] = {}
         self.slices = SliceCache()
         self._resolve()
@@ -182,7 +184,10 @@ class BlockUnit:
         cfg = self._handle.config
         generator = selection.generator_for(cfg.seed, key[0], self.index)
         with torch.no_grad():
-            scores = self._handle.sync_scores(self._scores(x.detach(), generator))
+            if self._scores_cache is None or key[0] - self._scored_at >= cfg.score_every:
+                self._scores_cache = self._handle.sync_scores(self._scores(x.detach(), generator))
+                self._scored_at = key[0]
+            scores = self._scores_cache
             k = key[1]
             if cfg.selection == "topk":
                 kept = selection.topk(scores, k)
@@ -205,7 +210,14 @@ class BlockUnit:
             return importance.magnitude(in_weights, out_major_weight(self.output), self.n)
         if cfg.metric == "wanda":
             return importance.wanda(x, in_weights, self.n)
-        return importance.maxip(x, in_weights[0], self.n, cfg.maxip_tokens, generator)
+        if cfg.metric == "maxip":
+            return importance.maxip(x, in_weights[0], self.n, cfg.maxip_tokens, generator)
+        tokens = importance.subsample_tokens(x, cfg.activation_tokens, generator)
+        out_weight = out_major_weight(self.output)
+        if self.kind == "mlp":
+            act = getattr(self.block, self.shape.activation)
+            return importance.activation_mlp(tokens, in_weights, [p.bias for p in self.inputs], act, out_weight)
+        return importance.activation_attention(tokens, in_weights[2], self.inputs[2].bias, out_weight, self.n)
 
 
 def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor) -> torch.Tensor:

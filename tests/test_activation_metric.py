@@ -1,0 +1,124 @@
+"""The activation metric, score reuse (score_every), layers kept dense and the dense warm-up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import batch, build, sat_config
+
+from sat_trainer import SATConfig, SATError, apply_sat, importance
+from sat_trainer.schedule import omission_rate_at
+
+
+def _block_inputs(model, names):
+    """The input of each named block's first projection, captured from one dense forward."""
+    seen = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0])) for n in names]
+    with torch.no_grad():
+        model(batch(size=2, length=16))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_activation_mlp_is_each_channels_output_norm_times_its_down_column():
+    model = build("llama")
+    mlp = model.model.layers[0].mlp
+    x = _block_inputs(model, ["model.layers.0.mlp.gate_proj"])["model.layers.0.mlp.gate_proj"]
+    tokens = x.reshape(-1, x.shape[-1])
+    got = importance.activation_mlp(
+        tokens, [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias], mlp.act_fn, mlp.down_proj.weight
+    )
+    hidden = mlp.act_fn(mlp.gate_proj(tokens)) * mlp.up_proj(tokens)
+    # channel j's term in the down projection, token by token: hidden[:, j] outer W_down[:, j]
+    expected = torch.stack([(hidden[:, j : j + 1] * mlp.down_proj.weight[:, j]).norm() for j in range(hidden.shape[1])])
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_activation_plain_mlp_uses_the_activation_and_transposed_conv1d():
+    model = build("gpt2")
+    handle = apply_sat(model, SATConfig(metric="activation", activation_tokens=1000))
+    unit = handle.units[0]
+    x = _block_inputs(model, ["transformer.h.0.mlp.c_fc"])["transformer.h.0.mlp.c_fc"]
+    got = unit._scores(x, torch.Generator().manual_seed(0))
+    mlp = model.transformer.h[0].mlp
+    hidden = mlp.act(mlp.c_fc(x)).reshape(-1, 256)
+    expected = hidden.norm(dim=0) * mlp.c_proj.weight.norm(dim=1)  # Conv1D stores (in, out)
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_activation_attention_is_value_through_output_norm_per_kv_group():
+    model = build("llama")  # 8 query heads, 4 KV groups, head_dim 16
+    attn = model.model.layers[0].self_attn
+    x = _block_inputs(model, ["model.layers.0.self_attn.q_proj"])["model.layers.0.self_attn.q_proj"]
+    tokens = x.reshape(-1, x.shape[-1])
+    got = importance.activation_attention(tokens, attn.v_proj.weight, attn.v_proj.bias, attn.o_proj.weight, 4)
+    values = attn.v_proj(tokens).reshape(-1, 4, 16)
+    expected = []
+    for g in range(4):
+        written = [values[:, g] @ attn.o_proj.weight[:, h * 16 : (h + 1) * 16].t() for h in (2 * g, 2 * g + 1)]
+        expected.append(torch.cat(written, 1).norm())
+    torch.testing.assert_close(got, torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_activation_metric_omits_a_channel_that_writes_nothing():
+    model = build("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, 5] = 0.0
+        model.model.layers[0].mlp.down_proj.weight[:, 7] *= 100.0
+    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"]))
+    model.train()
+    handle.set_rate(0.5)
+    handle.new_step()
+    with torch.no_grad():
+        model(batch())
+    kept = handle.kept()["model.layers.0.mlp"].tolist()
+    assert 5 not in kept and 7 in kept
+
+
+def test_activation_subsample_size_bounds_the_tokens_scored(monkeypatch):
+    sizes = []
+    real = importance.activation_mlp
+    monkeypatch.setattr(importance, "activation_mlp", lambda t, *a: sizes.append(t.shape[0]) or real(t, *a))
+    model = build("llama")
+    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_tokens=5))
+    model.train()
+    handle.set_rate(0.5)
+    handle.new_step()
+    with torch.no_grad():
+        model(batch(size=2, length=16))
+    assert sizes == [5, 5]
+
+
+def test_score_every_reuses_scores_between_rescorings(monkeypatch):
+    calls = []
+    real = importance.wanda
+    monkeypatch.setattr(importance, "wanda", lambda *a: calls.append(1) or real(*a))
+    model = build("llama")
+    handle = apply_sat(model, sat_config(metric="wanda", targets=["mlp"], score_every=3))
+    model.train()
+    handle.set_rate(0.5)
+    kept = []
+    for step in range(7):
+        handle.new_step()
+        with torch.no_grad():
+            model(batch(seed=step))  # new data every step: only a rescoring can change the set
+        kept.append(handle.kept()["model.layers.0.mlp"].tolist())
+    assert len(calls) == 2 * 3  # draws 1, 4, 7 score; two MLP blocks each
+    assert kept[0] == kept[1] == kept[2] and kept[3] == kept[4] == kept[5]
+    assert kept[2] != kept[3] or kept[5] != kept[6]
+
+
+def test_dense_layers_are_never_patched_and_bad_indices_are_named():
+    model = build("llama", num_hidden_layers=4)
+    handle = apply_sat(model, sat_config(dense_layers=[0, -1]))
+    assert sorted({u.name.split(".")[2] for u in handle.units}) == ["1", "2"]
+    with pytest.raises(SATError, match=r"dense_layers.*\[4\].*4 layers.*-4\.\.3"):
+        apply_sat(build("llama", num_hidden_layers=4), sat_config(dense_layers=[4]))
+
+
+def test_dense_warmup_then_the_ladder_over_the_remaining_steps():
+    cfg = sat_config(omission_rate=0.5, dense_warmup_fraction=0.1, ladder_sparse_fraction=0.5, ladder_num_rungs=1)
+    rates = [omission_rate_at(cfg, s, 100) for s in range(100)]
+    assert rates[:10] == [0.0] * 10
+    assert rates[10:55] == [0.5] * 45 and rates[55:] == [0.0] * 45
