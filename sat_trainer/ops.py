@@ -88,12 +88,13 @@ class SliceCache:
 
 
 def _gather(module: nn.Module, idx: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The kept out-major weight slice and the bias the sliced matmul adds, detached, in ``dtype``."""
+    """The kept out-major weight slice and kept bias entries (kept outputs only: the output side
+    adds the whole bias), detached, in ``dtype``."""
     with torch.no_grad():
         weight = out_major_weight(module).index_select(dim, idx).to(dtype)
-        bias = module.bias
-        if bias is not None:
-            bias = (bias.index_select(0, idx) if dim == KEEP_OUTPUTS else bias).to(dtype)
+        bias = None
+        if module.bias is not None and dim == KEEP_OUTPUTS:
+            bias = module.bias.index_select(0, idx).to(dtype)
     return weight, bias
 
 
@@ -124,6 +125,8 @@ class _KeptLinear(torch.autograd.Function):
         ctx.dim, ctx.transposed, ctx.direct = dim, transposed, direct
         ctx.params = (param_w, param_b) if direct else (None, None)
         ctx.like = (_meta(param_w), _meta(param_b))
+        if dim == KEEP_INPUTS and param_b is not None:
+            b_kept = param_b.to(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x, w_kept, b_kept)
 
