@@ -1,7 +1,7 @@
 """The whole GPU speed table in one command (about 6 minutes on one H100): every row is
 ``scripts/benchmark.py``'s dense / SAT / pruned-dense comparison or its ladder run, at the
 shapes and settings of docs/benchmarks.md's GPU section. Rows go to ``OUT/rows.jsonl`` (one JSON
-object per row, the settings included) and a Markdown log to ``OUT/log.md``.
+object per row, the settings included; ``--rows`` renames it) and a Markdown log to ``OUT/log.md``.
 
     python scripts/gpu_table.py --out $OUT                 # on a CUDA machine
     python scripts/gpu_table.py --quick --out /tmp/gpu     # tiny shapes on the CPU: checks the script
@@ -74,10 +74,12 @@ def run_group(args: argparse.Namespace, targets: list[str], log, rows: list[dict
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
+    p.add_argument("--rows", default="rows.jsonl", help="file name of the JSON rows under --out (log.md is appended to)")
     p.add_argument("--quick", action="store_true", help="tiny shapes on the CPU, Liger rows skipped")
     p.add_argument("--only", default="", help="comma-separated group names")
     p.add_argument("--budget", type=float, default=330, help="seconds; later groups are skipped")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--targets", default="", help="comma-separated subset of each group's targets (mlp, both)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,11 +110,12 @@ def main() -> None:
             continue
         t0 = time.time()
         try:
-            run_group(group_args(spec, a.quick, a.steps), targets, log, rows)
+            chosen = [t for t in targets if not a.targets or t in a.targets.split(",")]
+            run_group(group_args(spec, a.quick, a.steps), chosen, log, rows)
         except Exception as err:  # one failing group must not lose the others' rows
             log(f"FAILED {group}: {type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}")
         log(f"({group}: {time.time() - t0:.0f} s; elapsed {time.time() - start:.0f} s)")
-        with open(out / "rows.jsonl", "w") as f:
+        with open(out / a.rows, "w") as f:
             for r in rows:
                 f.write(json.dumps({**r, "card": name}) + "\n")
 
