@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import SATError
+from .errors import SATConfigError, SATError
 
 PREFIX = "builtin:"
 SMOLLM2_VERSION = "v1"
@@ -97,7 +97,7 @@ def is_builtin(name: str) -> bool:
 def check_builtin(name: str) -> None:
     """Raise for a ``builtin:`` name that does not exist, listing those that do (no loading)."""
     if name[len(PREFIX) :] not in MODEL_BUILTINS:
-        raise SATError(f"unknown builtin model {name!r}; allowed: {', '.join(PREFIX + n for n in MODEL_BUILTINS)}")
+        raise SATConfigError(f"unknown builtin model {name!r}; allowed: {', '.join(PREFIX + n for n in MODEL_BUILTINS)}")
 
 
 def resolve_model_path(name: str) -> str:
