@@ -91,11 +91,17 @@ def _gather(module: nn.Module, idx: torch.Tensor, dim: int, dtype: torch.dtype) 
     """The kept out-major weight slice and kept bias entries (kept outputs only: the output side
     adds the whole bias), detached, in ``dtype``."""
     with torch.no_grad():
-        weight = out_major_weight(module).index_select(dim, idx).to(dtype)
+        weight = _as(out_major_weight(module).index_select(dim, idx), dtype)
         bias = None
         if module.bias is not None and dim == KEEP_OUTPUTS:
-            bias = module.bias.index_select(0, idx).to(dtype)
+            bias = _as(module.bias.index_select(0, idx), dtype)
     return weight, bias
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without the call when it would do nothing: this op runs several times
+    per block per step, and on a GPU at 1B scale the host's per-op time shows in the step time."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def kept_linear(module: nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int, cache: SliceCache | None) -> torch.Tensor:
@@ -109,7 +115,7 @@ def kept_linear(module: nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int,
         weight, bias = cache.get(module, idx, dim, dtype)
     else:
         weight, bias = _gather(module, idx, dim, dtype)
-    return _KeptLinear.apply(x.to(dtype), weight, bias, module.weight, module.bias, idx, dim, isinstance(module, Conv1D), direct)
+    return _KeptLinear.apply(_as(x, dtype), weight, bias, module.weight, module.bias, idx, dim, isinstance(module, Conv1D), direct)
 
 
 class _KeptLinear(torch.autograd.Function):
@@ -126,9 +132,8 @@ class _KeptLinear(torch.autograd.Function):
         ctx.params = (param_w, param_b) if direct else (None, None)
         ctx.like = (_meta(param_w), _meta(param_b))
         if dim == KEEP_INPUTS and param_b is not None:
-            b_kept = param_b.to(x.dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x, w_kept, b_kept)
+            b_kept = _as(param_b, x.dtype)
+        return F.linear(x, w_kept, b_kept)  # all in the compute dtype already: autocast casts nothing
 
     @staticmethod
     def backward(ctx, grad):

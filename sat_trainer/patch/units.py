@@ -198,7 +198,7 @@ class BlockUnit:
 
     def _draw(self, x: torch.Tensor, key: tuple[int, int]) -> None:
         cfg = self._handle.config
-        generator = selection.generator_for(cfg.seed, key[0], self.index, x.device)
+        generator = selection.generator_for(cfg.seed, key[0], self.index, x.device) if _draws_random(cfg) else None
         with torch.no_grad():
             if self._scores_cache is None or key[0] - self._scored_at >= cfg.score_every:
                 self._scores_cache = self._handle.sync_scores(self._scores(x.detach(), generator))
@@ -217,7 +217,7 @@ class BlockUnit:
         self.slices.clear()
         self._index = {m: _expand(kept, _sliced_dim_and_chunk(m, side, self.n)[1]) for m, side in self._members_with_side()}
 
-    def _scores(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _scores(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         cfg = self._handle.config
         in_weights = [out_major_weight(p) for p in self.inputs]
         if cfg.metric == "uniform":
@@ -244,6 +244,11 @@ def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.T
 def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.Tensor) -> torch.Tensor:
     idx = unit.output_index(proj)
     return dense(h) if idx is None else kept_linear(proj, h, idx, KEEP_INPUTS, unit.slices)
+
+
+def _draws_random(cfg) -> bool:
+    """Whether a draw uses random numbers (wanda or magnitude with topk do not: no generator)."""
+    return cfg.metric in ("uniform", "maxip", "activation") or cfg.selection == "sampling"
 
 
 def _expand(kept: torch.Tensor, chunk: int) -> torch.Tensor:
