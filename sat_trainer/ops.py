@@ -8,10 +8,13 @@ Every projection SAT touches is one of two roles:
   ``F.linear(h, W[:, idx], b)``.
 
 The matmuls are smaller dense ones, never a mask over the full computation. Both roles are one
-autograd op, :func:`kept_linear`, which takes the module itself, so one function serves
-``nn.Linear`` (weight ``(out, in)``) and GPT-2's ``Conv1D`` (weight ``(in, out)``).
+op, :func:`kept_linear`, which takes the module itself, so one function serves ``nn.Linear``
+(weight ``(out, in)``) and GPT-2's ``Conv1D`` (weight ``(in, out)``). On the devices in
+``KEPT_OP_DEVICES`` (CUDA) it is a custom autograd function; elsewhere (CPU, where that measured
+slower) plain ``F.linear`` over ``index_select``, whose backward zero-fills the full weight
+gradient and scatters the kept part into it.
 
-What the op saves over ``F.linear(x, W.index_select(dim, idx))`` through autograd:
+What the custom op saves over ``F.linear(x, W.index_select(dim, idx))`` through autograd:
 
 * the kept slice is gathered once per kept set (:class:`SliceCache`) and reused by the other
   micro-batches of the step and by gradient-checkpoint recompute, instead of once per call;
@@ -40,6 +43,10 @@ from transformers.pytorch_utils import Conv1D
 
 SLICEABLE = (nn.Linear, Conv1D)
 KEEP_OUTPUTS, KEEP_INPUTS = 0, 1  # the out-major weight dim that is sliced
+# Devices where the custom op runs; elsewhere autograd's index_select path (docs/benchmarks.md,
+# issue 10: on an H100 the op was 1-6% faster per step; on the 2-core CPU 8% slower, its Python
+# forward/backward costing more than the zero-filled scatter it saves).
+KEPT_OP_DEVICES = ("cuda",)
 
 
 def is_sliceable(module: nn.Module) -> bool:
@@ -108,6 +115,9 @@ def kept_linear(module: nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int,
     """``module(x)`` restricted to kept features ``idx``: its kept outputs (``dim=KEEP_OUTPUTS``),
     or, with ``x`` holding only the kept inputs (``dim=KEEP_INPUTS``), the full output."""
     device = x.device.type
+    if device not in KEPT_OP_DEVICES:
+        bias = module.bias.index_select(0, idx) if module.bias is not None and dim == KEEP_OUTPUTS else module.bias
+        return F.linear(x, out_major_weight(module).index_select(dim, idx), bias)
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else module.weight.dtype
     compiling = torch.compiler.is_compiling()
     direct = not compiling and not (dist.is_available() and dist.is_initialized())

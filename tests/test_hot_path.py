@@ -1,6 +1,10 @@
 """The training step's hot path: no host-device synchronisation, gradients through the sliced op
 (micro-batch accumulation, cached slices never stale), and torch.compile without a graph break
-per projection."""
+per projection.
+
+The custom sliced op runs on CUDA only (``ops.KEPT_OP_DEVICES``); the ``kept_op`` fixture forces
+it on the CPU too, so the exactness tests of the other modules run here once more, unchanged,
+through it (fp32, bf16 autocast, LoRA, Conv1D, checkpointing, compile)."""
 
 from __future__ import annotations
 
@@ -12,12 +16,54 @@ import torch
 from reference import loss_and_grads, masked
 from tiny import batch, build, sat_config
 
+import test_exactness
+import test_lora
+import test_patching
+import test_stack_precision_compile
 from sat_trainer import apply_sat, ops
 from sat_trainer.config import METRICS, SELECTIONS
 from sat_trainer.patch import units
 
 # what reads a tensor's values on the host: a device sync when the tensor lives on a GPU
 HOST_READS = ("cpu", "item", "tolist", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.fixture(params=["device default", "kept op"])
+def op_path(request, monkeypatch):
+    """Each test using it runs through the CPU's default path and through the custom op."""
+    if request.param == "kept op":
+        monkeypatch.setattr(ops, "KEPT_OP_DEVICES", ("cpu", "cuda"))
+    return request.param
+
+
+@pytest.fixture
+def kept_op(monkeypatch):
+    monkeypatch.setattr(ops, "KEPT_OP_DEVICES", ("cpu", "cuda"))
+
+
+@pytest.mark.parametrize("family,attn", test_exactness.CASES, ids=[f"{f}-{a}" for f, a in test_exactness.CASES])
+def test_kept_op_is_exact(kept_op, family, attn):
+    test_exactness.test_sliced_equals_masked_dense(family, attn, "wanda")
+
+
+@pytest.mark.parametrize("targets", test_lora.SUBSETS, ids=["all", "gate-down", "up-q-v", "o-k"])
+def test_kept_op_is_exact_with_lora(kept_op, targets):
+    test_lora.test_lora_exact_against_masked_dense(targets)
+
+
+def test_kept_op_with_merged_disabled_and_multiple_adapters(kept_op):
+    test_lora.test_merged_disabled_and_multiple_adapters()
+
+
+def test_kept_op_with_checkpointing(kept_op):
+    test_lora.test_gradient_checkpointing_with_lora_gives_same_loss_and_grads()
+    test_patching.test_gradient_checkpointing_reuses_the_kept_set("wanda", True)
+
+
+def test_kept_op_with_bf16_and_compile(kept_op):
+    test_stack_precision_compile.test_bf16_autocast_step_is_close_to_fp32_for_the_same_kept_set()
+    test_stack_precision_compile.test_bf16_weights_train_with_finite_loss_and_grads()
+    test_stack_precision_compile.test_compile_recompiles_only_when_k_changes()
 
 
 def _sparse(model, **cfg):
@@ -52,7 +98,7 @@ def _inside_sat(monkeypatch, enter, leave):
 
 @pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_a_step_that_draws_reads_nothing_back_to_the_host(monkeypatch, metric, selection):
+def test_a_step_that_draws_reads_nothing_back_to_the_host(monkeypatch, op_path, metric, selection):
     model = build("llama")
     handle = _sparse(model, metric=metric, selection=selection)
     depth = [0]
@@ -73,7 +119,8 @@ def test_a_step_that_draws_reads_nothing_back_to_the_host(monkeypatch, metric, s
             loss = model(batch(), labels=batch()).loss
             loss.backward()
             handle.new_step()
-    monkeypatch.undo()
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, originals[name])
     assert all(len(k) < 96 for k in handle.kept().values())  # the steps were sparse; kept() reads lazily
 
 
@@ -89,7 +136,7 @@ def test_no_cuda_sync_in_a_sat_step(monkeypatch, metric):
     torch.cuda.synchronize()
 
 
-def test_gradients_accumulate_exactly_over_micro_batches_of_one_draw():
+def test_gradients_accumulate_exactly_over_micro_batches_of_one_draw(op_path):
     """Two micro-batches of one draw: the second reuses the cached slices and adds into .grad."""
     model = build("llama", mlp_bias=True)
     reference = copy.deepcopy(model)
@@ -105,7 +152,7 @@ def test_gradients_accumulate_exactly_over_micro_batches_of_one_draw():
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_an_optimizer_step_without_a_new_draw_never_reuses_stale_slices():
+def test_an_optimizer_step_without_a_new_draw_never_reuses_stale_slices(op_path):
     """Fused AdamW does not bump the parameters' version counter: the cache must still notice."""
     model = build("llama")
     reference = copy.deepcopy(model)
@@ -130,7 +177,7 @@ def _graph_breaks(layers: int) -> tuple[int, int, set[str]]:
     return explained.graph_break_count, len(handle.units), reasons
 
 
-def test_compile_breaks_the_graph_once_per_block_not_per_projection():
+def test_compile_breaks_the_graph_once_per_block_not_per_projection(op_path):
     breaks_2, blocks_2, reasons_2 = _graph_breaks(2)
     breaks_4, blocks_4, reasons_4 = _graph_breaks(4)
     assert breaks_4 - breaks_2 == blocks_4 - blocks_2  # each added block (4+ projections) adds one break
