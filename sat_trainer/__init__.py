@@ -2,12 +2,30 @@
 
 Public API: :class:`SATConfig`, :class:`SATCallback`, :func:`apply_sat`, :func:`remove_sat`
 (and the :class:`SATHandle` that ``apply_sat`` returns, with ``set_rate``, ``new_step``, ``kept``).
+
+Names are imported on first use (PEP 562), so that ``sat-train`` can reject a bad config in a
+fraction of a second, before torch and transformers are imported.
 """
 
-from .callback import SATCallback
-from .config import SATConfig
-from .errors import SATConfigError, SATError
-from .patch.model import SATHandle, apply_sat, remove_sat
+from __future__ import annotations
 
-__all__ = ["SATCallback", "SATConfig", "SATConfigError", "SATError", "SATHandle", "apply_sat", "remove_sat"]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "SATCallback": ".callback",
+    "SATConfig": ".config",
+    "SATConfigError": ".errors",
+    "SATError": ".errors",
+    "SATHandle": ".patch.model",
+    "apply_sat": ".patch.model",
+    "remove_sat": ".patch.model",
+}
+__all__ = sorted(_WHERE)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'sat_trainer' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name], __name__), name)

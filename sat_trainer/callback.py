@@ -31,7 +31,8 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .config import SATConfig
+from .config import SATConfig, to_config
+from .errors import SATError
 from .patch.model import SATHandle, apply_sat, handle_of
 from .schedule import omission_rate_at
 
@@ -45,13 +46,7 @@ class SATCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, config: SATConfig | dict[str, Any] | str | Path | None = None):
-        if config is None:
-            config = SATConfig()
-        elif isinstance(config, dict):
-            config = SATConfig.from_dict(config)
-        elif isinstance(config, (str, Path)):
-            config = SATConfig.from_yaml(config)
-        self.config: SATConfig = config
+        self.config: SATConfig = to_config(config)
         self.handle: SATHandle | None = None
         self.draw_id = 0
         self._tokens = 0
@@ -124,14 +119,29 @@ class SATCallback(TrainerCallback, ExportableState):
     # ---- internals ------------------------------------------------------------------------
 
     def _attach(self, model: nn.Module) -> None:
-        """Patch once; a callback rebuilt by the Trainer on resume adopts the existing patch."""
-        if self.handle is None:
-            self.handle = handle_of(model) or apply_sat(model, self.config)
+        """Patch the model the Trainer trains, once; a callback rebuilt by the Trainer on resume
+        adopts the existing patch.
+
+        With ``Trainer(model_init=...)`` the Trainer builds a new model inside ``train()``, after
+        ``on_init_end``; transformers 5.x calls no callback between building and wrapping it, so
+        ``on_train_begin`` patches it (and the handle follows it). That is safe for single
+        process, DDP and FSDP2 (SAT binds forwards on projection instances, which these wrappers
+        keep), not for DeepSpeed ZeRO-3, whose leaf modules must be set before the engine exists.
+        """
+        handle = handle_of(model)
+        if handle is None:
+            if self.handle is not None and _zero3():
+                raise SATError(
+                    "SATCallback cannot patch a model built by Trainer(model_init=...) under DeepSpeed ZeRO-3: "
+                    "the engine is built before any callback sees it; pass model=... instead"
+                )
+            handle = apply_sat(model, self.config)
             logger.info(
                 "sat_trainer: %d MLP and %d attention blocks patched",
-                sum(u.kind == "mlp" for u in self.handle.units),
-                sum(u.kind == "attention" for u in self.handle.units),
+                sum(u.kind == "mlp" for u in handle.units),
+                sum(u.kind == "attention" for u in handle.units),
             )
+        self.handle = handle
         self.handle.draw_id = self.draw_id
 
     def _restore(self, state) -> None:
@@ -155,3 +165,9 @@ class SATCallback(TrainerCallback, ExportableState):
     def _count_tokens(self, module: nn.Module, inputs: tuple) -> None:
         if module.training and inputs and hasattr(inputs[0], "numel"):
             self._tokens += inputs[0].numel()
+
+
+def _zero3() -> bool:
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    return hf_deepspeed.is_deepspeed_zero3_enabled()

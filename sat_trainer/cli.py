@@ -3,6 +3,14 @@
     sat-train cpt --config configs/demo_cpt.yaml [--set training.max_steps=50 ...] [--compare-dense]
     sat-train sft --config configs/demo_sft.yaml
     sat-train pretrain-base [--output DIR] [--force]
+
+Checkpoints: --set training.save_steps=50 saves one every 50 steps in the run folder
+(training.output_dir). An interrupted run continues from its latest checkpoint with the same
+command plus --resume (same ladder, kept-set draws and data order), or from a given one with
+--set training.resume_from_checkpoint=RUN/checkpoint-N. A run folder that already holds
+checkpoints is refused unless --resume or --overwrite (deletes them) is given.
+
+Exit status: 0 done, 2 bad input (one line naming the file, key or line), 1 training diverged.
 """
 
 from __future__ import annotations
@@ -12,8 +20,12 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import SATError
+from .errors import SATConfigError, SATError, SATTrainingError
+
+if TYPE_CHECKING:
+    from .run_config import RunConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", required=True, help="scenario YAML (see configs/)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.max_steps=20 or sat.omission_rate=0.3")
         p.add_argument("--compare-dense", action="store_true", help="also run the same config dense and print a side-by-side table")
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder (same ladder, draws, data order)")
+        p.add_argument("--overwrite", action="store_true", help="delete the run folder's checkpoints and start over")
     p = sub.add_parser("pretrain-base", help="build (once) the small pretrained base the demo configs use")
     p.add_argument("--output", help="folder to build into (default: the cache folder the demos read)")
     p.add_argument("--force", action="store_true", help="rebuild even if the base exists")
@@ -35,23 +49,52 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pretrain-base":
             return _pretrain_base(args)
         return _train(args)
+    except SATTrainingError as err:
+        print(f"sat-train: error: {err}", file=sys.stderr)
+        return 1
     except SATError as err:
         print(f"sat-train: error: {err}", file=sys.stderr)
         return 2
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .report import comparison_table, plot_comparison
-    from .run import run
     from .run_config import load_run_config
+    from .run_folder import clear_checkpoints, first_missing, remove_empty, resume_point
 
     cfg = load_run_config(args.command, args.config, args.set)
+    explicit = cfg.training.get("resume_from_checkpoint")
+    if args.compare_dense and cfg.sat is None:
+        raise SATConfigError(f"{args.config}: --compare-dense needs a 'sat:' section (with sat: null both runs would be dense)")
+    if args.compare_dense and explicit is not None:
+        raise SATConfigError("training.resume_from_checkpoint names one checkpoint; with --compare-dense use --resume")
+    folders = [cfg.output_dir / "sat", cfg.output_dir / "dense"] if args.compare_dense else [cfg.output_dir]
+    starts = {
+        f: resume_point(f, explicit=explicit, resume=args.resume, overwrite=args.overwrite, required=not args.compare_dense) for f in folders
+    }
+    if args.compare_dense and args.resume and not any(starts.values()):
+        raise SATConfigError(f"nothing to resume: neither {folders[0]} nor {folders[1]} holds a checkpoint; run without --resume")
+    if args.overwrite:
+        for folder in folders:
+            clear_checkpoints(folder)
+    new = {first_missing(f) for f in folders} - {None}
+    try:
+        return _run(args, cfg, starts)
+    except BaseException:
+        for folder in new:  # a run that failed before writing anything leaves no empty folder
+            remove_empty(folder)
+        raise
+
+
+def _run(args: argparse.Namespace, cfg: RunConfig, starts: dict[Path, str | None]) -> int:
+    from .report import comparison_table, plot_comparison
+    from .run import run
+
     if not args.compare_dense:
-        report = run(cfg)
+        report = run(cfg, resume_from=starts[cfg.output_dir])
         _print_summary(report, cfg.output_dir)
         return 0
-    sat = run(cfg, output_dir=cfg.output_dir / "sat")
-    dense = run(cfg, dense=True, output_dir=cfg.output_dir / "dense")
+    sat = run(cfg, output_dir=cfg.output_dir / "sat", resume_from=starts[cfg.output_dir / "sat"])
+    dense = run(cfg, dense=True, output_dir=cfg.output_dir / "dense", resume_from=starts[cfg.output_dir / "dense"])
     table = comparison_table(sat, dense)
     (cfg.output_dir / "compare.md").write_text(table + "\n")
     plot_comparison(sat, dense, cfg.output_dir / "report.png")

@@ -9,13 +9,13 @@ value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import SATConfigError
+from .yaml_io import load_yaml_file
 
 METRICS = ("uniform", "magnitude", "wanda", "maxip", "activation")
 SELECTIONS = ("topk", "sampling")
@@ -23,6 +23,7 @@ SCHEDULES = ("ladder", "constant", "linear", "cosine")
 TARGETS = ("mlp", "attention")
 DRAW_EVERY = ("step", "micro_batch")
 OMITTED_UPDATES = ("optimizer", "freeze")
+ATTENTION_UNITS = ("kv_group", "query_head")
 
 
 @dataclass
@@ -39,10 +40,16 @@ class SATConfig:
                   "Default mlp: omitting attention groups as well cost +1.5% (CPT) and +33% (SFT) held-out "
                   "loss in docs/benchmarks.md, MLP channels alone +0.1% and +1.9%."},
     )
+    attention_unit: str = field(
+        default="kv_group",
+        metadata={"help": "What attention omits: kv_group (a KV head with all its query heads: q, k, v rows and o "
+                  "columns) or query_head (query heads, the same number in every KV group; k and v stay dense)."},
+    )
     metric: str = field(
-        default="wanda",
+        default="activation",
         metadata={"help": "Importance score: uniform (random), magnitude, wanda, maxip or activation (what each "
-                  "unit actually outputs on a token subsample, times its output weights' norm)."},
+                  "unit actually outputs on a token subsample, times its output weights' norm). Default activation: "
+                  "on SmolLM2-135M magnitude and wanda picked channels worse than random (docs/benchmarks.md)."},
     )
     selection: str = field(
         default="topk",
@@ -135,10 +142,7 @@ class SATConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> SATConfig:
         """Load from a YAML file whose SAT settings are at top level or under a ``sat:`` key."""
-        path = Path(path)
-        if not path.is_file():
-            raise SATConfigError(f"SAT config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml_file(path) or {}
         if isinstance(data, dict) and "sat" in data:
             data = data["sat"] or {}
         try:
@@ -148,6 +152,23 @@ class SATConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def to_config(config: Any) -> SATConfig:
+    """What ``SATCallback`` and ``apply_sat`` accept: a SATConfig, a mapping of its keys, a YAML
+    path, or None (defaults); anything else raises one line saying so."""
+    if config is None:
+        return SATConfig()
+    if isinstance(config, SATConfig):
+        return config
+    if isinstance(config, Mapping):
+        return SATConfig.from_dict(dict(config))
+    if isinstance(config, (str, Path)):
+        return SATConfig.from_yaml(config)
+    raise SATConfigError(
+        f"SAT config must be a SATConfig, a mapping of its keys (e.g. {{'omission_rate': 0.5}}), a YAML path or None; "
+        f"got {type(config).__name__} {config!r:.60}"
+    )
 
 
 def field_help() -> dict[str, str]:
@@ -175,6 +196,7 @@ def _check_types(cfg: SATConfig) -> None:
         "schedule": (str,),
         "draw_every": (str,),
         "omitted_update": (str,),
+        "attention_unit": (str,),
     }
     for key, types in expected.items():
         value = getattr(cfg, key)
@@ -195,7 +217,7 @@ def _check_values(cfg: SATConfig) -> None:
         _fail("omission_rate", cfg.omission_rate, "a number in [0, 1)")
     if not cfg.targets or any(t not in TARGETS for t in cfg.targets) or len(set(cfg.targets)) != len(cfg.targets):
         _fail("targets", cfg.targets, f"a non-empty list without repeats drawn from {list(TARGETS)}")
-    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES)):
+    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES), ("attention_unit", ATTENTION_UNITS)):
         if getattr(cfg, key) not in allowed:
             _fail(key, getattr(cfg, key), ", ".join(allowed))
     if not cfg.temperature > 0:

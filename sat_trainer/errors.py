@@ -7,3 +7,7 @@ class SATError(ValueError):
 
 class SATConfigError(SATError):
     """A SAT setting is unknown, of the wrong type, or out of range."""
+
+
+class SATTrainingError(SATError):
+    """Training ran but failed (diverged): ``sat-train`` exits 1, not 2 (bad input)."""

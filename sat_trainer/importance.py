@@ -97,19 +97,22 @@ def activation_mlp(
 
 
 def activation_attention(
-    tokens: torch.Tensor, v_weight: torch.Tensor, v_bias: torch.Tensor | None, out_weight: torch.Tensor, n: int
+    tokens: torch.Tensor, v_weight: torch.Tensor, v_bias: torch.Tensor | None, out_weight: torch.Tensor, groups: int,
+    per_head: bool = False,
 ) -> torch.Tensor:
-    """Per KV group: the norm over ``tokens`` and the group's query heads of ``W_o[:, head] v_t``.
+    """Per KV group (or, with ``per_head``, per query head): the norm over ``tokens`` (and the
+    group's query heads) of ``W_o[:, head] v_t``.
 
-    ``v_weight`` is v_proj's out-major weight (``n * head_dim`` rows), ``out_weight`` o_proj's
-    (``hidden x n * heads_per_group * head_dim``); query head h reads KV group h // heads_per_group,
+    ``v_weight`` is v_proj's out-major weight (``groups * head_dim`` rows), ``out_weight`` o_proj's
+    (``hidden x groups * heads_per_group * head_dim``); query head h reads KV group h // heads_per_group,
     as transformers' ``repeat_kv`` lays them out."""
     values = F.linear(tokens, v_weight, v_bias)
-    head_dim = values.shape[-1] // n
-    values = values.reshape(tokens.shape[0], n, head_dim)
-    out = out_weight.reshape(out_weight.shape[0], n, -1, head_dim)  # (hidden, group, head in group, head_dim)
-    written = torch.einsum("tgh,dgqh->tgqd", values, out)
-    return _norm32(written.reshape(tokens.shape[0], n, -1).transpose(0, 1).reshape(n, -1), 1)
+    head_dim = values.shape[-1] // groups
+    values = values.reshape(tokens.shape[0], groups, head_dim)
+    out = out_weight.reshape(out_weight.shape[0], groups, -1, head_dim)  # (hidden, group, head in group, head_dim)
+    written = torch.einsum("tgh,dgqh->gqtd", values, out)
+    units = written.shape[0] * written.shape[1] if per_head else groups
+    return _norm32(written.reshape(units, -1), 1)
 
 
 def _norm32(t: torch.Tensor, dim: int) -> torch.Tensor:

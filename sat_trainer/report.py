@@ -2,22 +2,25 @@
 
 :class:`ReportCallback` records, per optimizer step, the time spent inside training steps (so
 evaluation pauses do not count against throughput), tokens seen, the omission rate, and every
-logged train/held-out loss. The report is written from that record alone.
+logged train/held-out loss. The report is written from that record alone. The record is saved
+in every Trainer checkpoint (``ExportableState``), so a resumed run's report covers the whole run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .patch.model import handle_of
 
 
-class ReportCallback(TrainerCallback):
+class ReportCallback(TrainerCallback, ExportableState):
     """Collects the per-step record a report is made of."""
 
     def __init__(self):
@@ -25,16 +28,33 @@ class ReportCallback(TrainerCallback):
         self.evals: list[dict[str, Any]] = []
         self.losses: list[dict[str, Any]] = []
         self.train_time = 0.0
+        self.wall_time_before = 0.0  # wall seconds of the sessions before a resume
+        self._session_start = time.perf_counter()
         self._step_start = 0.0
         self._model = None
 
+    def state(self) -> dict:
+        attributes = ("steps", "evals", "losses", "train_time")
+        return {"args": {}, "attributes": {**{a: getattr(self, a) for a in attributes}, "wall_time_before": self.wall_time()}}
+
+    def wall_time(self) -> float:
+        """Wall seconds of the run so far, resumed sessions included."""
+        return self.wall_time_before + time.perf_counter() - self._session_start
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._model = model
+        self._session_start = time.perf_counter()
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if state.global_step > 0 and not self.steps and isinstance(saved, dict):  # resumed: continue the record
+            for key, value in saved["attributes"].items():
+                setattr(self, key, value)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps or control.should_training_stop:
+            control.should_log = True  # the final train loss is logged even when max_steps < logging_steps
         self.train_time += time.perf_counter() - self._step_start
         handle = handle_of(self._model) if self._model is not None else None
         self.steps.append(
@@ -57,13 +77,17 @@ class ReportCallback(TrainerCallback):
             self.evals.append({"step": state.global_step, "train_time_s": self.train_time, **held_out})
 
 
-def build_report(record: ReportCallback, *, mode: str, config: dict, wall_time_s: float) -> dict[str, Any]:
-    """The ``report.json`` content of one run."""
+def build_report(
+    record: ReportCallback, *, mode: str, config: dict, wall_time_s: float, status: str = "completed", **extra: Any
+) -> dict[str, Any]:
+    """The ``report.json`` content of one run; ``status`` is "completed" or "diverged"."""
     steps = record.steps
     tokens = steps[-1]["tokens"] if steps else 0
     final_eval = record.evals[-1] if record.evals else {}
     return {
         "mode": mode,
+        "status": status,
+        **extra,
         "steps": len(steps),
         "wall_time_s": round(wall_time_s, 3),
         "train_time_s": round(record.train_time, 3),
@@ -78,9 +102,20 @@ def build_report(record: ReportCallback, *, mode: str, config: dict, wall_time_s
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
+    """``report.json`` (strict JSON: a NaN or infinite loss is written as null) and ``report.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False))
     plot_report(report, out_dir / "report.png")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:

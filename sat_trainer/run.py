@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +18,42 @@ import transformers
 from . import data as sat_data
 from .builtin_models import resolve_model_path
 from .callback import SATCallback
+from .errors import SATTrainingError
+from .guard import NonFiniteGuard
+from .model_source import check_model
 from .patch.model import remove_sat
 from .report import ReportCallback, build_report, write_report
 from .run_config import RunConfig
+from .training_args import training_arguments
 
 logger = logging.getLogger("sat_trainer")
 
-def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
-    """Train one scenario; with ``dense=True`` the same run without SAT. Returns the report."""
+
+def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, resume_from: str | None = None) -> dict[str, Any]:
+    """Train one scenario; with ``dense=True`` the same run without SAT. Returns the report.
+
+    ``resume_from``: a checkpoint of this run to continue from (same ladder, draws and data
+    order). Without LoRA the checkpoint holds the whole model and tokenizer, and they are
+    loaded from it, so a base model folder changed since does not matter; with LoRA it holds
+    the adapter only and the base is read again. Raises :class:`SATTrainingError` if the run
+    diverges (``report.json`` is written, ``final/`` is not).
+    """
     out = Path(output_dir or cfg.output_dir)
     mode = "dense" if dense or cfg.sat is None else "sat"
     model_path = resolve_model_path(cfg.model)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    source = resume_from if resume_from and cfg.lora is None else model_path
+    check_model(source, sat=mode == "sat", lora=cfg.lora)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     train_set, eval_sets, collator = sat_data.build_datasets(cfg.task, cfg.data, tokenizer)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)
     if cfg.lora is not None:
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **cfg.lora))
 
-    args = transformers.TrainingArguments(**_training_defaults(cfg.training, has_eval=bool(eval_sets), out=out))
-    record = ReportCallback()
-    callbacks = [record] if mode == "dense" else [SATCallback(cfg.sat), record]
+    args = training_arguments(cfg.training, has_eval=bool(eval_sets), output_dir=str(out))
+    guard = NonFiniteGuard(cfg.max_skipped_steps)
+    callbacks = [guard, ReportCallback()] if mode == "dense" else [SATCallback(cfg.sat), guard, ReportCallback()]
     trainer = transformers.Trainer(
         model=model,
         args=args,
@@ -50,35 +63,36 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None) 
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    logger.info("sat_trainer: %s run (%s) of %s -> %s", cfg.task, mode, model_path, out)
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    if eval_sets and (not record.evals or record.evals[-1]["step"] != trainer.state.global_step):
-        trainer.evaluate()
-    _save_final(trainer.model, tokenizer, out, lora=cfg.lora is not None)
-    report = build_report(record, mode=mode, config=_config_record(cfg, model_path), wall_time_s=wall)
+    logger.info("sat_trainer: %s run (%s) of %s -> %s%s", cfg.task, mode, source, out, f", resumed from {resume_from}" if resume_from else "")
+    trainer.train(resume_from_checkpoint=resume_from)
+    # the Trainer rebuilds stateful callbacks on resume when restore_callback_states_from_checkpoint is set
+    record = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ReportCallback))
+    wall = record.wall_time()
+    diverged = guard.diverged_at is not None
+    if not diverged:
+        if eval_sets and (not record.evals or record.evals[-1]["step"] != trainer.state.global_step):
+            trainer.evaluate()
+        _save_final(trainer.model, tokenizer, out, lora=cfg.lora is not None)
+    report = build_report(
+        record, mode=mode, config=_config_record(cfg, model_path), wall_time_s=wall, status="diverged" if diverged else "completed",
+        diverged_at_step=guard.diverged_at, skipped_steps=guard.skipped, resumed_from=resume_from,
+    )
     write_report(report, out)
+    if diverged:
+        raise SATTrainingError(
+            f"training diverged at step {guard.diverged_at}: non-finite loss or gradient; final/ not saved, "
+            f"report in {out / 'report.json'}; lower training.learning_rate (or allow skipped steps with max_skipped_steps)"
+        )
     return report
 
 
-def _training_defaults(training: dict[str, Any], *, has_eval: bool, out: Path) -> dict[str, Any]:
-    """The scenario's TrainingArguments, with what a report needs filled in when left unset."""
-    args = dict(training)
-    args["output_dir"] = str(out)
-    args.setdefault("report_to", [])
-    args.setdefault("logging_steps", 10)
-    args.setdefault("include_num_input_tokens_seen", True)
-    args.setdefault("save_strategy", "no")
-    if has_eval:
-        args.setdefault("eval_strategy", "steps")
-        args.setdefault("eval_steps", max(1, int(args.get("max_steps", 100)) // 10))
-    return args
-
-
 def _save_final(model: torch.nn.Module, tokenizer, out: Path, *, lora: bool) -> None:
-    """A plain HF model that loads without sat_trainer (and, for LoRA, the adapter too)."""
+    """A plain HF model that loads without sat_trainer (and, for LoRA, the adapter too); never
+    one with non-finite weights."""
     remove_sat(model)
+    broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:
+        raise SATTrainingError(f"final/ not saved: {len(broken)} weight tensors are not finite (first: {broken[0]}); lower training.learning_rate")
     final = out / "final"
     if lora:
         model.save_pretrained(out / "adapter")
@@ -97,4 +111,5 @@ def _config_record(cfg: RunConfig, model_path: str) -> dict[str, Any]:
         "training": cfg.training,
         "sat": cfg.sat.to_dict() if cfg.sat is not None else None,
         "lora": cfg.lora,
+        "max_skipped_steps": cfg.max_skipped_steps,
     }

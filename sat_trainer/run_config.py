@@ -10,26 +10,28 @@ One file per scenario (``configs/<scenario>.yaml``)::
     training: {max_steps: 200, learning_rate: 3.0e-4, ...}   # transformers.TrainingArguments
     sat: {omission_rate: 0.5, ...}                            # SATConfig; omit or `sat: null` for dense
     lora: {r: 16, target_modules: [...]}                      # optional peft.LoraConfig fields
+    max_skipped_steps: 0           # optimizer steps with a non-finite gradient skipped before the run stops
 
-Everything is validated before any model or data is loaded; each error names the key, the
+Everything is validated before any model or data is loaded, cheapest first (the YAML, the
+SAT settings, the model folder and data files, then ``LoraConfig`` field types and the
+``TrainingArguments``, which need transformers): each error is one line naming the key, the
 value and what is allowed. ``--set section.key=value`` overrides (values parsed as YAML).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .builtin_models import MODEL_BUILTINS, check_builtin, is_builtin
 from .config import SATConfig
 from .errors import SATConfigError, SATError
+from .model_source import check_model_spec
+from .yaml_io import load_yaml_file, parse_value
 
 TASKS = ("cpt", "sft")
+SECTIONS = ("model", "data", "training", "sat", "lora", "max_skipped_steps")
 
 
 @dataclass
@@ -54,6 +56,7 @@ class RunConfig:
     sat: SATConfig | None
     lora: dict[str, Any] | None = None
     source: str = "<dict>"
+    max_skipped_steps: int = 0
 
     @property
     def output_dir(self) -> Path:
@@ -63,9 +66,7 @@ class RunConfig:
 def load_run_config(task: str, path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read, override and validate a scenario YAML; raises :class:`SATConfigError` on any bad key."""
     path = Path(path)
-    if not path.is_file():
-        raise SATConfigError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml_file(path) or {}
     if not isinstance(raw, dict):
         raise SATConfigError(f"{path}: expected a mapping at top level, got {type(raw).__name__}")
     for item in overrides:
@@ -77,25 +78,23 @@ def load_run_config(task: str, path: str | Path, overrides: list[str] = ()) -> R
 
 
 def build_run_config(task: str, raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Validate a scenario mapping, cheap checks first (transformers and peft are imported last)."""
+    from .training_args import check_training
+
     if task not in TASKS:
         raise SATConfigError(f"task {task!r} is not one of {', '.join(TASKS)}")
-    allowed = {"model", "data", "training", "sat", "lora"}
-    unknown = sorted(set(raw) - allowed)
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise SATConfigError(f"unknown top-level key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
-    model = raw.get("model")
-    if not isinstance(model, str) or not model or (model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir()):
-        raise SATConfigError(
-            f"key 'model' has invalid value {model!r}; allowed: {', '.join('builtin:' + n for n in MODEL_BUILTINS)}, "
-            "an existing local folder or a hub name"
-        )
-    if is_builtin(model):
-        check_builtin(model)
-    data = _data_config(raw.get("data"))
-    training = _training(raw.get("training") or {})
+        raise SATConfigError(f"unknown top-level key {unknown[0]!r}; allowed: {', '.join(sorted(SECTIONS))}")
     sat = None if raw.get("sat") is None else SATConfig.from_dict(raw["sat"])
+    check_model_spec(raw.get("model"), sat=sat is not None)
+    data = _data_config(raw.get("data"), task)
+    skipped = raw.get("max_skipped_steps", 0)
+    if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+        raise SATConfigError(f"key 'max_skipped_steps' has invalid value {skipped!r}; allowed: an integer >= 0")
     lora = _lora(raw.get("lora"))
-    return RunConfig(task, model, data, training, sat, lora, source)
+    training = check_training(raw.get("training") or {}, has_eval=bool(data.eval))
+    return RunConfig(task, raw["model"], data, training, sat, lora, source, skipped)
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -104,6 +103,8 @@ def _apply_override(raw: dict, item: str) -> None:
         raise SATConfigError(f"--set {item!r}: expected key=value, e.g. training.max_steps=10")
     key, value = item.split("=", 1)
     *parents, leaf = key.strip().split(".")
+    if not all((*parents, leaf)):
+        raise SATConfigError(f"--set {item!r}: {key!r} is not a dotted key, e.g. training.max_steps=10")
     node = raw
     for part in parents:
         if node.get(part) is None:
@@ -111,10 +112,10 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node[part]
         if not isinstance(node, dict):
             raise SATConfigError(f"--set {item!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(value)
+    node[leaf] = parse_value(value, f"--set {item!r}")
 
 
-def _data_config(raw: Any) -> DataConfig:
+def _data_config(raw: Any, task: str) -> DataConfig:
     if not isinstance(raw, dict):
         raise SATConfigError(f"key 'data' has invalid value {raw!r}; allowed: a mapping with at least 'train'")
     known = {f.name for f in dataclasses.fields(DataConfig)}
@@ -135,31 +136,23 @@ def _data_config(raw: Any) -> DataConfig:
         value = raw.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise SATConfigError(f"key 'data.{key}' has invalid value {value!r}; allowed: null or an integer >= 1")
+    text_field = raw.get("text_field", "text")
+    if not isinstance(text_field, str) or not text_field:
+        raise SATConfigError(f"key 'data.text_field' has invalid value {text_field!r}; allowed: a column name")
     from .data.loading import check
+    from .data.preflight import check_local
 
     for key, spec in [("data.train", raw["train"]), *((f"data.eval.{n}", s) for n, s in evals.items())]:
         try:
-            check(spec)
+            if check(spec) == "local":
+                check_local(Path(spec).expanduser(), task, text_field)
         except SATError as err:
             raise SATConfigError(f"key {key!r}: {err}") from None
     return DataConfig(**{**raw, "eval": evals, "max_length": max_length})
 
 
-def _training(raw: Any) -> dict[str, Any]:
-    from transformers import TrainingArguments
-
-    if not isinstance(raw, dict):
-        raise SATConfigError(f"key 'training' has invalid value {raw!r}; allowed: a mapping of TrainingArguments fields")
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise SATConfigError(f"unknown key 'training.{unknown[0]}': not a transformers.TrainingArguments field")
-    if "output_dir" not in raw:
-        raise SATConfigError("key 'training.output_dir' is missing; allowed: a folder for checkpoints and the report")
-    return dict(raw)
-
-
 def _lora(raw: Any) -> dict[str, Any] | None:
+    """Field names and types of ``peft.LoraConfig`` (the rest is checked on the model, see model_source)."""
     if raw is None:
         return None
     if not isinstance(raw, dict):
@@ -168,10 +161,9 @@ def _lora(raw: Any) -> dict[str, Any] | None:
         import peft
     except ImportError:
         raise SATConfigError("key 'lora' needs peft: pip install 'sat_trainer[peft]'") from None
-    known = set(inspect.signature(peft.LoraConfig).parameters)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise SATConfigError(f"unknown key 'lora.{unknown[0]}': not a peft.LoraConfig field")
-    if raw.get("use_dora"):
+    from .fields import check_fields
+
+    lora = check_fields(raw, peft.LoraConfig, "lora")
+    if lora.get("use_dora"):
         raise SATConfigError("key 'lora.use_dora' has invalid value True; allowed: false (SAT cannot slice DoRA)")
-    return dict(raw)
+    return lora

@@ -27,12 +27,18 @@ def generator_for(seed: int, draw: int, unit: int, device: torch.device | str = 
     return torch.Generator(device=device).manual_seed(draw_seed(seed, draw, unit))
 
 
-def topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k highest-scoring units, ascending indices (sorted for memory-friendly gathers)."""
-    return torch.topk(scores, k, sorted=False).indices.sort().values
+def topk(scores: torch.Tensor, k: int, groups: int = 1) -> torch.Tensor:
+    """The k highest-scoring units, ascending indices (sorted for memory-friendly gathers).
+
+    With ``groups > 1`` the units form that many equal contiguous groups and k/groups are kept
+    in each (query heads of one KV group: attention needs the same count per group)."""
+    per_group = scores.reshape(groups, -1)
+    picked = torch.topk(per_group, k // groups, dim=1, sorted=False).indices
+    offsets = torch.arange(groups, device=scores.device).unsqueeze(1) * per_group.shape[1]
+    return (picked + offsets).reshape(-1).sort().values
 
 
-def sampling(scores: torch.Tensor, k: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
+def sampling(scores: torch.Tensor, k: int, temperature: float, generator: torch.Generator, groups: int = 1) -> torch.Tensor:
     """k draws without replacement with p ~ score^(1/temperature), via the Gumbel-top-k trick.
 
     Adding Gumbel noise to log-probabilities and taking the top k is an exact sample without
@@ -41,4 +47,4 @@ def sampling(scores: torch.Tensor, k: int, temperature: float, generator: torch.
     """
     logits = scores.float().clamp_min(1e-30).log() / temperature
     uniform = torch.rand(scores.shape, generator=generator, device=scores.device).clamp_(1e-20, 1.0 - 1e-7)
-    return topk(logits - (-uniform.log()).log(), k)
+    return topk(logits - (-uniform.log()).log(), k, groups)

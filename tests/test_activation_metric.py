@@ -59,6 +59,10 @@ def test_activation_attention_is_value_through_output_norm_per_kv_group():
         written = [values[:, g] @ attn.o_proj.weight[:, h * 16 : (h + 1) * 16].t() for h in (2 * g, 2 * g + 1)]
         expected.append(torch.cat(written, 1).norm())
     torch.testing.assert_close(got, torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
+    # the patched block scores its KV groups the same way (all tokens: a subsample larger than the batch)
+    handle = apply_sat(model, sat_config(metric="activation", targets=["attention"], activation_tokens=1000))
+    unit = next(u for u in handle.units if u.name == "model.layers.0.self_attn")
+    torch.testing.assert_close(unit._scores(x, torch.Generator().manual_seed(0)), torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_activation_metric_omits_a_channel_that_writes_nothing():

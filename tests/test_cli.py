@@ -10,17 +10,6 @@ import sys
 import pytest
 
 from sat_trainer.cli import main
-from sat_trainer.pretrain import build_base
-
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_steps=2)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    out = tmp_path_factory.mktemp("base")
-    info = build_base(out, vocab_size=300, block_size=64, **TINY)
-    assert info["parameters"] < 100_000 and set(info["validation_loss"]) == {"base", "continual"}
-    return out
 
 
 def _overrides(base, out, steps=4):

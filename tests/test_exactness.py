@@ -17,7 +17,7 @@ CASES = [(f, "eager") for f in FAMILY_CONFIGS] + [(f, "sdpa") for f in LLAMA_STY
 
 
 @pytest.mark.parametrize("family,attn", CASES, ids=[f"{f}-{a}" for f, a in CASES])
-@pytest.mark.parametrize("metric", ["wanda", "maxip"])
+@pytest.mark.parametrize("metric", ["wanda", "maxip", "activation"])
 def test_sliced_equals_masked_dense(family, attn, metric):
     model = build(family, attn)
     reference = copy.deepcopy(model)
@@ -80,3 +80,37 @@ def test_attention_drops_whole_kv_groups():
         groups = heads.div(2, rounding_mode="floor")  # 8 query heads / 4 KV heads
         assert heads.numel() == 4 and groups.unique().numel() == 2, name
         assert torch.equal(heads, torch.cat([torch.arange(2 * g, 2 * g + 2) for g in groups.unique()]))
+
+
+QUERY_HEAD_CASES = [(f, "eager") for f in LLAMA_STYLE_ATTENTION] + [("llama", "sdpa"), ("qwen3", "sdpa")]
+
+
+@pytest.mark.parametrize("family,attn", QUERY_HEAD_CASES, ids=[f"{f}-{a}" for f, a in QUERY_HEAD_CASES])
+def test_query_head_unit_equals_masked_dense_and_keeps_kv_dense(family, attn):
+    model = build(family, attn)
+    reference = copy.deepcopy(model)
+    handle = apply_sat(model, sat_config(omission_rate=0.5, metric="activation", attention_unit="query_head"))
+    model.train()
+    reference.train()
+    handle.set_rate(0.5)
+    handle.new_step()
+    ids = batch()
+    loss, logits, grads = loss_and_grads(model, ids)
+    with masked(reference, handle):
+        ref_loss, ref_logits, ref_grads = loss_and_grads(reference, ids)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    _assert_omitted_grads_zero(model, handle)
+    attention = [u for u in handle.units if u.kind == "attention"]
+    for unit in attention:
+        heads = unit.kept_query_or_channels()  # 8 query heads in 4 KV groups of 2: one kept per group
+        assert torch.equal(heads.div(2, rounding_mode="floor"), torch.arange(4)), unit.name
+        assert unit.block.num_key_value_groups == 1
+        assert torch.count_nonzero(unit.block.k_proj.weight.grad.abs().sum(1)) == unit.block.k_proj.weight.shape[0]
+    model.eval()
+    with torch.no_grad():
+        model(ids)  # dense again: the block's own GQA repeat count is back
+    assert all(u.block.num_key_value_groups == 2 for u in attention)
+    remove_sat(model)
+    assert all(u.block.num_key_value_groups == 2 for u in attention)

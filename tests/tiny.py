@@ -78,3 +78,13 @@ def sat_config(**kwargs) -> SATConfig:
     """A SATConfig that omits attention groups as well as MLP channels (the package default is
     MLP only), so every test that does not choose its targets covers both kinds of block."""
     return SATConfig(**{"targets": ["mlp", "attention"], **kwargs})
+
+
+def demo_run_args(task: str, base, out, steps: int = 4, *extra: str) -> list[str]:
+    """`sat-train <task>` arguments that run the shipped demo config in seconds on a tiny base."""
+    sets = [
+        f"model={base}", f"training.output_dir={out}", f"training.max_steps={steps}", "training.eval_steps=2",
+        "training.logging_steps=1", "training.per_device_train_batch_size=2", "data.max_length=32",
+        "data.max_train_samples=40", "data.max_eval_samples=4", *extra,
+    ]
+    return [task, "--config", f"configs/demo_{task}.yaml", *(a for s in sets for a in ("--set", s))]

@@ -13,16 +13,18 @@ A spec is one string:
 from __future__ import annotations
 
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from ..errors import SATError
 from . import corpus
 
-BUILTIN = {
-    "shakespeare-base": lambda split: datasets.Dataset.from_dict({"text": corpus.shakespeare("base", split)}),
-    "shakespeare-continual": lambda split: datasets.Dataset.from_dict({"text": corpus.shakespeare("continual", split)}),
-    "chatterbot": lambda split: datasets.Dataset.from_list(corpus.chatterbot(split)),
+if TYPE_CHECKING:  # imported where data loads, so that checking a spec stays fast
+    import datasets
+
+BUILTIN = {  # name -> split -> records
+    "shakespeare-base": lambda split: [{"text": t} for t in corpus.shakespeare("base", split)],
+    "shakespeare-continual": lambda split: [{"text": t} for t in corpus.shakespeare("continual", split)],
+    "chatterbot": corpus.chatterbot,
 }
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -43,15 +45,19 @@ def check(spec: str) -> str:
 
 def load(spec: str, split: str = "train") -> datasets.Dataset:
     """Load ``spec``; ``split`` selects builtin splits and the default hub split."""
+    import datasets
+
     kind = check(spec)
     if kind == "builtin":
-        return BUILTIN[spec[len("builtin:") :]](split)
+        return datasets.Dataset.from_list(BUILTIN[spec[len("builtin:") :]](split))
     if kind == "local":
         return _load_local(Path(spec).expanduser())
     return _load_hub(spec, split)
 
 
 def _load_local(path: Path) -> datasets.Dataset:
+    import datasets
+
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
             return datasets.load_from_disk(str(path))
@@ -67,6 +73,8 @@ def _load_local(path: Path) -> datasets.Dataset:
 
 
 def _load_hub(spec: str, split: str) -> datasets.Dataset:
+    import datasets
+
     name, _, chosen_split = spec.partition(":")
     name, _, config = name.partition("@")
     return datasets.load_dataset(name, config or None, split=chosen_split or split)

@@ -1,43 +1,26 @@
 """SFT data: chat records or instruction/response pairs -> token ids with loss on responses only.
 
-Records may be chat-style (``messages``: a list of ``{"role", "content"}``) or pairs
-(``instruction``/``prompt``/``question`` [+ ``input``/``context``] and ``response``/``output``/
-``completion``/``answer``). The tokenizer's chat template renders them; a tokenizer without one
-gets :data:`sat_trainer.data.tokenizer.CHAT_TEMPLATE`. Labels are -100 on everything except the
+Records take either form of :mod:`sat_trainer.data.records`. The tokenizer's chat template
+renders them; a tokenizer without one gets :data:`sat_trainer.data.tokenizer.CHAT_TEMPLATE`. Labels are -100 on everything except the
 tokens of assistant turns (including the EOS the template closes them with): the model learns
 to answer, not to repeat prompts.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
 
 import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..errors import SATError
+from .records import to_messages
 from .tokenizer import CHAT_TEMPLATE
 
+logger = logging.getLogger("sat_trainer")
+
 IGNORE = -100
-PROMPT_KEYS = ("instruction", "prompt", "question")
-CONTEXT_KEYS = ("input", "context")
-RESPONSE_KEYS = ("response", "output", "completion", "answer")
-
-
-def to_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    """A record as chat messages; raises ValueError naming the keys it found if it is neither form."""
-    if isinstance(record.get("messages"), list):
-        return [{"role": m["role"], "content": str(m["content"])} for m in record["messages"]]
-    prompt = next((record[k] for k in PROMPT_KEYS if record.get(k)), None)
-    response = next((record[k] for k in RESPONSE_KEYS if record.get(k) is not None), None)
-    if prompt is None or response is None:
-        raise ValueError(
-            f"SFT record has keys {sorted(record)}; expected 'messages', or one of {PROMPT_KEYS} with one of {RESPONSE_KEYS}"
-        )
-    context = next((record[k] for k in CONTEXT_KEYS if record.get(k)), None)
-    messages = [{"role": "system", "content": str(record["system"])}] if record.get("system") else []
-    user = f"{prompt}\n\n{context}" if context else str(prompt)
-    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": str(response)}]
 
 
 def encode(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, list[int]]:
@@ -58,13 +41,24 @@ def encode(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, m
 
 
 def tokenize(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
-    """Encode every record; records left with no response token after truncation are dropped."""
+    """Encode every record; records left with no response token after truncation are dropped
+    (logged with their count), and none left is an error naming ``max_length``."""
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHAT_TEMPLATE
     encoded = dataset.map(
         lambda r: encode(to_messages(r), tokenizer, max_length), remove_columns=dataset.column_names, desc="tokenizing chats"
     )
-    return encoded.filter(lambda r: any(t != IGNORE for t in r["labels"]), desc="dropping records without response tokens")
+    kept = encoded.filter(lambda r: any(t != IGNORE for t in r["labels"]), desc="dropping records without response tokens")
+    dropped = len(encoded) - len(kept)
+    if dropped and not len(kept):
+        raise SATError(
+            f"all {dropped} records lose their whole response to truncation at data.max_length={max_length}; raise data.max_length"
+        )
+    if dropped:
+        logger.warning(
+            "sat_trainer: dropped %d of %d records with no response token left within max_length=%d", dropped, len(encoded), max_length
+        )
+    return kept
 
 
 class PadCollator:

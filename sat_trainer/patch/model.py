@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..config import SATConfig
+from ..config import SATConfig, to_config
 from ..errors import SATError
 from ..ops import SLICEABLE, out_major_weight
 from .registry import FAMILIES, NO_ATTENTION_REASON, BlockShape, supported_model_types
 from .units import BlockUnit
 
 logger = logging.getLogger("sat_trainer")
+
+DATA_DEPENDENT_METRICS = ("wanda", "maxip", "activation")  # scores read the rank's own tokens: averaged over ranks
 
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, SATHandle] = weakref.WeakKeyDictionary()
 
@@ -92,20 +96,21 @@ class SATHandle:
 
     def sync_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Average data-dependent scores over ranks so every rank keeps the same set."""
-        if self.config.metric in ("wanda", "maxip") and dist.is_available() and dist.is_initialized():
+        if self.config.metric in DATA_DEPENDENT_METRICS and dist.is_available() and dist.is_initialized():
             if dist.get_world_size() > 1:
                 dist.all_reduce(scores, op=dist.ReduceOp.SUM)
                 scores /= dist.get_world_size()
         return scores
 
 
-def apply_sat(model: nn.Module, config: SATConfig | None = None) -> SATHandle:
+def apply_sat(model: nn.Module, config: SATConfig | Mapping[str, Any] | str | None = None) -> SATHandle:
     """Patch ``model``'s MLP and attention blocks in place for SAT; returns the controlling handle.
 
+    ``config``: a SATConfig, a mapping of its keys, a YAML path, or None (defaults).
     The handle starts at omission rate 0 (the original forwards run) until ``set_rate``.
     Raises :class:`SATError` for an unsupported architecture or a model patched twice.
     """
-    config = config or SATConfig()
+    config = to_config(config)
     if model in _HANDLES:
         raise SATError(f"{type(model).__name__} is already patched by sat_trainer; call remove_sat(model) first")
     model_type = getattr(getattr(model, "config", None), "model_type", None)

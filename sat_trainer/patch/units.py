@@ -49,6 +49,8 @@ class BlockUnit:
         self.block = block
         self.shape = shape
         self._handle = handle
+        self.query_heads = shape.kind == "attention" and handle.config.attention_unit == "query_head"
+        self._kv_groups_attr = getattr(block, "num_key_value_groups", None)  # query_head units change it while sparse
         self._saved_forwards: list[tuple[nn.Module, Callable | None]] = []
         self._drawn_for: tuple[int, int] | None = None
         self._scores_cache: torch.Tensor | None = None  # reused for score_every draws
@@ -65,15 +67,19 @@ class BlockUnit:
         projections = {a: adapters.resolve(f"{self.name}.{a}", getattr(self.block, a)) for a in attrs}
         self._signature = tuple(p.signature for p in projections.values())
         self.fallback = adapters.unsliceable_reason(projections)
-        ins = [projections[a] for a in self.shape.inputs]
+        # query_head units slice q only (k and v stay dense); v still scores them (metric activation)
+        sliced = self.shape.inputs[:1] if self.query_heads else self.shape.inputs
+        ins = [projections[a] for a in sliced]
         out = projections[self.shape.output]
         self.inputs = [p.base for p in ins]
         self.output = out.base
+        self.values = projections[self.shape.inputs[2]].base if self.kind == "attention" else None
         self._in_members = self.inputs + [m for p in ins for m in p.lora_out]
         self._out_members = [out.base, *out.lora_in]
-        self.n, self.heads_per_unit = 0, 1
+        self.n, self.heads_per_unit, self.groups = 0, 1, 1
         if self.fallback is None:
-            self.n, self.heads_per_unit = _unit_layout(self.name, self.shape, self.block, self.inputs)
+            all_inputs = [projections[a].base for a in self.shape.inputs]
+            self.n, self.heads_per_unit, self.groups = _unit_layout(self.name, self.shape, self.block, all_inputs, self.query_heads)
             for member in self._in_members:
                 _check_divisible(self.name, member, out_features(member), self.n)
             for member in self._out_members:
@@ -94,6 +100,7 @@ class BlockUnit:
             self._bind(member, functools.partial(_output_forward, self, member, member.forward))
 
     def unpatch(self) -> None:
+        self._set_query_heads_per_group(None)
         for proj, previous in reversed(self._saved_forwards):
             del proj.forward
             if previous is not None:
@@ -126,7 +133,15 @@ class BlockUnit:
     # ---- the kept set ---------------------------------------------------------------------
 
     def k(self) -> int:
-        return kept_count(self.n, self._handle.rate)
+        """Units kept at the current rate; query_head units keep the same count in every KV group."""
+        return self.groups * kept_count(self.n // self.groups, self._handle.rate)
+
+    def _set_query_heads_per_group(self, kept_per_group: int | None) -> None:
+        """query_head units: the attention forward repeats each KV head for ``num_key_value_groups``
+        query heads (eager, and sdpa without native GQA), so while sparse that is the kept count
+        per group; dense (None) puts the model's own value back."""
+        if self.query_heads and self._kv_groups_attr is not None:
+            self.block.num_key_value_groups = kept_per_group or self._kv_groups_attr
 
     def is_sparse(self) -> bool:
         """Sliced forward only while training with something to omit: eval and rate 0 run dense."""
@@ -153,7 +168,9 @@ class BlockUnit:
         self._refresh()
         if self._drawer is None:
             self._drawer = member
-        if self.is_sparse():
+        sparse = self.is_sparse()
+        self._set_query_heads_per_group(self.k() // self.groups if sparse else None)
+        if sparse:
             key = (self._handle.draw_id, self.k())
             if self._drawn_for != key:
                 self._draw(x, key)
@@ -206,9 +223,9 @@ class BlockUnit:
             scores = self._scores_cache
             k = key[1]
             if cfg.selection == "topk":
-                kept = selection.topk(scores, k)
+                kept = selection.topk(scores, k, self.groups)
             else:
-                kept = selection.sampling(scores, k, cfg.temperature, generator)
+                kept = selection.sampling(scores, k, cfg.temperature, generator, self.groups)
         self.kept_units = kept  # stays on the device: reading it here would be a host sync per block
         self._index_members(kept)
         self._drawn_for = key
@@ -233,7 +250,9 @@ class BlockUnit:
         if self.kind == "mlp":
             act = getattr(self.block, self.shape.activation)
             return importance.activation_mlp(tokens, in_weights, [p.bias for p in self.inputs], act, out_weight)
-        return importance.activation_attention(tokens, in_weights[2], self.inputs[2].bias, out_weight, self.n)
+        values = out_major_weight(self.values)
+        kv_groups = self.groups if self.query_heads else self.n
+        return importance.activation_attention(tokens, values, self.values.bias, out_weight, kv_groups, self.query_heads)
 
 
 def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -267,10 +286,13 @@ def _sliced_dim_and_chunk(member: nn.Module, input_side: bool, n: int) -> tuple[
     return (0 if conv else 1), in_features(member) // n
 
 
-def _unit_layout(name: str, shape: BlockShape, block: nn.Module, inputs: list[nn.Module]) -> tuple[int, int]:
-    """(number of units, query heads per unit): channels for MLPs, KV groups for attention."""
+def _unit_layout(
+    name: str, shape: BlockShape, block: nn.Module, inputs: list[nn.Module], query_heads: bool
+) -> tuple[int, int, int]:
+    """(number of units, query heads per unit, groups the units split into evenly): channels for
+    MLPs; KV groups for attention, or query heads in KV groups for ``attention_unit: query_head``."""
     if shape.kind == "mlp":
-        return out_features(inputs[0]), 1
+        return out_features(inputs[0]), 1, 1
     head_dim = getattr(block, "head_dim", None)
     if not isinstance(head_dim, int) or head_dim <= 0:
         raise SATError(f"{name}: attention module has no integer 'head_dim' attribute; cannot find its heads")
@@ -278,7 +300,7 @@ def _unit_layout(name: str, shape: BlockShape, block: nn.Module, inputs: list[nn
     kv_heads = out_features(inputs[1]) // head_dim
     if kv_heads == 0 or q_heads % kv_heads:
         raise SATError(f"{name}: {q_heads} query heads do not split into {kv_heads} KV groups")
-    return kv_heads, q_heads // kv_heads
+    return (q_heads, 1, kv_heads) if query_heads else (kv_heads, q_heads // kv_heads, 1)
 
 
 def _check_divisible(name: str, proj: nn.Module, features: int, n: int) -> None:

@@ -1,0 +1,70 @@
+"""Runs that go wrong: a diverged run stops with one line and exit 1, saves no NaN model and
+writes strict JSON; skipped steps can be allowed; the last train loss is recorded however short
+the run; a run that fails before writing anything leaves no empty run folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+from tiny import demo_run_args
+
+from sat_trainer.cli import main
+
+# Adam moves every weight by about the learning rate: after step 1 the weights are ~1e30 and
+# the next forward overflows, so step 2's loss and gradients are NaN, deterministically.
+DIVERGE = ("training.learning_rate=1e30", "training.warmup_steps=0", "training.max_grad_norm=0")
+
+
+def _strict(path):
+    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds bare {c}"))
+
+
+def test_diverged_run_stops_with_one_line_and_no_final_model(tiny_base, tmp_path, capsys):
+    assert main(demo_run_args("cpt", tiny_base, tmp_path, 6, *DIVERGE)) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("sat-train: error: training diverged at step 2")
+    report = _strict(tmp_path / "report.json")
+    assert report["status"] == "diverged" and report["diverged_at_step"] == 2 and report["steps"] == 2
+    assert not (tmp_path / "final").exists()
+
+
+def test_skipped_steps_are_allowed_up_to_the_limit(tiny_base, tmp_path):
+    assert main(demo_run_args("cpt", tiny_base, tmp_path, 6, *DIVERGE, "max_skipped_steps=2")) == 1
+    report = _strict(tmp_path / "report.json")
+    assert report["skipped_steps"] == [2, 3, 4] and report["diverged_at_step"] == 4
+
+
+def test_final_train_loss_when_max_steps_is_below_logging_steps(tiny_base, tmp_path):
+    assert main(demo_run_args("cpt", tiny_base, tmp_path, 2, "training.logging_steps=10")) == 0
+    report = _strict(tmp_path / "report.json")
+    assert report["status"] == "completed" and report["final_train_loss"] > 0
+    assert [r["step"] for r in report["history"]["train_loss"]] == [2]
+
+
+def test_failed_run_leaves_no_empty_run_folder(tiny_base, tmp_path, monkeypatch):
+    def out_of_memory(self, *args, **kwargs):  # fails after the Trainer made the run folder
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(transformers.Trainer, "train", out_of_memory)
+    out = tmp_path / "runs" / "r"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main([*demo_run_args("cpt", tiny_base, out), "--compare-dense"])
+    assert not (tmp_path / "runs").exists()  # run folder and the parent it made: gone
+
+
+def test_final_model_with_non_finite_weights_is_never_saved(tmp_path):
+    """The last line of defence, whatever made the weights non-finite."""
+    import torch
+    from tiny import build
+
+    from sat_trainer.errors import SATTrainingError
+    from sat_trainer.run import _save_final
+
+    model = build("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(SATTrainingError, match=r"final/ not saved: 1 weight tensors are not finite \(first: model.layers.1.mlp.down_proj.weight\)"):
+        _save_final(model, None, tmp_path, lora=False)
+    assert not (tmp_path / "final").exists()
