@@ -36,7 +36,9 @@ def signature(module: nn.Module) -> tuple:
     """Identity of a block attribute and its adapters: changes when LoRA is added or altered."""
     if not _is_lora(module):
         return (id(module),)
-    return (id(module), tuple(sorted(module.lora_A.keys())), tuple(sorted(getattr(module, "lora_variant", {}) or {})))
+    variants = tuple(sorted(getattr(module, "lora_variant", {}) or {}))
+    # merging writes the base weight through ``.data``: a new signature drops cached kept slices
+    return (id(module), tuple(sorted(module.lora_A.keys())), variants, tuple(getattr(module, "merged_adapters", ())))
 
 
 def resolve(name: str, module: nn.Module) -> Projection:

@@ -7,21 +7,46 @@ Every projection SAT touches is one of two roles:
 * the *output* projection (down, o, c_proj, fc2) reads only its kept **input** features:
   ``F.linear(h, W[:, idx], b)``.
 
-The matmuls are smaller dense ones, never a mask over the full computation. Both ops take the
-module itself, so one function serves ``nn.Linear`` (weight ``(out, in)``) and GPT-2's
-``Conv1D`` (weight ``(in, out)``) through :func:`out_major_weight`. Autograd through
-``index_select`` writes the kept rows/columns of a full-size, zero-filled weight gradient, so the
-omitted neurons get exactly zero gradient.
+The matmuls are smaller dense ones, never a mask over the full computation. Both roles are one
+op, :func:`kept_linear`, which takes the module itself, so one function serves ``nn.Linear``
+(weight ``(out, in)``) and GPT-2's ``Conv1D`` (weight ``(in, out)``). On the devices in
+``KEPT_OP_DEVICES`` (CUDA) it is a custom autograd function; elsewhere (CPU, where that measured
+slower) plain ``F.linear`` over ``index_select``, whose backward zero-fills the full weight
+gradient and scatters the kept part into it.
+
+What the custom op saves over ``F.linear(x, W.index_select(dim, idx))`` through autograd:
+
+* the kept slice is gathered once per kept set (:class:`SliceCache`) and reused by the other
+  micro-batches of the step and by gradient-checkpoint recompute, instead of once per call;
+* backward computes only the kept slice's weight gradient and writes it with a non-atomic
+  ``index_copy_`` (``index_select``'s backward is an atomic ``index_add_``), and in a single
+  process adds it straight into ``.grad``: a full-size zero-filled gradient is made once per
+  step (when ``.grad`` is None), not once per call plus an addition.
+
+Omitted rows/columns always end with exactly zero gradient, as with ``index_select``. Under
+``torch.distributed`` (DDP and FSDP reduce gradients from hooks on autograd's gradient
+accumulation, which a hand-written ``.grad`` would bypass) and while ``torch.compile`` traces
+(``.grad`` is not traceable), the op returns the full-size gradient to autograd instead and does
+not cache slices (FSDP re-gathers parameters into the same storage each forward, so a cache
+could not tell a stale slice).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 SLICEABLE = (nn.Linear, Conv1D)
+KEEP_OUTPUTS, KEEP_INPUTS = 0, 1  # the out-major weight dim that is sliced
+# Devices where the custom op runs; elsewhere autograd's index_select path (docs/benchmarks.md,
+# issue 10: on an H100 the op was 1-6% faster per step; on the 2-core CPU 8% slower, its Python
+# forward/backward costing more than the zero-filled scatter it saves).
+KEPT_OP_DEVICES = ("cuda",)
 
 
 def is_sliceable(module: nn.Module) -> bool:
@@ -42,12 +67,122 @@ def in_features(module: nn.Module) -> int:
     return out_major_weight(module).shape[1]
 
 
-def linear_keep_outputs(module: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``module(x)[..., idx]``, computed with only the kept rows of the weight."""
-    bias = module.bias.index_select(0, idx) if module.bias is not None else None
-    return F.linear(x, out_major_weight(module).index_select(0, idx), bias)
+@dataclass
+class _Slice:
+    idx: torch.Tensor
+    version: int
+    dtype: torch.dtype
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
 
-def linear_keep_inputs(module: nn.Module, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``module(h_full)`` where ``h`` holds only the kept input features ``idx`` (the rest are zero)."""
-    return F.linear(h, out_major_weight(module).index_select(1, idx), module.bias)
+class SliceCache:
+    """Kept weight (and bias) slices per module, valid while the kept indices, the weight's
+    in-place version (an optimizer step bumps it) and the compute dtype stay the same."""
+
+    def __init__(self) -> None:
+        self._slices: dict[nn.Module, _Slice] = {}
+
+    def clear(self) -> None:
+        self._slices.clear()
+
+    def get(self, module: nn.Module, idx: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hit = self._slices.get(module)
+        if hit is None or hit.idx is not idx or hit.version != module.weight._version or hit.dtype != dtype:
+            hit = _Slice(idx, module.weight._version, dtype, *_gather(module, idx, dim, dtype))
+            self._slices[module] = hit
+        return hit.weight, hit.bias
+
+
+def _gather(module: nn.Module, idx: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kept out-major weight slice and kept bias entries (kept outputs only: the output side
+    adds the whole bias), detached, in ``dtype``."""
+    with torch.no_grad():
+        weight = _as(out_major_weight(module).index_select(dim, idx), dtype)
+        bias = None
+        if module.bias is not None and dim == KEEP_OUTPUTS:
+            bias = _as(module.bias.index_select(0, idx), dtype)
+    return weight, bias
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without the call when it would do nothing: this op runs several times
+    per block per step, and on a GPU at 1B scale the host's per-op time shows in the step time."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def kept_linear(module: nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int, cache: SliceCache | None) -> torch.Tensor:
+    """``module(x)`` restricted to kept features ``idx``: its kept outputs (``dim=KEEP_OUTPUTS``),
+    or, with ``x`` holding only the kept inputs (``dim=KEEP_INPUTS``), the full output."""
+    device = x.device.type
+    if device not in KEPT_OP_DEVICES:
+        bias = module.bias.index_select(0, idx) if module.bias is not None and dim == KEEP_OUTPUTS else module.bias
+        return F.linear(x, out_major_weight(module).index_select(dim, idx), bias)
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else module.weight.dtype
+    compiling = torch.compiler.is_compiling()
+    direct = not compiling and not (dist.is_available() and dist.is_initialized())
+    if direct and cache is not None:
+        weight, bias = cache.get(module, idx, dim, dtype)
+    else:
+        weight, bias = _gather(module, idx, dim, dtype)
+    return _KeptLinear.apply(_as(x, dtype), weight, bias, module.weight, module.bias, idx, dim, isinstance(module, Conv1D), direct)
+
+
+class _KeptLinear(torch.autograd.Function):
+    """``F.linear(x, w_kept, b_kept)`` whose parameter gradients land in the kept slice only.
+
+    ``param_w``/``param_b`` are the module's parameters, passed so that autograd routes their
+    gradient here; ``w_kept``/``b_kept`` are their detached kept slices, used for the matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_kept, b_kept, param_w, param_b, idx, dim, transposed, direct):
+        ctx.save_for_backward(x, w_kept, idx)
+        ctx.dim, ctx.transposed, ctx.direct = dim, transposed, direct
+        ctx.params = (param_w, param_b) if direct else (None, None)
+        ctx.like = (_meta(param_w), _meta(param_b))
+        if dim == KEEP_INPUTS and param_b is not None:
+            b_kept = _as(param_b, x.dtype)
+        return F.linear(x, w_kept, b_kept)  # all in the compute dtype already: autocast casts nothing
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_kept, idx = ctx.saved_tensors
+        grad_x = grad @ w_kept if ctx.needs_input_grad[0] else None
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[3]:
+            kept_w = g2.t() @ x.reshape(-1, x.shape[-1])  # out-major (kept rows or kept columns)
+            grad_w = _place(ctx, 0, kept_w, idx, ctx.dim, ctx.transposed)
+        if ctx.needs_input_grad[4]:
+            if ctx.dim == KEEP_OUTPUTS:
+                grad_b = _place(ctx, 1, g2.sum(0), idx, 0, False)
+            else:  # the output side adds the whole bias: its gradient is full-size anyway
+                grad_b = g2.sum(0)
+        return grad_x, None, None, grad_w, grad_b, None, None, None, None
+
+
+def _place(ctx, which: int, kept: torch.Tensor, idx: torch.Tensor, dim: int, transposed: bool) -> torch.Tensor | None:
+    """Put a kept-slice gradient into the full parameter gradient: added into ``param.grad``
+    (direct; returns None so autograd adds nothing), or as a new full-size zero-filled tensor."""
+    param = ctx.params[which]
+    if ctx.direct:
+        kept = kept.to(param.dtype)
+        if param.grad is None:
+            param.grad = torch.zeros_like(param, memory_format=torch.contiguous_format)
+            _out_major(param.grad, transposed).index_copy_(dim, idx, kept)
+        else:
+            _out_major(param.grad, transposed).index_add_(dim, idx, kept)
+        return None
+    shape, dtype = ctx.like[which]
+    full = kept.new_zeros(shape, dtype=dtype)
+    _out_major(full, transposed).index_copy_(dim, idx, kept)
+    return full
+
+
+def _meta(param: torch.Tensor | None) -> tuple[torch.Size, torch.dtype] | None:
+    return None if param is None else (param.shape, param.dtype)
+
+
+def _out_major(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return tensor.t() if transposed else tensor

@@ -1,8 +1,11 @@
 """Choosing which units to keep from their scores, reproducibly.
 
-Randomness comes only from a CPU ``torch.Generator`` seeded by :func:`draw_seed` from
-(config seed, draw number, unit index). Every rank of a distributed run therefore draws the same
-noise without communicating, and a resumed run redraws exactly what it would have drawn.
+Randomness comes only from a ``torch.Generator`` on the weights' device, seeded by
+:func:`draw_seed` from (config seed, draw number, unit index). Every rank of a distributed run
+therefore draws the same noise without communicating, a resumed run redraws exactly what it
+would have drawn, and no random numbers cross between host and device during a training step
+(a host round trip stalls a GPU's launch queue). CPU and CUDA generators give different streams
+for the same seed: draws agree between ranks and runs on the same kind of device.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ def draw_seed(seed: int, draw: int, unit: int) -> int:
     return (z ^ (z >> 31)) & _MASK64
 
 
-def generator_for(seed: int, draw: int, unit: int) -> torch.Generator:
-    return torch.Generator().manual_seed(draw_seed(seed, draw, unit))
+def generator_for(seed: int, draw: int, unit: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(draw_seed(seed, draw, unit))
 
 
 def topk(scores: torch.Tensor, k: int, groups: int = 1) -> torch.Tensor:
@@ -43,5 +46,5 @@ def sampling(scores: torch.Tensor, k: int, temperature: float, generator: torch.
     unit keeps a (small) chance to train.
     """
     logits = scores.float().clamp_min(1e-30).log() / temperature
-    uniform = torch.rand(scores.shape, generator=generator).clamp_(1e-20, 1.0 - 1e-7).to(scores.device)
+    uniform = torch.rand(scores.shape, generator=generator, device=scores.device).clamp_(1e-20, 1.0 - 1e-7)
     return topk(logits - (-uniform.log()).log(), k, groups)

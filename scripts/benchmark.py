@@ -1,22 +1,25 @@
-"""Speed benchmark: dense vs SAT training steps in one process, interleaved, medians reported.
+"""Speed benchmark: dense vs SAT vs the pruned-dense bound, training steps in one process, interleaved.
 
 For each configuration it builds one Llama-shaped model from a config, copies it, patches one
-copy with SAT, and alternates timed training steps (forward, backward, fused AdamW step) between
-the two, so drift in machine load hits both alike. Beside the measured speedup it prints the
-ideal one from the matmul FLOP count (LM head included) and, with ``--memory``, each variant's
-peak memory measured in a separate process (CUDA: peak allocated; CPU: peak RSS growth during
-the steps).
+copy with SAT, and builds a third, *pruned* dense model whose MLP (and, with attention targets,
+KV groups) has the kept size built in: what perfect slicing would give. It alternates timed
+training steps (forward, backward, fused AdamW step) between the three, so drift in machine
+load hits all alike, and reports medians, SAT's speedup, the bound's speedup, SAT's fraction of
+the bound and the ideal speedup from the matmul FLOP count (LM head included). With
+``--memory`` each variant's peak memory is measured in a separate process (CUDA: peak
+allocated; CPU: peak RSS growth during the steps).
 
 Examples:
     python scripts/benchmark.py --shape realistic --rates 0.25 0.5 0.75 --targets mlp both attention
     python scripts/benchmark.py --shape realistic --rates 0.5 --lora --memory
     python scripts/benchmark.py --shape realistic --ladder-steps 40
-    python scripts/benchmark.py --shape 1b --device cuda --dtype bf16 --rates 0.25 0.5
+    python scripts/benchmark.py --shape 1b --device cuda --precision bf16 --kernels liger --compile
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import resource
@@ -25,24 +28,32 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import transformers
 
 from sat_trainer import SATConfig, apply_sat
-from sat_trainer.schedule import omission_rate_at
+from sat_trainer.schedule import kept_count, omission_rate_at
 
 SHAPES = {
     # the embedded demo base (sat-train pretrain-base)
     "demo": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2, vocab_size=8192),
     # CPU-sized, realistic proportions: per-layer matmuls dominate as at 7B
     "realistic": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4, vocab_size=8192),
-    # GPU: TinyLlama-1.1B's shape
+    # SmolLM2-135M's shape (random weights: speed does not depend on them)
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    # GPU: TinyLlama-1.1B's shape, and 6 of its layers (to bound compile time)
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    "1b6l": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    # GPU: 4 layers of Llama-3-8B (GQA) and of Llama-2-7B (MHA)
+    "8b4l": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+    "7b4l": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    # checks the scripts only
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
 }
 TARGETS = {"mlp": ["mlp"], "attention": ["attention"], "both": ["mlp", "attention"]}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "autocast": torch.float32}  # autocast: fp32 weights, bf16 compute
 DEFAULT_TARGETS = next(name for name, blocks in TARGETS.items() if blocks == SATConfig().targets)
 
 
@@ -59,18 +70,46 @@ class Row:
     speedup: float
     ideal: float
     of_ideal: float
+    pruned_s: float | None = None
+    bound: float | None = None  # the pruned-dense model's speedup
+    of_bound: float | None = None  # SAT's speedup over the bound's
+    extra: dict = field(default_factory=dict)
 
 
-def build(args) -> torch.nn.Module:
-    cfg = transformers.LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(args.seq, 64))
+def apply_kernels(args) -> None:
+    """Liger-Kernel's Llama patch (class level, so it must run before the models are built)."""
+    if args.kernels == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
+
+
+def build(args, **overrides) -> torch.nn.Module:
+    """The benchmark model, created on the device; ``overrides`` change the config (pruned sizes)."""
+    cfg = transformers.LlamaConfig(**{**SHAPES[args.shape], **overrides}, max_position_embeddings=max(args.seq, 64))
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=DTYPES[args.dtype])
+    with torch.device(args.device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=PRECISIONS[args.precision])
     if args.lora:
         import peft
 
         targets = ["gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
     return model.to(args.device).train()
+
+
+def build_pruned(args, targets: str, rate: float) -> torch.nn.Module:
+    """The dense model at SAT's kept size: intermediate k of n channels, and for attention k of
+    the KV groups (each with its query heads), as ``kept_count`` gives SAT."""
+    shape = SHAPES[args.shape]
+    over: dict = {}
+    if "mlp" in TARGETS[targets]:
+        over["intermediate_size"] = kept_count(shape["intermediate_size"], rate)
+    if "attention" in TARGETS[targets]:
+        kv = kept_count(shape["num_key_value_heads"], rate)
+        over.update(num_key_value_heads=kv, head_dim=shape["hidden_size"] // shape["num_attention_heads"],
+                    num_attention_heads=kv * (shape["num_attention_heads"] // shape["num_key_value_heads"]))
+    return build(args, **over)
 
 
 def sat_config(args, targets: str, rate: float) -> SATConfig:
@@ -82,11 +121,15 @@ def make_step(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq), device=args.device)
+    forward = torch.compile(model) if args.compile else model
+    device_type = torch.device(args.device).type
 
     def step() -> float:
         sync(args.device)
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        amp = torch.autocast(device_type, dtype=torch.bfloat16) if args.precision == "autocast" else contextlib.nullcontext()
+        with amp:
+            loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -106,10 +149,12 @@ def compare(args, targets: str, rate: float) -> Row:
     sat = copy.deepcopy(dense)
     handle = apply_sat(sat, sat_config(args, targets, rate))
     handle.set_rate(rate)
-    dense_step, sat_step = make_step(dense, args), make_step(sat, args)
-    times = {"dense": [], "sat": []}
+    steps = {"dense": make_step(dense, args), "sat": make_step(sat, args)}
+    if args.bound:
+        steps["pruned"] = make_step(build_pruned(args, targets, rate), args)
+    times = {name: [] for name in steps}
     for i in range(args.warmup + args.steps):
-        for name, step in (("dense", dense_step), ("sat", sat_step)):
+        for name, step in steps.items():
             if name == "sat":
                 handle.new_step()
             elapsed = step()
@@ -117,12 +162,22 @@ def compare(args, targets: str, rate: float) -> Row:
                 times[name].append(elapsed)
     d, s = statistics.median(times["dense"]), statistics.median(times["sat"])
     ideal = 1.0 / handle.kept_flops_fraction()
-    return Row(args.shape, targets, args.lora, rate, d, s, (min(times["dense"]), max(times["dense"])),
-               (min(times["sat"]), max(times["sat"])), d / s, ideal, (d / s) / ideal)
+    row = Row(args.shape, targets, args.lora, rate, d, s, (min(times["dense"]), max(times["dense"])),
+              (min(times["sat"]), max(times["sat"])), d / s, ideal, (d / s) / ideal)
+    if args.bound:
+        row.pruned_s = statistics.median(times["pruned"])
+        row.bound = d / row.pruned_s
+        row.of_bound = row.pruned_s / s
+    return row
 
 
 def ladder(args, targets: str) -> dict:
-    """A whole ladder run against the same number of dense steps, interleaved step by step."""
+    """A whole ladder run against the same number of dense steps, interleaved step by step.
+
+    Warm-up steps run at the peak rate only, as a real run starts there; each step's time is
+    kept, so the cost of the first step at each new kept count shows (``rung_first_excess_s``:
+    the first step of each later rung over that rung's median).
+    """
     cfg = sat_config(args, targets, max(args.rates))
     dense = build(args)
     sat = copy.deepcopy(dense)
@@ -133,17 +188,22 @@ def ladder(args, targets: str) -> dict:
         handle.set_rate(cfg.omission_rate)
         handle.new_step()
         sat_step()
-    total = {"dense": 0.0, "sat": 0.0}
-    flops = []
+    per_step = {"dense": [], "sat": []}
+    rates, flops = [], []
     for s in range(args.ladder_steps):
-        total["dense"] += dense_step()
-        handle.set_rate(omission_rate_at(cfg, s, args.ladder_steps))
+        per_step["dense"].append(dense_step())
+        rates.append(omission_rate_at(cfg, s, args.ladder_steps))
+        handle.set_rate(rates[-1])
         handle.new_step()
-        total["sat"] += sat_step()
+        per_step["sat"].append(sat_step())
         flops.append(handle.kept_flops_fraction())
+    starts = [s for s in range(1, len(rates)) if rates[s] != rates[s - 1]]
+    ends = starts[1:] + [len(rates)]
+    excess = [per_step["sat"][a] - statistics.median(per_step["sat"][a:b]) for a, b in zip(starts, ends)]
+    total = {k: sum(v) for k, v in per_step.items()}
     return {"shape": args.shape, "targets": targets, "lora": args.lora, "steps": args.ladder_steps, "peak_rate": cfg.omission_rate,
             "dense_s": total["dense"], "sat_s": total["sat"], "speedup": total["dense"] / total["sat"],
-            "ideal": len(flops) / sum(flops)}
+            "ideal": len(flops) / sum(flops), "rates": rates, "per_step": per_step, "rung_first_excess_s": excess}
 
 
 def peak_memory(args, targets: str, rate: float | None) -> float:
@@ -205,7 +265,7 @@ def plot(rows: list[dict], args) -> None:
         ax.plot(rates, [r["ideal"] for r in mine], linestyle="--", color=f"C{i}", label=f"{targets}: ideal (FLOPs)")
     ax.set_xlabel("omission rate")
     ax.set_ylabel("speedup over dense (step time)")
-    ax.set_title(f"{args.shape}, batch {args.batch} x {args.seq}, {args.dtype}, {args.device}" + (", LoRA" if args.lora else ""), fontsize=9)
+    ax.set_title(describe(args), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -213,16 +273,19 @@ def plot(rows: list[dict], args) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="realistic")
+    p.add_argument("--shape", choices=list(SHAPES), default="realistic")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rates", type=float, nargs="+", default=[0.5])
     p.add_argument("--targets", choices=sorted(TARGETS), nargs="+", default=[DEFAULT_TARGETS], help=f"blocks that omit neurons (default {DEFAULT_TARGETS}, as SATConfig)")
     p.add_argument("--metric", default=SATConfig.metric)
     p.add_argument("--selection", default=SATConfig.selection)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast: fp32 weights, bf16 autocast (Trainer's bf16=True)")
+    p.add_argument("--kernels", choices=["hf", "liger"], default="hf", help="liger: Liger-Kernel's Llama patch (rope, rms_norm, swiglu, fused linear cross-entropy)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (dense, SAT, pruned)")
+    p.add_argument("--no-bound", dest="bound", action="store_false", help="skip the pruned-dense model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--lora", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
@@ -232,37 +295,64 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="append result rows to this JSON-lines file")
     p.add_argument("--plot", help="write a PNG of measured and ideal speedup against omission rate, per target")
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def describe(args) -> str:
+    return (f"{args.shape}, batch {args.batch} x {args.seq}, {args.precision}, kernels {args.kernels}"
+            f"{', compiled' if args.compile else ''}{', LoRA r16' if args.lora else ''}, device {args.device}")
+
+
+def format_row(row: Row) -> str:
+    bound = f"{row.pruned_s:.4f} | {row.bound:.2f}x | {row.of_bound:.2f}" if row.bound else "- | - | -"
+    return (f"| {row.targets} | {row.rate} | {row.dense_s:.4f} ({row.dense_range[0]:.4f}-{row.dense_range[1]:.4f}) | "
+            f"{row.sat_s:.4f} ({row.sat_range[0]:.4f}-{row.sat_range[1]:.4f}) | {row.speedup:.2f}x | {bound} | {row.ideal:.2f}x |")
+
+
+TABLE_HEAD = ("| targets | rate | dense s/step (min-max) | SAT s/step (min-max) | SAT speedup | pruned s/step | bound | of bound | FLOP ideal |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+
+
+def format_ladder(lad: dict) -> str:
+    excess = ", ".join(f"{e:+.3f}" for e in lad["rung_first_excess_s"])
+    return (f"| {lad['targets']} | ladder {lad['steps']} steps | {lad['dense_s']:.2f} s total | {lad['sat_s']:.2f} s total | "
+            f"{lad['speedup']:.2f}x | first step of each later rung over its median: {excess} s | | | {lad['ideal']:.2f}x |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    apply_kernels(args)
     if args.memory_child:
         return memory_child(args, json.loads(args.memory_child))
 
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {args.dtype}, "
-          f"shape {args.shape}, batch {args.batch} x {args.seq}, lora={args.lora}, fused AdamW")
-    print("| targets | rate | dense s/step (min-max) | SAT s/step (min-max) | speedup | ideal | of ideal |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {describe(args)}, fused AdamW")
+    print(TABLE_HEAD)
     results = []
     for targets in args.targets:
         for rate in args.rates:
             row = compare(args, targets, rate)
             results.append(asdict(row))
-            print(f"| {targets} | {rate} | {row.dense_s:.3f} ({row.dense_range[0]:.3f}-{row.dense_range[1]:.3f}) | "
-                  f"{row.sat_s:.3f} ({row.sat_range[0]:.3f}-{row.sat_range[1]:.3f}) | {row.speedup:.2f}x | "
-                  f"{row.ideal:.2f}x | {row.of_ideal:.2f} |", flush=True)
+            print(format_row(row), flush=True)
             if args.memory:
                 dense_mb, sat_mb = peak_memory(args, targets, None), peak_memory(args, targets, rate)
                 results[-1].update(dense_peak_mib=dense_mb, sat_peak_mib=sat_mb)
-                print(f"|   peak memory | | dense {dense_mb:.0f} MiB | SAT {sat_mb:.0f} MiB | | | |", flush=True)
+                print(f"|   peak memory | | dense {dense_mb:.0f} MiB | SAT {sat_mb:.0f} MiB | | | | | |", flush=True)
         if args.ladder_steps:
             lad = ladder(args, targets)
             results.append(lad)
-            print(f"| {targets} | ladder {lad['steps']} steps | {lad['dense_s']:.1f} s total | {lad['sat_s']:.1f} s total | "
-                  f"{lad['speedup']:.2f}x | {lad['ideal']:.2f}x | {lad['speedup'] / lad['ideal']:.2f} |", flush=True)
+            print(format_ladder(lad), flush=True)
     if args.plot:
         plot([r for r in results if "rate" in r], args)
     if args.json:
         with open(args.json, "a") as f:
             for r in results:
-                f.write(json.dumps({**r, "device": args.device, "dtype": args.dtype, "batch": args.batch, "seq": args.seq}) + "\n")
+                f.write(json.dumps({**r, **context(args)}) + "\n")
+
+
+def context(args) -> dict:
+    """What a JSON row needs besides its numbers to be reproduced."""
+    return {"device": args.device, "precision": args.precision, "kernels": args.kernels, "compile": args.compile,
+            "batch": args.batch, "seq": args.seq, "metric": args.metric, "selection": args.selection}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..config import SATConfig, to_config
 from ..errors import SATError
@@ -44,6 +45,12 @@ class SATHandle:
         self.seq_len = 1
         self.units: list[BlockUnit] = []
         self._model_ref = weakref.ref(model)
+        self._optimizer_hook = _clear_slices_after_every_optimizer_step(weakref.ref(self))
+
+    def clear_slices(self) -> None:
+        """Drop every cached kept weight slice (the weights changed, or will be re-read)."""
+        for unit in self.units:
+            unit.slices.clear()
 
     def set_rate(self, rate: float) -> None:
         """Omission rate from now on, in [0, 1). A rate that changes k makes the next forward redraw."""
@@ -54,6 +61,7 @@ class SATHandle:
     def new_step(self) -> None:
         """The next forward draws a new kept set; until then every forward reuses the current one."""
         self.draw_id += 1
+        self.clear_slices()
 
     def kept(self) -> dict[str, torch.Tensor]:
         """{block name: kept MLP channel indices or kept query-head indices} of the latest draw.
@@ -154,6 +162,8 @@ def remove_sat(model: nn.Module) -> None:
     """Put back the original forwards of a model patched by :func:`apply_sat` (no-op otherwise)."""
     handle = _HANDLES.pop(model, None)
     if handle is not None:
+        handle._optimizer_hook.remove()
+        handle.clear_slices()
         for unit in handle.units:
             unit.unpatch()
 
@@ -177,6 +187,19 @@ def _mark_zero3_leaves(model: nn.Module, handle: SATHandle) -> None:
     classes = sorted({type(u.block) for u in handle.units}, key=lambda c: c.__name__)
     set_z3_leaf_modules(model, classes)
     logger.info("sat_trainer: ZeRO-3 leaf modules set: %s", ", ".join(c.__name__ for c in classes))
+
+
+def _clear_slices_after_every_optimizer_step(handle_ref: weakref.ref) -> torch.utils.hooks.RemovableHandle:
+    """Cached kept slices must not outlive a weight update, and a fused optimizer step does not
+    bump the parameters' in-place version: so every ``torch.optim`` step (a global hook, since
+    the handle does not know the optimizer) drops them."""
+
+    def clear(optimizer, args, kwargs) -> None:
+        handle = handle_ref()
+        if handle is not None:
+            handle.clear_slices()
+
+    return register_optimizer_step_post_hook(clear)
 
 
 def _has_projections(module: nn.Module, shape: BlockShape) -> bool:

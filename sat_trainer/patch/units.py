@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import adapters, importance, selection
 from ..errors import SATError
-from ..ops import Conv1D, in_features, linear_keep_inputs, linear_keep_outputs, out_features, out_major_weight
+from ..ops import KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, SliceCache, in_features, kept_linear, out_features, out_major_weight
 from ..schedule import kept_count
 from .registry import BlockShape
 
@@ -56,6 +56,8 @@ class BlockUnit:
         self._scores_cache: torch.Tensor | None = None  # reused for score_every draws
         self._scored_at = 0
         self._index: dict[nn.Module, torch.Tensor] = {}
+        self._drawer: nn.Module | None = None  # the input member the block's forward calls first
+        self.slices = SliceCache()
         self._resolve()
         self.kept_units = torch.arange(self.n)
 
@@ -89,6 +91,7 @@ class BlockUnit:
     # ---- patching -------------------------------------------------------------------------
 
     def patch(self) -> None:
+        self._drawer = None
         if self.fallback is not None:
             return
         for member in self._in_members:
@@ -144,26 +147,39 @@ class BlockUnit:
         """Sliced forward only while training with something to omit: eval and rate 0 run dense."""
         return self.fallback is None and self.block.training and self.k() < self.n
 
-    @torch.compiler.disable
     def input_index(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """Kept output features of input-side ``member``, drawing if this draw is new."""
-        self._handle.seq_len = x.shape[-2] if x.dim() > 1 else 1
-        self._refresh()
-        sparse = self.is_sparse()
-        self._set_query_heads_per_group(self.k() // self.groups if sparse else None)
-        if not sparse:
+        """Kept output features of input-side ``member``; the first input member the block calls
+        (learned on the first call) draws if this draw is new.
+
+        Under ``torch.compile`` only that member's :meth:`_prepare` is left out of the graph (one
+        graph break per block, not per projection); the rest reads state that changes only when
+        the kept count does (rate, training mode), so recompiles happen at rung edges only.
+        """
+        if self._drawer is None or member is self._drawer:
+            self._prepare(member, x)
+        if not self.is_sparse():
             return None
-        key = (self._handle.draw_id, self.k())
-        if self._drawn_for != key:
-            self._draw(x, key)
         return self._index[member]
 
     @torch.compiler.disable
+    def _prepare(self, member: nn.Module, x: torch.Tensor) -> None:
+        """Re-patch after LoRA changes, note the sequence length, and draw if this draw is new."""
+        self._handle.seq_len = x.shape[-2] if x.dim() > 1 else 1
+        self._refresh()
+        if self._drawer is None:
+            self._drawer = member
+        sparse = self.is_sparse()
+        self._set_query_heads_per_group(self.k() // self.groups if sparse else None)
+        if sparse:
+            key = (self._handle.draw_id, self.k())
+            if self._drawn_for != key:
+                self._draw(x, key)
+
     def output_index(self, member: nn.Module) -> torch.Tensor | None:
         """Kept input features of output-side ``member`` (drawn by the input side)."""
         if not self.is_sparse():
             return None
-        if self._drawn_for != (self._handle.draw_id, self.k()):
+        if not torch.compiler.is_compiling() and self._drawn_for != (self._handle.draw_id, self.k()):
             raise SATError(
                 f"{self.name}: its output projection ran before its input projections drew a kept set; "
                 "SAT needs the block's own forward to call the input projections first"
@@ -176,7 +192,7 @@ class BlockUnit:
         of output-side members. Empty when the block runs dense."""
         if not self.is_sparse() or self._drawn_for is None:
             return []
-        mask = torch.ones(self.n, dtype=torch.bool)
+        mask = torch.ones(self.n, dtype=torch.bool, device=self.kept_units.device)
         mask[self.kept_units] = False
         omitted_units = mask.nonzero().squeeze(1)
         out = []
@@ -193,12 +209,13 @@ class BlockUnit:
         return [(m, True) for m in self._in_members] + [(m, False) for m in self._out_members]
 
     def kept_query_or_channels(self) -> torch.Tensor:
-        """Kept MLP channel indices, or kept query-head indices for attention."""
-        return _expand(self.kept_units, self.heads_per_unit)
+        """Kept MLP channel indices, or kept query-head indices for attention (on the CPU: a host
+        sync, so call it outside the training step)."""
+        return _expand(self.kept_units, self.heads_per_unit).cpu()
 
     def _draw(self, x: torch.Tensor, key: tuple[int, int]) -> None:
         cfg = self._handle.config
-        generator = selection.generator_for(cfg.seed, key[0], self.index)
+        generator = selection.generator_for(cfg.seed, key[0], self.index, x.device) if _draws_random(cfg) else None
         with torch.no_grad():
             if self._scores_cache is None or key[0] - self._scored_at >= cfg.score_every:
                 self._scores_cache = self._handle.sync_scores(self._scores(x.detach(), generator))
@@ -209,14 +226,15 @@ class BlockUnit:
                 kept = selection.topk(scores, k, self.groups)
             else:
                 kept = selection.sampling(scores, k, cfg.temperature, generator, self.groups)
-        self.kept_units = kept.cpu()
+        self.kept_units = kept  # stays on the device: reading it here would be a host sync per block
         self._index_members(kept)
         self._drawn_for = key
 
     def _index_members(self, kept: torch.Tensor) -> None:
+        self.slices.clear()
         self._index = {m: _expand(kept, _sliced_dim_and_chunk(m, side, self.n)[1]) for m, side in self._members_with_side()}
 
-    def _scores(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _scores(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         cfg = self._handle.config
         in_weights = [out_major_weight(p) for p in self.inputs]
         if cfg.metric == "uniform":
@@ -239,12 +257,17 @@ class BlockUnit:
 
 def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor) -> torch.Tensor:
     idx = unit.input_index(proj, x)
-    return dense(x) if idx is None else linear_keep_outputs(proj, x, idx)
+    return dense(x) if idx is None else kept_linear(proj, x, idx, KEEP_OUTPUTS, unit.slices)
 
 
 def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.Tensor) -> torch.Tensor:
     idx = unit.output_index(proj)
-    return dense(h) if idx is None else linear_keep_inputs(proj, h, idx)
+    return dense(h) if idx is None else kept_linear(proj, h, idx, KEEP_INPUTS, unit.slices)
+
+
+def _draws_random(cfg) -> bool:
+    """Whether a draw uses random numbers (wanda or magnitude with topk do not: no generator)."""
+    return cfg.metric in ("uniform", "maxip", "activation") or cfg.selection == "sampling"
 
 
 def _expand(kept: torch.Tensor, chunk: int) -> torch.Tensor:
