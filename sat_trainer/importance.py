@@ -61,19 +61,27 @@ def wanda(x: torch.Tensor, in_weights: list[torch.Tensor], n: int) -> torch.Tens
     return sum(_chunk_sum((w.abs() @ x_norm.to(w.dtype)).float(), n) for w in in_weights)
 
 
-def subsample_tokens(x: torch.Tensor, tokens: int, generator: torch.Generator) -> torch.Tensor:
-    """``tokens`` rows drawn without replacement from x's flattened tokens (all if fewer)."""
+def subsample_tokens(x: torch.Tensor, tokens: int, generator: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``tokens`` rows drawn without replacement from x's flattened tokens (all if fewer).
+
+    With a padding ``mask`` (1 real, 0 pad; flattened), real tokens are drawn first: the top
+    ``tokens`` of uniform noise plus the mask, so no data-dependent shape and no host sync."""
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] > tokens:
-        rows = torch.randperm(flat.shape[0], generator=generator, device=flat.device)[:tokens]
+        if mask is None:
+            rows = torch.randperm(flat.shape[0], generator=generator, device=flat.device)[:tokens]
+        else:
+            noise = torch.rand(flat.shape[0], generator=generator, device=flat.device)
+            rows = torch.topk(noise + mask.float(), tokens, sorted=False).indices
         flat = flat.index_select(0, rows)
     return flat
 
 
 def maxip(
-    x: torch.Tensor, first_in_weight: torch.Tensor, n: int, tokens: int, generator: torch.Generator
+    x: torch.Tensor, first_in_weight: torch.Tensor, n: int, tokens: int, generator: torch.Generator,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    flat = subsample_tokens(x, tokens, generator)
+    flat = subsample_tokens(x, tokens, generator, mask)
     products = F.linear(flat, first_in_weight)  # in the weights' dtype: no float copy of the weight
     return _norm32(products.reshape(flat.shape[0], n, -1), 2).amax(dim=0)
 

@@ -126,3 +126,35 @@ def test_dense_warmup_then_the_ladder_over_the_remaining_steps():
     rates = [omission_rate_at(cfg, s, 100) for s in range(100)]
     assert rates[:10] == [0.0] * 10
     assert rates[10:55] == [0.5] * 45 and rates[55:] == [0.0] * 45
+
+
+@pytest.mark.parametrize("metric", ["activation", "wanda", "maxip"])
+def test_padding_tokens_do_not_score(metric):
+    """Scores of a padded batch equal those of its real tokens alone: pads (here made huge, as a
+    stand-in for whatever the model computes on them) are zeroed and drawn last by subsamples."""
+    model = build("llama")
+    ids = batch(size=2, length=16)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 6:] = 0  # 10 pads out of 32 tokens
+    handle = apply_sat(model, sat_config(metric=metric, targets=["mlp"], activation_tokens=22, maxip_tokens=22))
+    unit = handle.units[0]
+    x = _block_inputs(model, ["model.layers.0.mlp.gate_proj"])["model.layers.0.mlp.gate_proj"].clone()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)  # the model-level hook reads the mask
+    x[1, 6:] = 1e3
+    padded = unit._scores(x, torch.Generator().manual_seed(0))
+    handle.token_mask = None
+    real = unit._scores(torch.cat([x[0], x[1, :6]]).unsqueeze(0), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(padded, real, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_metric_reads_the_config_when_the_mlp_kernels_were_swapped():
+    """Liger-Kernel replaces LlamaMLP by a fused SwiGLU module without ``act_fn``: scoring still works."""
+    model = build("llama")
+    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_tokens=1000))
+    mlp = model.model.layers[0].mlp
+    x = _block_inputs(model, ["model.layers.0.mlp.gate_proj"])["model.layers.0.mlp.gate_proj"]
+    expected = handle.units[0]._scores(x, torch.Generator().manual_seed(0))
+    mlp.config = model.config
+    del mlp.act_fn
+    torch.testing.assert_close(handle.units[0]._scores(x, torch.Generator().manual_seed(0)), expected)

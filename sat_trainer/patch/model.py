@@ -46,6 +46,21 @@ class SATHandle:
         self.units: list[BlockUnit] = []
         self._model_ref = weakref.ref(model)
         self._optimizer_hook = _clear_slices_after_every_optimizer_step(weakref.ref(self))
+        self.token_mask: torch.Tensor | None = None  # 1 on real tokens, 0 on padding: scoring ignores pads
+        self._mask_hook = model.register_forward_pre_hook(self._read_token_mask, with_kwargs=True)
+
+    def _read_token_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Keep the forward's 2-D ``attention_mask`` (flattened) so data-dependent scores skip padding
+        (in SFT batches a fifth of the tokens are pads). A forward without one scores every token."""
+        mask = kwargs.get("attention_mask")
+        self.token_mask = mask.reshape(-1) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def token_mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The padding mask of the tokens in ``x`` (``(..., tokens, features)``), if it matches them."""
+        mask = self.token_mask
+        if mask is None or mask.numel() != x.numel() // x.shape[-1] or mask.device != x.device:
+            return None
+        return mask.to(x.dtype)
 
     def clear_slices(self) -> None:
         """Drop every cached kept weight slice (the weights changed, or will be re-read)."""
@@ -163,6 +178,7 @@ def remove_sat(model: nn.Module) -> None:
     handle = _HANDLES.pop(model, None)
     if handle is not None:
         handle._optimizer_hook.remove()
+        handle._mask_hook.remove()
         handle.clear_slices()
         for unit in handle.units:
             unit.unpatch()

@@ -241,14 +241,17 @@ class BlockUnit:
             return importance.uniform(self.n, generator, x.device)
         if cfg.metric == "magnitude":
             return importance.magnitude(in_weights, out_major_weight(self.output), self.n)
+        mask = self._handle.token_mask_for(x)
+        if mask is not None:  # padding tokens score nothing (zero rows), and subsamples draw real tokens first
+            x = x * mask.reshape(*x.shape[:-1], 1)
         if cfg.metric == "wanda":
             return importance.wanda(x, in_weights, self.n)
         if cfg.metric == "maxip":
-            return importance.maxip(x, in_weights[0], self.n, cfg.maxip_tokens, generator)
-        tokens = importance.subsample_tokens(x, cfg.activation_tokens, generator)
+            return importance.maxip(x, in_weights[0], self.n, cfg.maxip_tokens, generator, mask)
+        tokens = importance.subsample_tokens(x, cfg.activation_tokens, generator, mask)
         out_weight = out_major_weight(self.output)
         if self.kind == "mlp":
-            act = getattr(self.block, self.shape.activation)
+            act = _activation(self.block, self.shape.activation)
             return importance.activation_mlp(tokens, in_weights, [p.bias for p in self.inputs], act, out_weight)
         values = out_major_weight(self.values)
         kv_groups = self.groups if self.query_heads else self.n
@@ -263,6 +266,21 @@ def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.T
 def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.Tensor) -> torch.Tensor:
     idx = unit.output_index(proj)
     return dense(h) if idx is None else kept_linear(proj, h, idx, KEEP_INPUTS, unit.slices)
+
+
+def _activation(block: nn.Module, attr: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The MLP's activation function: its own attribute, or, for a block whose kernels were swapped
+    (Liger-Kernel's fused SwiGLU/GeGLU MLPs keep ``config`` but no ``act_fn``), the one its config names."""
+    act = getattr(block, attr, None)
+    if act is not None:
+        return act
+    config = getattr(block, "config", None)
+    name = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+    if name is None:
+        raise SATError(f"{type(block).__name__} has no {attr!r} and no config.hidden_act: metric 'activation' cannot score it; use metric wanda")
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
 
 
 def _draws_random(cfg) -> bool:
