@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from reference import loss_and_grads, masked
-from tiny import FAMILY_CONFIGS, LLAMA_STYLE_ATTENTION, batch, build, sat_config
+from tiny import FAMILY_CONFIGS, LLAMA_STYLE_ATTENTION, batch, build, sat_config, sparse
 
 from sat_trainer import apply_sat, remove_sat
 
@@ -20,28 +20,29 @@ CASES = [(f, "eager") for f in FAMILY_CONFIGS] + [(f, "sdpa") for f in LLAMA_STY
 @pytest.mark.parametrize("metric", ["wanda", "maxip", "activation"])
 def test_sliced_equals_masked_dense(family, attn, metric):
     model = build(family, attn)
-    reference = copy.deepcopy(model)
-    handle = apply_sat(model, sat_config(omission_rate=0.5, metric=metric))
-    model.train()
-    reference.train()
-    handle.set_rate(0.5)
-    handle.new_step()
-    ids = batch()
-
-    loss, logits, grads = loss_and_grads(model, ids)
-    with masked(reference, handle):
-        ref_loss, ref_logits, ref_grads = loss_and_grads(reference, ids)
-
+    handle = _assert_matches_masked_reference(model, metric=metric)
     kinds = {u.kind for u in handle.units}
     assert kinds == ({"mlp", "attention"} if family in LLAMA_STYLE_ATTENTION else {"mlp"})
     assert all(u.k() < u.n for u in handle.units)
+    remove_sat(model)
+
+
+def _assert_matches_masked_reference(model, **cfg):
+    """One sparse step of ``model`` against the masked dense reference (outputs, loss, every
+    gradient), and exactly zero gradient on what was omitted; returns the handle."""
+    reference = copy.deepcopy(model).train()
+    handle = sparse(model, **cfg)
+    ids = batch()
+    loss, logits, grads = loss_and_grads(model, ids)
+    with masked(reference, handle):
+        ref_loss, ref_logits, ref_grads = loss_and_grads(reference, ids)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
     _assert_omitted_grads_zero(model, handle)
-    remove_sat(model)
+    return handle
 
 
 def _assert_omitted_grads_zero(model, handle):
@@ -88,20 +89,8 @@ QUERY_HEAD_CASES = [(f, "eager") for f in LLAMA_STYLE_ATTENTION] + [("llama", "s
 @pytest.mark.parametrize("family,attn", QUERY_HEAD_CASES, ids=[f"{f}-{a}" for f, a in QUERY_HEAD_CASES])
 def test_query_head_unit_equals_masked_dense_and_keeps_kv_dense(family, attn):
     model = build(family, attn)
-    reference = copy.deepcopy(model)
-    handle = apply_sat(model, sat_config(omission_rate=0.5, metric="activation", attention_unit="query_head"))
-    model.train()
-    reference.train()
-    handle.set_rate(0.5)
-    handle.new_step()
     ids = batch()
-    loss, logits, grads = loss_and_grads(model, ids)
-    with masked(reference, handle):
-        ref_loss, ref_logits, ref_grads = loss_and_grads(reference, ids)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
-    _assert_omitted_grads_zero(model, handle)
+    handle = _assert_matches_masked_reference(model, metric="activation", attention_unit="query_head")
     attention = [u for u in handle.units if u.kind == "attention"]
     for unit in attention:
         heads = unit.kept_query_or_channels()  # 8 query heads in 4 KV groups of 2: one kept per group

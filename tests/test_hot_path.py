@@ -14,13 +14,13 @@ import copy
 import pytest
 import torch
 from reference import loss_and_grads, masked
-from tiny import batch, build, sat_config
+from tiny import batch, build, sparse
 
 import test_exactness
 import test_lora
 import test_patching
 import test_stack_precision_compile
-from sat_trainer import apply_sat, ops
+from sat_trainer import ops
 from sat_trainer.config import METRICS, SELECTIONS
 from sat_trainer.patch import units
 
@@ -66,14 +66,6 @@ def test_kept_op_with_bf16_and_compile(kept_op):
     test_stack_precision_compile.test_compile_recompiles_only_when_k_changes()
 
 
-def _sparse(model, **cfg):
-    handle = apply_sat(model, sat_config(omission_rate=0.5, **cfg))
-    model.train()
-    handle.set_rate(0.5)
-    handle.new_step()
-    return handle
-
-
 @contextlib.contextmanager
 def _inside_sat(monkeypatch, enter, leave):
     """Call ``enter``/``leave`` around every piece of SAT code a training step runs: the index
@@ -100,7 +92,7 @@ def _inside_sat(monkeypatch, enter, leave):
 @pytest.mark.parametrize("metric", METRICS)
 def test_a_step_that_draws_reads_nothing_back_to_the_host(monkeypatch, op_path, metric, selection):
     model = build("llama")
-    handle = _sparse(model, metric=metric, selection=selection)
+    handle = sparse(model, metric=metric, selection=selection)
     depth = [0]
     originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
 
@@ -128,7 +120,7 @@ def test_a_step_that_draws_reads_nothing_back_to_the_host(monkeypatch, op_path, 
 @pytest.mark.parametrize("metric", METRICS)
 def test_no_cuda_sync_in_a_sat_step(monkeypatch, metric):
     model = build("llama").cuda()
-    handle = _sparse(model, metric=metric, selection="sampling")
+    handle = sparse(model, metric=metric, selection="sampling")
     model(batch().cuda(), labels=batch().cuda()).loss.backward()  # warm-up: lazy CUDA initialisation may sync
     handle.new_step()
     with _inside_sat(monkeypatch, lambda: torch.cuda.set_sync_debug_mode("error"), lambda: torch.cuda.set_sync_debug_mode(0)):
@@ -140,7 +132,7 @@ def test_gradients_accumulate_exactly_over_micro_batches_of_one_draw(op_path):
     """Two micro-batches of one draw: the second reuses the cached slices and adds into .grad."""
     model = build("llama", mlp_bias=True)
     reference = copy.deepcopy(model)
-    handle = _sparse(model)
+    handle = sparse(model)
     model.zero_grad(set_to_none=True)
     for seed in (1, 2):
         model(batch(seed), labels=batch(seed)).loss.backward()
@@ -156,7 +148,7 @@ def test_an_optimizer_step_without_a_new_draw_never_reuses_stale_slices(op_path)
     """Fused AdamW does not bump the parameters' version counter: the cache must still notice."""
     model = build("llama")
     reference = copy.deepcopy(model)
-    handle = _sparse(model, metric="magnitude")
+    handle = sparse(model, metric="magnitude")
     reference.train()
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (model, reference)]
     for step in range(3):
@@ -170,7 +162,7 @@ def test_an_optimizer_step_without_a_new_draw_never_reuses_stale_slices(op_path)
 
 def _graph_breaks(layers: int) -> tuple[int, int, set[str]]:
     model = build("llama", num_hidden_layers=layers)
-    handle = _sparse(model)
+    handle = sparse(model)
     ids = batch()
     explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
     reasons = {r.reason.splitlines()[0] for r in explained.break_reasons}

@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 from reference import loss_and_grads, masked
-from tiny import batch, build, sat_config
+from tiny import batch, build, sat_config, sparse
 
 from sat_trainer import SATError, apply_sat
 
@@ -21,14 +21,6 @@ SUBSETS = [ALL, ["gate_proj", "down_proj"], ["up_proj", "q_proj", "v_proj"], ["o
 def _lora(model, targets=ALL, **kwargs):
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False, **kwargs)
     return peft.get_peft_model(model, config)
-
-
-def _sparse(model, **cfg):
-    handle = apply_sat(model, sat_config(omission_rate=0.5, **cfg))
-    model.train()
-    handle.set_rate(0.5)
-    handle.new_step()
-    return handle
 
 
 def _assert_exact(model, reference, handle, ids):
@@ -47,7 +39,7 @@ def _assert_exact(model, reference, handle, ids):
 def test_lora_exact_against_masked_dense(targets):
     model = _lora(build("llama"), targets)
     reference = copy.deepcopy(model)
-    handle = _sparse(model)
+    handle = sparse(model)
     grads = _assert_exact(model, reference, handle, batch())
     # omitted channels: their lora_B rows (input side) / lora_A columns (output side) get zero gradient
     unit = next(u for u in handle.units if u.kind == "mlp")
@@ -86,7 +78,7 @@ def test_merged_disabled_and_multiple_adapters():
     model.base_model.set_adapter(["default", "other"])
     reference = copy.deepcopy(model)
     reference.base_model.set_adapter(["default", "other"])
-    handle = _sparse(model)
+    handle = sparse(model)
     ids = batch()
     _assert_exact(model, reference, handle, ids)
 
@@ -108,7 +100,7 @@ def test_gradient_checkpointing_with_lora_gives_same_loss_and_grads():
     checkpointed.base_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     results = []
     for model in (base, checkpointed):
-        _sparse(model, metric="wanda")
+        sparse(model, metric="wanda")
         results.append(loss_and_grads(model, batch()))
     torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
     for name, grad in results[0][2].items():

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from reference import loss_and_grads
-from tiny import batch, build, sat_config
+from tiny import batch, build, sat_config, sparse
 
 from sat_trainer import apply_sat
 from sat_trainer.schedule import omission_rate_at
-
-
-def _sparse(model, **cfg):
-    handle = apply_sat(model, sat_config(omission_rate=0.5, **cfg))
-    model.train()
-    handle.set_rate(0.5)
-    handle.new_step()
-    return handle
 
 
 def test_bf16_autocast_step_is_close_to_fp32_for_the_same_kept_set():
     """Tolerance: gradient cosine similarity > 0.999 and relative L2 error < 3% per tensor (bf16
     keeps 8 mantissa bits, ~0.4% per element; a two-layer model's backward compounds that)."""
     fp32 = build("llama")
-    handle = _sparse(fp32, metric="magnitude", selection="topk")  # weights-only: same set under autocast
+    handle = sparse(fp32, metric="magnitude", selection="topk")  # weights-only: same set under autocast
     loss32, _, grads32 = loss_and_grads(fp32, batch())
     kept32 = {n: k.clone() for n, k in handle.kept().items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -40,7 +30,7 @@ def test_bf16_autocast_step_is_close_to_fp32_for_the_same_kept_set():
 
 def test_bf16_weights_train_with_finite_loss_and_grads():
     model = build("llama").to(torch.bfloat16)
-    _sparse(model)
+    sparse(model)
     loss, _, grads = loss_and_grads(model, batch())
     assert next(model.parameters()).dtype == torch.bfloat16 and torch.isfinite(loss)
     assert all(torch.isfinite(g).all() for g in grads.values())

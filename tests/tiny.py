@@ -88,3 +88,14 @@ def demo_run_args(task: str, base, out, steps: int = 4, *extra: str) -> list[str
         "data.max_train_samples=40", "data.max_eval_samples=4", *extra,
     ]
     return [task, "--config", f"configs/demo_{task}.yaml", *(a for s in sets for a in ("--set", s))]
+
+
+def sparse(model: nn.Module, rate: float = 0.5, **kwargs):
+    """Patch ``model`` (both targets unless told), set ``rate`` in training mode and start a draw."""
+    from sat_trainer import apply_sat
+
+    handle = apply_sat(model, sat_config(omission_rate=rate, **kwargs))
+    model.train()
+    handle.set_rate(rate)
+    handle.new_step()
+    return handle
