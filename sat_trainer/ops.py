@@ -23,7 +23,11 @@ What the custom op saves over ``F.linear(x, W.index_select(dim, idx))`` through 
   process adds it straight into ``.grad``: a full-size zero-filled gradient is made once per
   step (when ``.grad`` is None), not once per call plus an addition.
 
-Omitted rows/columns always end with exactly zero gradient, as with ``index_select``. Under
+Omitted rows/columns always end with exactly zero gradient, as with ``index_select``.
+
+:func:`backward_kept_linear` is the op of ``omit_in: backward``: the forward runs with the full
+weight (the loss is the dense model's), the backward computes only the kept slices' gradients and
+the input gradient through the kept features only, so omitted units' backward paths are cut. Under
 ``torch.distributed`` (DDP and FSDP reduce gradients from hooks on autograd's gradient
 accumulation, which a hand-written ``.grad`` would bypass) and while ``torch.compile`` traces
 (``.grad`` is not traceable), the op returns the full-size gradient to autograd instead and does
@@ -186,3 +190,57 @@ def _meta(param: torch.Tensor | None) -> tuple[torch.Size, torch.dtype] | None:
 
 def _out_major(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
     return tensor.t() if transposed else tensor
+
+
+def backward_kept_linear(module: nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """``module(x)`` with the full weight forward, and a backward through kept features ``idx`` only.
+
+    ``dim=KEEP_OUTPUTS`` (input projections): only the kept outputs' gradient is read; the kept
+    rows get weight gradients, and ``dX`` comes from the kept rows alone. ``dim=KEEP_INPUTS``
+    (output projections): ``dX`` is zero on the omitted inputs, only the kept columns get weight
+    gradients, and only the kept inputs are saved for backward (the omitted ones' activations
+    are not kept alive). The backward's matmuls are the kept-size ones, about 2/3 of what
+    forward-and-backward omission saves at the same rate. Under autocast the operands are cast
+    outside the op (a differentiable cast), so one path serves every dtype, distributed wrapper
+    and ``torch.compile``: the full-size weight gradient goes back to autograd, zero outside the
+    kept slice.
+    """
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else module.weight.dtype
+    bias = None if module.bias is None else _as(module.bias, dtype)
+    return _BackwardKeptLinear.apply(_as(x, dtype), _as(out_major_weight(module), dtype), bias, idx, dim)
+
+
+class _BackwardKeptLinear(torch.autograd.Function):
+    """``F.linear(x, w, b)`` forward; backward restricted to the kept slice ``idx`` along ``dim``."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, idx, dim):
+        ctx.dim, ctx.x_shape, ctx.has_bias = dim, x.shape, b is not None
+        saved_x = x if dim == KEEP_OUTPUTS else x.index_select(-1, idx)
+        ctx.save_for_backward(saved_x, w, idx)
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, idx = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.dim == KEEP_OUTPUTS:
+            g_kept = g2.index_select(1, idx)
+            if ctx.needs_input_grad[0]:
+                grad_x = (g_kept @ w.index_select(0, idx)).reshape(ctx.x_shape)
+            if ctx.needs_input_grad[1]:
+                grad_w = w.new_zeros(w.shape).index_copy_(0, idx, g_kept.t() @ x2)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = g2.new_zeros(w.shape[0]).index_copy_(0, idx, g_kept.sum(0))
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_x = g2.new_zeros(g2.shape[0], w.shape[1]).index_copy_(1, idx, g2 @ w.index_select(1, idx))
+                grad_x = grad_x.reshape(ctx.x_shape)
+            if ctx.needs_input_grad[1]:
+                grad_w = w.new_zeros(w.shape).index_copy_(1, idx, g2.t() @ x2)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, None, None

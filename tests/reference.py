@@ -1,5 +1,6 @@
 """The masked dense reference of DESIGN invariant 1: the unpatched model with the omitted
-channels' activations (heads' outputs) set to zero at the input of each block's output projection."""
+channels' activations (heads' outputs) set to zero at the input of each block's output projection
+(``omit_in: backward``: left in the forward, cut from the backward)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import contextlib
 import torch
 from torch import nn
 
-from sat_trainer.ops import out_major_weight
+from sat_trainer.ops import SLICEABLE, Conv1D, in_features, out_major_weight
 
 
 def feature_mask(unit) -> torch.Tensor:
@@ -20,8 +21,17 @@ def feature_mask(unit) -> torch.Tensor:
 
 @contextlib.contextmanager
 def masked(reference: nn.Module, handle):
-    """Zero, in ``reference``, every input feature that ``handle``'s units currently omit."""
+    """The reference of ``handle``'s current draw, in ``reference`` (an unpatched copy).
+
+    ``omit_in: forward_backward``: every input feature the units omit is zeroed at the output
+    projection. ``omit_in: backward``: the forward stays dense and the omitted units' backward
+    paths are cut: at the output projection the omitted features pass no gradient back
+    (``h * mask + (h * (1 - mask)).detach()``) and its weights' omitted columns (the base layer's
+    and LoRA's ``lora_A``) get none. Weights that read the projection's output (LoRA's ``lora_B``,
+    the bias) get the dense forward's gradient.
+    """
     modules = dict(reference.named_modules())
+    backward_only = handle.config.omit_in == "backward"
     hooks = []
     for unit in handle.units:
         mask = feature_mask(unit)
@@ -29,7 +39,14 @@ def masked(reference: nn.Module, handle):
         path = f"{unit.name}.{out_name}" if unit.name else out_name
         # the reference may be wrapped (e.g. a PeftModel) where the handle's model was not
         (target,) = [m for n, m in modules.items() if n == path or n.endswith("." + path)]
-        hooks.append(target.register_forward_pre_hook(lambda mod, args, mask=mask: (args[0] * mask,)))
+        if not backward_only:
+            hooks.append(target.register_forward_pre_hook(lambda mod, args, mask=mask: (args[0] * mask,)))
+            continue
+        hooks.append(target.register_forward_pre_hook(lambda mod, args, mask=mask: (args[0] * mask + (args[0] * (1 - mask)).detach(),)))
+        for layer in target.modules():
+            if isinstance(layer, SLICEABLE) and in_features(layer) == mask.numel() and layer.weight.requires_grad:
+                column_mask = mask.unsqueeze(1) if isinstance(layer, Conv1D) else mask  # Conv1D stores (in, out)
+                hooks.append(layer.weight.register_hook(lambda grad, m=column_mask: grad * m))
     try:
         yield
     finally:

@@ -27,6 +27,21 @@ def test_sliced_equals_masked_dense(family, attn, metric):
     remove_sat(model)
 
 
+@pytest.mark.parametrize("family,attn", CASES, ids=[f"{f}-{a}" for f, a in CASES])
+@pytest.mark.parametrize("attention_unit", ["kv_group", "query_head"])
+def test_backward_only_forward_is_dense_and_gradients_are_cut(family, attn, attention_unit):
+    """omit_in backward: the same logits as the unpatched model, the gradients of the reference
+    whose omitted units' backward paths are cut, and zero gradient on every omitted slice."""
+    model = build(family, attn)
+    dense_logits = copy.deepcopy(model).train()(batch()).logits.detach()
+    handle = _assert_matches_masked_reference(model, metric="activation", omit_in="backward", attention_unit=attention_unit)
+    torch.testing.assert_close(model(batch()).logits, dense_logits, atol=1e-5, rtol=1e-5)
+    assert all(u.k() < u.n for u in handle.units)
+    attention = [u for u in handle.units if u.kind == "attention"]
+    assert all(u.block.num_key_value_groups == 2 for u in attention)  # a dense forward keeps GQA's own count
+    remove_sat(model)
+
+
 def _assert_matches_masked_reference(model, **cfg):
     """One sparse step of ``model`` against the masked dense reference (outputs, loss, every
     gradient), and exactly zero gradient on what was omitted; returns the handle."""

@@ -48,7 +48,7 @@ def test_kept_op_is_exact(kept_op, family, attn):
 
 @pytest.mark.parametrize("targets", test_lora.SUBSETS, ids=["all", "gate-down", "up-q-v", "o-k"])
 def test_kept_op_is_exact_with_lora(kept_op, targets):
-    test_lora.test_lora_exact_against_masked_dense(targets)
+    test_lora.test_lora_exact_against_masked_dense(targets, "forward_backward")
 
 
 def test_kept_op_with_merged_disabled_and_multiple_adapters(kept_op):
@@ -56,8 +56,8 @@ def test_kept_op_with_merged_disabled_and_multiple_adapters(kept_op):
 
 
 def test_kept_op_with_checkpointing(kept_op):
-    test_lora.test_gradient_checkpointing_with_lora_gives_same_loss_and_grads()
-    test_patching.test_gradient_checkpointing_reuses_the_kept_set("wanda", True)
+    test_lora.test_gradient_checkpointing_with_lora_gives_same_loss_and_grads("forward_backward")
+    test_patching.test_gradient_checkpointing_reuses_the_kept_set("wanda", True, "forward_backward")
 
 
 def test_kept_op_with_bf16_and_compile(kept_op):

@@ -35,11 +35,12 @@ def _assert_exact(model, reference, handle, ids):
     return grads
 
 
+@pytest.mark.parametrize("omit_in", ["forward_backward", "backward"])
 @pytest.mark.parametrize("targets", SUBSETS, ids=["all", "gate-down", "up-q-v", "o-k"])
-def test_lora_exact_against_masked_dense(targets):
+def test_lora_exact_against_masked_dense(targets, omit_in):
     model = _lora(build("llama"), targets)
     reference = copy.deepcopy(model)
-    handle = sparse(model)
+    handle = sparse(model, omit_in=omit_in)
     grads = _assert_exact(model, reference, handle, batch())
     # omitted channels: their lora_B rows (input side) / lora_A columns (output side) get zero gradient
     unit = next(u for u in handle.units if u.kind == "mlp")
@@ -93,14 +94,15 @@ def test_merged_disabled_and_multiple_adapters():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_checkpointing_with_lora_gives_same_loss_and_grads():
+@pytest.mark.parametrize("omit_in", ["forward_backward", "backward"])
+def test_gradient_checkpointing_with_lora_gives_same_loss_and_grads(omit_in):
     base = _lora(build("llama"))
     checkpointed = copy.deepcopy(base)
     checkpointed.enable_input_require_grads()
     checkpointed.base_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     results = []
     for model in (base, checkpointed):
-        sparse(model, metric="wanda")
+        sparse(model, metric="wanda", omit_in=omit_in)
         results.append(loss_and_grads(model, batch()))
     torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
     for name, grad in results[0][2].items():

@@ -88,14 +88,18 @@ def test_set_rate_changes_k_at_next_forward():
         handle.set_rate(1.0)
 
 
-@pytest.mark.parametrize("metric,reentrant", [("wanda", False), ("uniform", False), ("wanda", True)])
-def test_gradient_checkpointing_reuses_the_kept_set(metric, reentrant):
+@pytest.mark.parametrize(
+    "metric,reentrant,omit_in",
+    [("wanda", False, "forward_backward"), ("uniform", False, "forward_backward"), ("wanda", True, "forward_backward"),
+     ("activation", False, "backward"), ("activation", True, "backward")],
+)
+def test_gradient_checkpointing_reuses_the_kept_set(metric, reentrant, omit_in):
     base = build("llama")
     checkpointed = copy.deepcopy(base)
     checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     results, calls = [], []
     for model in (base, checkpointed):
-        handle = apply_sat(model, sat_config(omission_rate=0.5, metric=metric, selection="sampling"))
+        handle = apply_sat(model, sat_config(omission_rate=0.5, metric=metric, selection="sampling", omit_in=omit_in))
         model.train()
         handle.set_rate(0.5)
         handle.new_step()
@@ -166,3 +170,5 @@ def test_kept_flops_fraction_matches_hand_count():
     core = 2 * 16 * 8 * 16  # QK^T and AV: seq x heads x head_dim, one layer
     expected = (dense + core - 0.5 * 3 * 64 * 96) / (dense + core)
     assert handle.kept_flops_fraction() == pytest.approx(expected)
+    handle.config.omit_in = "backward"  # a dense forward and a backward (2x the forward's FLOPs) at that ratio
+    assert handle.kept_flops_fraction() == pytest.approx((1 + 2 * expected) / 3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from reference import loss_and_grads
 from tiny import batch, build, sat_config, sparse
@@ -10,11 +11,12 @@ from sat_trainer import apply_sat
 from sat_trainer.schedule import omission_rate_at
 
 
-def test_bf16_autocast_step_is_close_to_fp32_for_the_same_kept_set():
+@pytest.mark.parametrize("omit_in", ["forward_backward", "backward"])
+def test_bf16_autocast_step_is_close_to_fp32_for_the_same_kept_set(omit_in):
     """Tolerance: gradient cosine similarity > 0.999 and relative L2 error < 3% per tensor (bf16
     keeps 8 mantissa bits, ~0.4% per element; a two-layer model's backward compounds that)."""
     fp32 = build("llama")
-    handle = sparse(fp32, metric="magnitude", selection="topk")  # weights-only: same set under autocast
+    handle = sparse(fp32, metric="magnitude", selection="topk", omit_in=omit_in)  # weights-only: same set under autocast
     loss32, _, grads32 = loss_and_grads(fp32, batch())
     kept32 = {n: k.clone() for n, k in handle.kept().items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -36,9 +38,10 @@ def test_bf16_weights_train_with_finite_loss_and_grads():
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-def test_compile_recompiles_only_when_k_changes():
+@pytest.mark.parametrize("omit_in", ["forward_backward", "backward"])
+def test_compile_recompiles_only_when_k_changes(omit_in):
     model = build("llama")
-    handle = apply_sat(model, sat_config(omission_rate=0.5, ladder_sparse_fraction=0.5, ladder_num_rungs=2))
+    handle = apply_sat(model, sat_config(omission_rate=0.5, ladder_sparse_fraction=0.5, ladder_num_rungs=2, omit_in=omit_in))
     compiles = []
 
     def counting_backend(gm, example_inputs):

@@ -92,8 +92,12 @@ class SATHandle:
         """Forward matmul FLOPs per token of a training step at the current rate, over the dense model's.
 
         Counts every linear layer (LM head included; the embedding lookup has no matmul FLOPs)
-        and the attention score/value products at the latest sequence length. Backward FLOPs
-        scale the same way, so this is also the training-step ratio.
+        and the attention score/value products at the latest sequence length. With
+        ``omit_in: forward_backward`` backward FLOPs scale the same way, so this is also the
+        training-step ratio; with ``omit_in: backward`` the forward is dense and the backward
+        (twice the forward's FLOPs: input and weight gradients) is at that ratio, so the step's
+        ratio is ``(1 + 2 f) / 3``. (Frozen base weights, as under LoRA, skip the weight
+        gradient, which this count does not model.)
         """
         model = self._model_ref()
         if model is None:
@@ -107,7 +111,8 @@ class SATHandle:
             saved += omitted * sum(out_major_weight(m).numel() for m in unit.members())
             if unit.kind == "attention":
                 saved += omitted * per_layer_core
-        return (dense + attention_core - saved) / (dense + attention_core)
+        fraction = (dense + attention_core - saved) / (dense + attention_core)
+        return (1.0 + 2.0 * fraction) / 3.0 if self.config.omit_in == "backward" else fraction
 
     def sync_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Average data-dependent scores over ranks so every rank keeps the same set."""

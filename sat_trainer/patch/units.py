@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import adapters, importance, selection
 from ..errors import SATError
-from ..ops import KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, SliceCache, in_features, kept_linear, out_features, out_major_weight
+from ..ops import KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, SliceCache, backward_kept_linear, in_features, kept_linear, out_features, out_major_weight
 from ..schedule import kept_count
 from .registry import BlockShape
 
@@ -50,6 +50,7 @@ class BlockUnit:
         self.shape = shape
         self._handle = handle
         self.query_heads = shape.kind == "attention" and handle.config.attention_unit == "query_head"
+        self.backward_only = handle.config.omit_in == "backward"
         self._kv_groups_attr = getattr(block, "num_key_value_groups", None)  # query_head units change it while sparse
         self._saved_forwards: list[tuple[nn.Module, Callable | None]] = []
         self._drawn_for: tuple[int, int] | None = None
@@ -169,7 +170,8 @@ class BlockUnit:
         if self._drawer is None:
             self._drawer = member
         sparse = self.is_sparse()
-        self._set_query_heads_per_group(self.k() // self.groups if sparse else None)
+        # omit_in backward: the forward is dense, so the block keeps its own GQA repeat count
+        self._set_query_heads_per_group(self.k() // self.groups if sparse and not self.backward_only else None)
         if sparse:
             key = (self._handle.draw_id, self.k())
             if self._drawn_for != key:
@@ -259,13 +261,19 @@ class BlockUnit:
 
 
 def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor) -> torch.Tensor:
-    idx = unit.input_index(proj, x)
-    return dense(x) if idx is None else kept_linear(proj, x, idx, KEEP_OUTPUTS, unit.slices)
+    return _sliced(unit, proj, dense, x, unit.input_index(proj, x), KEEP_OUTPUTS)
 
 
 def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.Tensor) -> torch.Tensor:
-    idx = unit.output_index(proj)
-    return dense(h) if idx is None else kept_linear(proj, h, idx, KEEP_INPUTS, unit.slices)
+    return _sliced(unit, proj, dense, h, unit.output_index(proj), KEEP_INPUTS)
+
+
+def _sliced(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor, idx: torch.Tensor | None, dim: int) -> torch.Tensor:
+    if idx is None:
+        return dense(x)
+    if unit.backward_only:
+        return backward_kept_linear(proj, x, idx, dim)
+    return kept_linear(proj, x, idx, dim, unit.slices)
 
 
 def _activation(block: nn.Module, attr: str) -> Callable[[torch.Tensor], torch.Tensor]:
