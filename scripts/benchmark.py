@@ -2,7 +2,9 @@
 
 For each configuration it builds one Llama-shaped model from a config, copies it, patches one
 copy with SAT, and builds a third, *pruned* dense model whose MLP (and, with attention targets,
-KV groups) has the kept size built in: what perfect slicing would give. It alternates timed
+KV groups) has the kept size built in: what perfect slicing would give (with ``--omit-in
+backward``, where SAT's forward runs dense, the bound is the dense model's median forward time
+plus the pruned model's median backward-and-optimizer time, both from the same loop). It alternates timed
 training steps (forward, backward, fused AdamW step) between the three, so drift in machine
 load hits all alike, and reports medians, SAT's speedup, the bound's speedup, SAT's fraction of
 the bound and the ideal speedup from the matmul FLOP count (LM head included). With
@@ -12,6 +14,7 @@ allocated; CPU: peak RSS growth during the steps).
 Examples:
     python scripts/benchmark.py --shape realistic --rates 0.25 0.5 0.75 --targets mlp both attention
     python scripts/benchmark.py --shape realistic --rates 0.5 --lora --memory
+    python scripts/benchmark.py --shape smollm2 --batch 4 --rates 0.5 0.75 --omit-in backward
     python scripts/benchmark.py --shape realistic --ladder-steps 40
     python scripts/benchmark.py --shape 1b --device cuda --precision bf16 --kernels liger --compile
 """
@@ -63,6 +66,7 @@ class Row:
     targets: str
     lora: bool
     rate: float
+    omit_in: str
     dense_s: float
     sat_s: float
     dense_range: tuple[float, float]
@@ -114,7 +118,7 @@ def build_pruned(args, targets: str, rate: float) -> torch.nn.Module:
 
 def sat_config(args, targets: str, rate: float) -> SATConfig:
     """The SAT settings every measurement of one configuration uses: timing, ladder and memory alike."""
-    return SATConfig(omission_rate=rate, targets=TARGETS[targets], metric=args.metric, selection=args.selection)
+    return SATConfig(omission_rate=rate, targets=TARGETS[targets], metric=args.metric, selection=args.selection, omit_in=args.omit_in)
 
 
 def make_step(model, args):
@@ -124,17 +128,20 @@ def make_step(model, args):
     forward = torch.compile(model) if args.compile else model
     device_type = torch.device(args.device).type
 
-    def step() -> float:
+    def step() -> tuple[float, float]:
+        """(step seconds, of which the forward); the forward's end is synced on a GPU."""
         sync(args.device)
         start = time.perf_counter()
         amp = torch.autocast(device_type, dtype=torch.bfloat16) if args.precision == "autocast" else contextlib.nullcontext()
         with amp:
             loss = forward(input_ids=ids, labels=ids).loss
+        sync(args.device)
+        forward_s = time.perf_counter() - start
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(args.device)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, forward_s
 
     return step
 
@@ -160,12 +167,16 @@ def compare(args, targets: str, rate: float) -> Row:
             elapsed = step()
             if i >= args.warmup:
                 times[name].append(elapsed)
-    d, s = statistics.median(times["dense"]), statistics.median(times["sat"])
+    total = {name: [t for t, _ in ts] for name, ts in times.items()}
+    d, s = statistics.median(total["dense"]), statistics.median(total["sat"])
     ideal = 1.0 / handle.kept_flops_fraction()
-    row = Row(args.shape, targets, args.lora, rate, d, s, (min(times["dense"]), max(times["dense"])),
-              (min(times["sat"]), max(times["sat"])), d / s, ideal, (d / s) / ideal)
+    row = Row(args.shape, targets, args.lora, rate, args.omit_in, d, s, (min(total["dense"]), max(total["dense"])),
+              (min(total["sat"]), max(total["sat"])), d / s, ideal, (d / s) / ideal)
+    row.extra = {f"{name}_forward_s": statistics.median(f for _, f in ts) for name, ts in times.items()}
     if args.bound:
-        row.pruned_s = statistics.median(times["pruned"])
+        row.pruned_s = statistics.median(total["pruned"])
+        if args.omit_in == "backward":  # a dense forward, then the pruned model's backward and optimizer step
+            row.pruned_s = row.extra["dense_forward_s"] + statistics.median(t - f for t, f in times["pruned"])
         row.bound = d / row.pruned_s
         row.of_bound = row.pruned_s / s
     return row
@@ -182,7 +193,7 @@ def ladder(args, targets: str) -> dict:
     dense = build(args)
     sat = copy.deepcopy(dense)
     handle = apply_sat(sat, cfg)
-    dense_step, sat_step = make_step(dense, args), make_step(sat, args)
+    dense_step, sat_step = (lambda f=make_step(dense, args): f()[0]), (lambda f=make_step(sat, args): f()[0])
     for _ in range(args.warmup):
         dense_step()
         handle.set_rate(cfg.omission_rate)
@@ -201,7 +212,7 @@ def ladder(args, targets: str) -> dict:
     ends = starts[1:] + [len(rates)]
     excess = [per_step["sat"][a] - statistics.median(per_step["sat"][a:b]) for a, b in zip(starts, ends)]
     total = {k: sum(v) for k, v in per_step.items()}
-    return {"shape": args.shape, "targets": targets, "lora": args.lora, "steps": args.ladder_steps, "peak_rate": cfg.omission_rate,
+    return {"shape": args.shape, "targets": targets, "lora": args.lora, "omit_in": args.omit_in, "steps": args.ladder_steps, "peak_rate": cfg.omission_rate,
             "dense_s": total["dense"], "sat_s": total["sat"], "speedup": total["dense"] / total["sat"],
             "ideal": len(flops) / sum(flops), "rates": rates, "per_step": per_step, "rung_first_excess_s": excess}
 
@@ -282,6 +293,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=sorted(TARGETS), nargs="+", default=[DEFAULT_TARGETS], help=f"blocks that omit neurons (default {DEFAULT_TARGETS}, as SATConfig)")
     p.add_argument("--metric", default=SATConfig.metric)
     p.add_argument("--selection", default=SATConfig.selection)
+    p.add_argument("--omit-in", dest="omit_in", choices=["forward_backward", "backward"], default=SATConfig.omit_in, help="SATConfig.omit_in; backward: the bound is a dense forward plus a pruned backward")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast: fp32 weights, bf16 autocast (Trainer's bf16=True)")
     p.add_argument("--kernels", choices=["hf", "liger"], default="hf", help="liger: Liger-Kernel's Llama patch (rope, rms_norm, swiglu, fused linear cross-entropy)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (dense, SAT, pruned)")
@@ -299,7 +311,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def describe(args) -> str:
-    return (f"{args.shape}, batch {args.batch} x {args.seq}, {args.precision}, kernels {args.kernels}"
+    return (f"{args.shape}, batch {args.batch} x {args.seq}, omit_in {args.omit_in}, {args.precision}, kernels {args.kernels}"
             f"{', compiled' if args.compile else ''}{', LoRA r16' if args.lora else ''}, device {args.device}")
 
 
