@@ -101,6 +101,13 @@ def activation_mlp(
     hidden = act(F.linear(tokens, in_weights[0], in_biases[0]))
     if len(in_weights) > 1:
         hidden = hidden * F.linear(tokens, in_weights[1], in_biases[1])
+    return activation_from_hidden(hidden, out_weight)
+
+
+def activation_from_hidden(hidden: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
+    """The ``activation`` score from the channels' outputs ``hidden`` (tokens x channels, the output
+    projection's input): ``||hidden[:, j]|| * ||W_out[:, j]||``. With ``omit_in: backward`` the
+    dense forward computes ``hidden`` for every token anyway, so this is all the scoring costs."""
     return _norm32(hidden, 0) * _norm32(out_weight, 0)
 
 

@@ -14,10 +14,17 @@ For a scenario's model and training data, measures on ``--batches`` batches:
 A metric that ranks units no better than chance shows a correlation near 0 and a sparse loss
 near ``uniform``'s. Minutes on a CPU for SmolLM2-135M. Rows are appended to ``--json``.
 
+A variant with ``omit_in=backward`` has the dense model's loss by construction (its forward is
+dense), so for it the check is the *gradient error* instead: the cosine between SAT's gradient
+(omitted units' backward paths cut) and the dense gradient over all trainable weights, and the
+norm of their difference relative to the dense gradient's, averaged over the batches.
+
 Examples:
     python scripts/sparse_loss.py --config configs/smollm2_cpt.yaml
     python scripts/sparse_loss.py --config configs/smollm2_cpt.yaml --metrics activation --rates 0.5 \\
         --variants default dense_layers=[0,1,2,-1] activation_tokens=64 targets=[mlp,attention]
+    python scripts/sparse_loss.py --config configs/smollm2_cpt.yaml --metrics activation uniform --rates 0.5 0.75 \\
+        --variants omit_in=backward,dense_layers=[] --no-correlation
 """
 
 from __future__ import annotations
@@ -63,17 +70,27 @@ def main(argv: list[str] | None = None) -> None:
 
     dense = statistics.mean(model(**b).loss.item() for b in batches)
     print(f"{args.config}: {model_path}, {args.batches} x {size} sequences; dense loss {dense:.3f}\n")
-    rows = []
+    rows, dense_grads = [], []
     for variant in args.variants:
         base = sat_block(task, args.config, variant)
         for metric in args.metrics:
             for rate in args.rates:
                 start = time.perf_counter()
-                loss = sparse_loss(model, batches, SATConfig.from_dict(base | {"metric": metric}), rate)
-                rows.append({"config": args.config, "variant": variant, "metric": metric, "rate": rate, "dense_loss": round(dense, 4),
-                             "sparse_loss": round(loss, 4), "seconds": round(time.perf_counter() - start, 1)})
-                print(f"  {variant:>24} {metric:>10} rate {rate:<5} sparse loss {loss:.3f}", flush=True)
-    print("\n" + loss_table(rows, dense))
+                sat = SATConfig.from_dict(base | {"metric": metric})
+                row = {"config": args.config, "variant": variant, "metric": metric, "rate": rate, "dense_loss": round(dense, 4)}
+                if sat.omit_in == "backward":
+                    dense_grads = dense_grads or [gradient(model, b) for b in batches]
+                    cosine, error = gradient_error(model, batches, dense_grads, sat, rate)
+                    row |= {"grad_cosine": round(cosine, 4), "grad_rel_error": round(error, 4)}
+                    print(f"  {variant:>24} {metric:>10} rate {rate:<5} gradient cosine {cosine:.4f}, relative error {error:.4f}", flush=True)
+                else:
+                    row["sparse_loss"] = round(sparse_loss(model, batches, sat, rate), 4)
+                    print(f"  {variant:>24} {metric:>10} rate {rate:<5} sparse loss {row['sparse_loss']:.3f}", flush=True)
+                rows.append(row | {"seconds": round(time.perf_counter() - start, 1)})
+    if any("sparse_loss" in r for r in rows):
+        print("\n" + loss_table([r for r in rows if "sparse_loss" in r], dense))
+    if any("grad_cosine" in r for r in rows):
+        print("\n" + loss_table([r for r in rows if "grad_cosine" in r], dense, "grad_cosine"))
     if not args.no_correlation:
         every_block = sat_block(task, args.config, "default") | {"targets": ["mlp", "attention"]}
         corr = correlations(model, batches[0], every_block, args.metrics)
@@ -100,6 +117,32 @@ def sparse_loss(model: torch.nn.Module, batches: list[dict], sat: SATConfig, rat
             handle.new_step()
             losses.append(model(**batch).loss.item())
         return statistics.mean(losses)
+    finally:
+        remove_sat(model)
+
+
+def gradient(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The loss gradient over all trainable weights, flattened."""
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        model(**batch).loss.backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def gradient_error(model: torch.nn.Module, batches: list[dict], dense_grads: list[torch.Tensor], sat: SATConfig, rate: float) -> tuple[float, float]:
+    """Mean over batches of (cosine, relative L2 error) of SAT's gradient against the dense one."""
+    handle = apply_sat(model, sat)
+    try:
+        handle.set_rate(rate)
+        cosines, errors = [], []
+        for batch, full in zip(batches, dense_grads):
+            handle.new_step()
+            kept = gradient(model, batch)
+            cosines.append(torch.nn.functional.cosine_similarity(kept, full, dim=0).item())
+            errors.append(((kept - full).norm() / full.norm()).item())
+        return statistics.mean(cosines), statistics.mean(errors)
     finally:
         remove_sat(model)
 
@@ -144,12 +187,13 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
 
 
-def loss_table(rows: list[dict], dense: float) -> str:
+def loss_table(rows: list[dict], dense: float, value: str = "sparse_loss") -> str:
     rates = sorted({r["rate"] for r in rows})
-    lines = [f"sparse-network loss (dense {dense:.3f})", "| variant | metric | " + " | ".join(f"rate {r}" for r in rates) + " |",
+    title = f"sparse-network loss (dense {dense:.3f})" if value == "sparse_loss" else "gradient cosine with the dense gradient (omit_in backward)"
+    lines = [title, "| variant | metric | " + " | ".join(f"rate {r}" for r in rates) + " |",
              "|---|---|" + "---|" * len(rates)]
     for key in dict.fromkeys((r["variant"], r["metric"]) for r in rows):
-        cells = {r["rate"]: f"{r['sparse_loss']:.3f}" for r in rows if (r["variant"], r["metric"]) == key}
+        cells = {r["rate"]: f"{r[value]:.3f}" for r in rows if (r["variant"], r["metric"]) == key}
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells.get(r, "") for r in rates) + " |")
     return "\n".join(lines)
 

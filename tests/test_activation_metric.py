@@ -158,3 +158,32 @@ def test_activation_metric_reads_the_config_when_the_mlp_kernels_were_swapped():
     mlp.config = model.config
     del mlp.act_fn
     torch.testing.assert_close(handle.units[0]._scores(x, torch.Generator().manual_seed(0)), expected)
+
+
+def test_backward_only_scores_come_from_the_dense_forward(monkeypatch):
+    """omit_in backward + activation: after the first draw, no subsample goes through gate/up
+    again; each draw keeps the top channels of the previous forward's own outputs (all real
+    tokens, pads zeroed), ||h_j|| * ||W_down[:, j]||."""
+    subsamples = []
+    real = importance.activation_mlp
+    monkeypatch.setattr(importance, "activation_mlp", lambda t, *a: subsamples.append(t.shape[0]) or real(t, *a))
+    model = build("llama")
+    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], omit_in="backward"))
+    model.train()
+    handle.set_rate(0.5)
+    mlp = model.model.layers[0].mlp
+    hidden = []
+    hook = mlp.down_proj.register_forward_pre_hook(lambda m, a: hidden.append(a[0].detach().reshape(-1, 96)))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    kept = []
+    for step in range(3):
+        handle.new_step()
+        model(batch(seed=step), attention_mask=mask)
+        kept.append(handle.kept()["model.layers.0.mlp"])
+    hook.remove()
+    assert subsamples == [32, 32]  # the first draw of each of the two MLP blocks only
+    for step in (1, 2):
+        h = hidden[step - 1] * mask.reshape(-1, 1)
+        expected = h.norm(dim=0) * mlp.down_proj.weight.detach().norm(dim=0)
+        assert torch.equal(kept[step], expected.topk(48).indices.sort().values)

@@ -61,9 +61,9 @@ def test_kept_op_with_checkpointing(kept_op):
 
 
 def test_kept_op_with_bf16_and_compile(kept_op):
-    test_stack_precision_compile.test_bf16_autocast_step_is_close_to_fp32_for_the_same_kept_set()
+    test_stack_precision_compile.test_bf16_autocast_step_is_close_to_fp32_for_the_same_kept_set("forward_backward")
     test_stack_precision_compile.test_bf16_weights_train_with_finite_loss_and_grads()
-    test_stack_precision_compile.test_compile_recompiles_only_when_k_changes()
+    test_stack_precision_compile.test_compile_recompiles_only_when_k_changes("forward_backward")
 
 
 @contextlib.contextmanager
@@ -85,14 +85,18 @@ def _inside_sat(monkeypatch, enter, leave):
     monkeypatch.setattr(units.BlockUnit, "output_index", wrap(units.BlockUnit.output_index))
     monkeypatch.setattr(units, "kept_linear", wrap(ops.kept_linear))
     monkeypatch.setattr(ops._KeptLinear, "backward", staticmethod(wrap(ops._KeptLinear.backward)))
+    monkeypatch.setattr(units, "backward_kept_linear", wrap(ops.backward_kept_linear))
+    monkeypatch.setattr(ops._BackwardKeptLinear, "backward", staticmethod(wrap(ops._BackwardKeptLinear.backward)))
+    monkeypatch.setattr(units.BlockUnit, "observe", wrap(units.BlockUnit.observe))
     yield
 
 
+@pytest.mark.parametrize("omit_in", ["forward_backward", "backward"])
 @pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_a_step_that_draws_reads_nothing_back_to_the_host(monkeypatch, op_path, metric, selection):
+def test_a_step_that_draws_reads_nothing_back_to_the_host(monkeypatch, op_path, metric, selection, omit_in):
     model = build("llama")
-    handle = sparse(model, metric=metric, selection=selection)
+    handle = sparse(model, metric=metric, selection=selection, omit_in=omit_in)
     depth = [0]
     originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
 

@@ -48,3 +48,25 @@ def test_quality_variant_names_become_overrides():
     assert quality.variant_overrides("default") == (False, [])
     assert quality.variant_overrides("targets=[mlp,attention],metric=uniform") == (
         False, ["sat.targets=[mlp,attention]", "sat.metric=uniform"])
+
+
+def test_sparse_loss_gradient_error_of_backward_only_omission():
+    """omit_in backward is judged by gradient error: none at rate 0 (the same gradient), some at 0.5."""
+    import sys
+
+    import torch
+    from tiny import batch, build
+
+    from sat_trainer import SATConfig
+
+    sys.path.insert(0, str(SCRIPTS))
+    sparse_loss = _load("sparse_loss")
+    model = build("llama", num_hidden_layers=2).train()
+    batches = [{"input_ids": batch(seed), "labels": batch(seed)} for seed in (1, 2)]
+    dense = [sparse_loss.gradient(model, b) for b in batches]
+    cfg = SATConfig(omit_in="backward", metric="activation")
+    cosine, error = sparse_loss.gradient_error(model, batches, dense, cfg, 0.0)
+    assert abs(cosine - 1.0) < 1e-4 and error == 0.0
+    cosine, error = sparse_loss.gradient_error(model, batches, dense, cfg, 0.5)
+    assert 0.5 < cosine < 0.9999 and 0.0 < error < 1.0
+    assert torch.count_nonzero(dense[0]) > 0

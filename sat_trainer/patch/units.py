@@ -51,6 +51,10 @@ class BlockUnit:
         self._handle = handle
         self.query_heads = shape.kind == "attention" and handle.config.attention_unit == "query_head"
         self.backward_only = handle.config.omit_in == "backward"
+        # omit_in backward + activation: the dense forward computes every MLP channel's output anyway, so
+        # scores are read from it (all real tokens, no extra matmul) for the next draw; see observe()
+        self._observes = self.backward_only and shape.kind == "mlp" and handle.config.metric == "activation"
+        self._observed: torch.Tensor | None = None
         self._kv_groups_attr = getattr(block, "num_key_value_groups", None)  # query_head units change it while sparse
         self._saved_forwards: list[tuple[nn.Module, Callable | None]] = []
         self._drawn_for: tuple[int, int] | None = None
@@ -236,8 +240,24 @@ class BlockUnit:
         self.slices.clear()
         self._index = {m: _expand(kept, _sliced_dim_and_chunk(m, side, self.n)[1]) for m, side in self._members_with_side()}
 
+    def observe(self, h: torch.Tensor) -> None:
+        """Keep the ``activation`` scores of the channels' outputs ``h`` that a dense forward just
+        computed (the down projection's input, padding zeroed): the next draw uses them instead
+        of scoring a token subsample through gate/up again. They are one micro-batch old when
+        used; the first draw, before any forward was seen, scores its own subsample."""
+        if torch.compiler.is_compiling():  # a side effect the graph would not keep: drawing scores its subsample
+            return
+        with torch.no_grad():
+            mask = self._handle.token_mask_for(h)
+            flat = h.detach().reshape(-1, h.shape[-1])
+            if mask is not None:
+                flat = flat * mask.unsqueeze(1)
+            self._observed = importance.activation_from_hidden(flat, out_major_weight(self.output))
+
     def _scores(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         cfg = self._handle.config
+        if self._observed is not None:
+            return self._observed
         in_weights = [out_major_weight(p) for p in self.inputs]
         if cfg.metric == "uniform":
             return importance.uniform(self.n, generator, x.device)
@@ -265,7 +285,10 @@ def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.T
 
 
 def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.Tensor) -> torch.Tensor:
-    return _sliced(unit, proj, dense, h, unit.output_index(proj), KEEP_INPUTS)
+    idx = unit.output_index(proj)
+    if idx is not None and unit._observes and proj is unit.output:
+        unit.observe(h)
+    return _sliced(unit, proj, dense, h, idx, KEEP_INPUTS)
 
 
 def _sliced(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor, idx: torch.Tensor | None, dim: int) -> torch.Tensor:
