@@ -98,10 +98,25 @@ def activation_mlp(
 
     ``in_weights``/``out_weight`` are out-major; products run in the weights' dtype, norms
     accumulate in float32 (no float copy of any weight)."""
+    return activation_from_hidden(mlp_hidden(tokens, in_weights, in_biases, act), out_weight)
+
+
+def mlp_hidden(
+    tokens: torch.Tensor, in_weights: list[torch.Tensor], in_biases: list[torch.Tensor | None], act: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """The MLP channels' outputs on ``tokens`` (the down projection's input): ``act(t W_0 + b_0) * (t W_1 + b_1)``,
+    the second factor only for gated MLPs."""
     hidden = act(F.linear(tokens, in_weights[0], in_biases[0]))
     if len(in_weights) > 1:
         hidden = hidden * F.linear(tokens, in_weights[1], in_biases[1])
-    return activation_from_hidden(hidden, out_weight)
+    return hidden
+
+
+def real_token_mean(hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden``'s rows over the real ``tokens`` (padding rows were zeroed in ``tokens``),
+    in float32, without a host sync (the count stays on the device)."""
+    real = tokens.ne(0).any(dim=1).to(hidden.dtype)
+    return (real @ hidden).float() / real.sum().clamp_min(1).float()
 
 
 def activation_from_hidden(hidden: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:

@@ -82,8 +82,8 @@ def test_activation_metric_omits_a_channel_that_writes_nothing():
 
 def test_activation_subsample_size_bounds_the_tokens_scored(monkeypatch):
     sizes = []
-    real = importance.activation_mlp
-    monkeypatch.setattr(importance, "activation_mlp", lambda t, *a: sizes.append(t.shape[0]) or real(t, *a))
+    real = importance.mlp_hidden
+    monkeypatch.setattr(importance, "mlp_hidden", lambda t, *a: sizes.append(t.shape[0]) or real(t, *a))
     model = build("llama")
     handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_tokens=5))
     model.train()
@@ -165,8 +165,8 @@ def test_backward_only_scores_come_from_the_dense_forward(monkeypatch):
     again; each draw keeps the top channels of the previous forward's own outputs (all real
     tokens, pads zeroed), ||h_j|| * ||W_down[:, j]||."""
     subsamples = []
-    real = importance.activation_mlp
-    monkeypatch.setattr(importance, "activation_mlp", lambda t, *a: subsamples.append(t.shape[0]) or real(t, *a))
+    real = importance.mlp_hidden
+    monkeypatch.setattr(importance, "mlp_hidden", lambda t, *a: subsamples.append(t.shape[0]) or real(t, *a))
     model = build("llama")
     handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], omit_in="backward"))
     model.train()
@@ -187,3 +187,55 @@ def test_backward_only_scores_come_from_the_dense_forward(monkeypatch):
         h = hidden[step - 1] * mask.reshape(-1, 1)
         expected = h.norm(dim=0) * mlp.down_proj.weight.detach().norm(dim=0)
         assert torch.equal(kept[step], expected.topk(48).indices.sort().values)
+
+
+def test_mean_compensation_replaces_omitted_channels_by_their_mean_output():
+    """compensation mean: the sparse forward equals the dense MLP with each omitted channel's
+    output replaced by its mean over the scored tokens (here all of them), that constant carrying
+    no gradient; every gradient matches that reference and omitted slices get none."""
+    import copy
+
+    model = build("llama", mlp_bias=True)
+    reference = copy.deepcopy(model).train()
+    ids = batch()
+    handle = apply_sat(model, sat_config(targets=["mlp"], compensation="mean", activation_tokens=1000))
+    model.train()
+    handle.set_rate(0.5)
+    handle.new_step()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    hooks = []
+
+    def mean_replaced(down, h, keep):
+        mean = h.detach().reshape(-1, 96).mean(0)  # this forward's own channel outputs, all tokens
+        return down.forward(h * keep) + (down.weight @ (mean * (1 - keep))).detach()
+
+    for unit in handle.units:
+        keep = torch.zeros(96)
+        keep[handle.kept()[unit.name]] = 1.0
+        down = reference.get_submodule(f"{unit.name}.down_proj")
+        hooks.append(down.register_forward_hook(lambda m, a, out, keep=keep: mean_replaced(m, a[0], keep)))
+    ref_loss = reference(ids, labels=ids).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    omitted = torch.ones(96, dtype=torch.bool)
+    omitted[handle.kept()["model.layers.0.mlp"]] = False
+    assert torch.count_nonzero(model.model.layers[0].mlp.down_proj.weight.grad[:, omitted]) == 0
+    # without compensation the loss differs: the constant is really added
+    assert abs(loss.item() - _masked_loss(model, handle, ids)) > 1e-4
+
+
+def _masked_loss(model, handle, ids):
+    handle.config.compensation = "none"
+    for unit in handle.units:
+        unit.compensation = None
+    with torch.no_grad():
+        return model(ids, labels=ids).loss.item()
+
+
+@pytest.mark.parametrize("bad", [dict(omit_in="backward"), dict(metric="wanda")])
+def test_mean_compensation_needs_a_sparse_forward_and_the_activation_metric(bad):
+    with pytest.raises(SATError, match="compensation"):
+        SATConfig(compensation="mean", **bad)

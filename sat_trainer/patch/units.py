@@ -55,6 +55,11 @@ class BlockUnit:
         # scores are read from it (all real tokens, no extra matmul) for the next draw; see observe()
         self._observes = self.backward_only and shape.kind == "mlp" and handle.config.metric == "activation"
         self._observed: torch.Tensor | None = None
+        # compensation mean: omitted channels' mean output over the scoring subsample, and the constant
+        # it adds to the down projection's output for the current draw
+        self._compensates = shape.kind == "mlp" and handle.config.compensation == "mean"
+        self._mean_hidden: torch.Tensor | None = None
+        self.compensation: torch.Tensor | None = None
         self._kv_groups_attr = getattr(block, "num_key_value_groups", None)  # query_head units change it while sparse
         self._saved_forwards: list[tuple[nn.Module, Callable | None]] = []
         self._drawn_for: tuple[int, int] | None = None
@@ -232,6 +237,8 @@ class BlockUnit:
                 kept = selection.topk(scores, k, self.groups)
             else:
                 kept = selection.sampling(scores, k, cfg.temperature, generator, self.groups)
+            if self._compensates:
+                self.compensation = _omitted_mean_output(self._mean_hidden, kept, out_major_weight(self.output))
         self.kept_units = kept  # stays on the device: reading it here would be a host sync per block
         self._index_members(kept)
         self._drawn_for = key
@@ -274,7 +281,10 @@ class BlockUnit:
         out_weight = out_major_weight(self.output)
         if self.kind == "mlp":
             act = _activation(self.block, self.shape.activation)
-            return importance.activation_mlp(tokens, in_weights, [p.bias for p in self.inputs], act, out_weight)
+            hidden = importance.mlp_hidden(tokens, in_weights, [p.bias for p in self.inputs], act)
+            if self._compensates:
+                self._mean_hidden = self._handle.sync_scores(importance.real_token_mean(hidden, tokens))
+            return importance.activation_from_hidden(hidden, out_weight)
         values = out_major_weight(self.values)
         kv_groups = self.groups if self.query_heads else self.n
         return importance.activation_attention(tokens, values, self.values.bias, out_weight, kv_groups, self.query_heads)
@@ -288,7 +298,10 @@ def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.
     idx = unit.output_index(proj)
     if idx is not None and unit._observes and proj is unit.output:
         unit.observe(h)
-    return _sliced(unit, proj, dense, h, idx, KEEP_INPUTS)
+    out = _sliced(unit, proj, dense, h, idx, KEEP_INPUTS)
+    if idx is not None and unit.compensation is not None and proj is unit.output:
+        out = out + unit.compensation.to(out.dtype)
+    return out
 
 
 def _sliced(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor, idx: torch.Tensor | None, dim: int) -> torch.Tensor:
@@ -297,6 +310,12 @@ def _sliced(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor, 
     if unit.backward_only:
         return backward_kept_linear(proj, x, idx, dim)
     return kept_linear(proj, x, idx, dim, unit.slices)
+
+
+def _omitted_mean_output(mean_hidden: torch.Tensor, kept: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
+    """``W_out[:, omitted] @ mean_h[omitted]``: what the omitted channels add on average, as a constant."""
+    omitted = torch.ones_like(mean_hidden).index_fill_(0, kept, 0.0)
+    return out_weight @ (mean_hidden * omitted).to(out_weight.dtype)  # in the weight's dtype: no float copy of it
 
 
 def _activation(block: nn.Module, attr: str) -> Callable[[torch.Tensor], torch.Tensor]:
