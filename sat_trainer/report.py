@@ -179,8 +179,17 @@ def comparison_table(sat: dict[str, Any], dense: dict[str, Any]) -> str:
 
 
 def time_to_reach(evals: list[dict[str, Any]], name: str, target: float) -> float | None:
-    """Train-step time of the first evaluation with held-out loss ``name`` at or below ``target``, else None."""
-    return next((e["train_time_s"] for e in evals if e.get(name, float("inf")) <= target), None)
+    """Train-step time at which held-out loss ``name`` first reaches ``target``, read off the curve:
+    linearly interpolated between the last evaluation above it and the first at or below it; None
+    if no evaluation reaches it."""
+    points = [(e["train_time_s"], e[name]) for e in evals if name in e]
+    for i, (t, loss) in enumerate(points):
+        if loss <= target:
+            if i == 0:
+                return t
+            t0, l0 = points[i - 1]
+            return t0 + (t - t0) * (l0 - target) / (l0 - loss)
+    return None
 
 
 def plot_comparison(sat: dict[str, Any], dense: dict[str, Any], path: Path) -> None:

@@ -7,6 +7,11 @@ appended to a JSON-lines file and printed as a markdown table with, per variant:
 losses and their ratio to dense, time inside training steps, and the time SAT needed to first
 reach dense's final held-out loss on the first eval set, as a fraction of dense's time.
 
+With ``--equal-time`` (the CPT protocol: time to a target quality, as MLPerf Training scores
+training systems) every SAT variant is also run a second time, as ``<variant>@equal-time``, with
+the number of steps that fits in dense's train-step time at the variant's own measured time per
+step (from its equal-steps run of the same seed), its schedule spread over those steps.
+
 With ``--report`` nothing is trained: the table (and a PNG of held-out loss against training
 time) is built from the rows already in the JSON-lines file for ``--config``, the latest row per
 variant and seed.
@@ -17,6 +22,7 @@ Examples:
     python scripts/quality.py --config configs/demo_sft.yaml --variants dense default
     python scripts/quality.py --variants dense default --seeds 0 1 2
     python scripts/quality.py --variants training.max_steps=160               # SAT given more steps
+    python scripts/quality.py --config configs/smollm2_cpt.yaml --variants dense omit_in=backward --equal-time
     python scripts/quality.py --report --plot docs/bench/quality_cpt.png
 """
 
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], help="override for every variant, e.g. training.max_steps=60")
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--json", default="docs/bench/quality.jsonl")
+    p.add_argument("--equal-time", action="store_true", help="also run each SAT variant for the steps that fit in dense's train-step time")
     p.add_argument("--report", action="store_true", help="train nothing: tabulate the rows already in --json")
     p.add_argument("--plot", help="also write a PNG of held-out loss (first eval set) against training time")
     args = p.parse_args(argv)
@@ -72,19 +79,38 @@ def train_variants(args: argparse.Namespace) -> dict[str, list[dict]]:
     task = task_of(args.config)
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
+        rows = {}
         for variant in args.variants:
-            dense, overrides = variant_overrides(variant)
-            out = Path(args.out) / Path(args.config).stem / f"seed{seed}" / variant.replace("=", "-").replace(",", "_")
-            cfg = load_run_config(task, args.config, [*args.set, *overrides, f"training.seed={seed}", f"training.output_dir={out}"])
-            report = run(cfg, dense=dense)
-            row = {"config": args.config, "variant": variant, "seed": seed, "train_time_s": report["train_time_s"],
-                   "held_out_loss": report["held_out_loss"], "evals": report["history"]["held_out"],
-                   "sat": report["config"]["sat"] if not dense else None, "steps": report["steps"]}
-            results.setdefault(variant, []).append(row)
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.json, "a") as f:
-                f.write(json.dumps({k: v for k, v in row.items() if k != "evals"} | {"evals": row["evals"]}) + "\n")
+            rows[variant] = train_one(args, task, seed, variant, [])
+            results.setdefault(variant, []).append(rows[variant])
+        if args.equal_time and "dense" in rows:
+            for variant, row in rows.items():
+                if variant != "dense":
+                    steps = equal_time_steps(rows["dense"], row)
+                    label = f"{variant}@equal-time"
+                    results.setdefault(label, []).append(train_one(args, task, seed, variant, [f"training.max_steps={steps}"], label))
     return results
+
+
+def train_one(args: argparse.Namespace, task: str, seed: int, variant: str, extra: list[str], label: str | None = None) -> dict:
+    """One `sat-train` run of ``variant``; its row is appended to ``args.json`` as it lands."""
+    label = label or variant
+    dense, overrides = variant_overrides(variant)
+    out = Path(args.out) / Path(args.config).stem / f"seed{seed}" / label.replace("=", "-").replace(",", "_").replace("@", "_")
+    cfg = load_run_config(task, args.config, [*args.set, *overrides, *extra, f"training.seed={seed}", f"training.output_dir={out}"])
+    report = run(cfg, dense=dense)
+    row = {"config": args.config, "variant": label, "seed": seed, "train_time_s": report["train_time_s"],
+           "held_out_loss": report["held_out_loss"], "evals": report["history"]["held_out"],
+           "sat": report["config"]["sat"] if not dense else None, "steps": report["steps"]}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.json, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def equal_time_steps(dense: dict, sat: dict) -> int:
+    """The steps of SAT that fit in dense's train-step time, at SAT's own time per step in its equal-steps run."""
+    return max(1, int(dense["train_time_s"] * sat["steps"] / sat["train_time_s"]))
 
 
 def saved_results(path: str, config: str) -> dict[str, list[dict]]:

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 
 
@@ -35,8 +37,9 @@ def test_quality_table_compares_the_first_configured_eval_set_and_time_to_dense_
     assert list(results) == ["dense", "default"] and results["default"][0]["held_out_loss"]["new"] == 3.9  # latest row wins
     line = quality.table(results).splitlines()[-1]
     # "new" (listed first in the config) is compared, not the alphabetically first "base"
-    assert "-2.50% (new)" in line and "1.67x" in line and "| 0.60x |" in line
-    assert quality.time_to_reach(sat["evals"], "new", 4.1) == 60
+    assert "-2.50% (new)" in line and "1.67x" in line and "| 0.50x |" in line
+    assert quality.time_to_reach(sat["evals"], "new", 4.1) == pytest.approx(40)  # interpolated between (30, 4.2) and (60, 3.9)
+    assert quality.time_to_reach(sat["evals"], "new", 4.2) == 30
     assert quality.time_to_reach(sat["evals"], "new", 3.0) is None
 
 
@@ -70,3 +73,11 @@ def test_sparse_loss_gradient_error_of_backward_only_omission():
     cosine, error = sparse_loss.gradient_error(model, batches, dense, cfg, 0.5)
     assert 0.5 < cosine < 0.9999 and 0.0 < error < 1.0
     assert torch.count_nonzero(dense[0]) > 0
+
+
+def test_equal_time_gives_sat_the_steps_that_fit_in_dense_time():
+    quality = _load("quality")
+    dense = _row("dense", 0, {"new": 4.0}, [], 100.0)
+    sat = _row("omit_in=backward", 0, {"new": 4.1}, [], 80.0)  # 10 steps in 80 s: 8 s a step
+    assert quality.equal_time_steps(dense, sat) == 12  # 100 s / 8 s
+    assert quality.equal_time_steps(dense, dense) == 10
