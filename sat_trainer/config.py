@@ -26,6 +26,7 @@ OMITTED_UPDATES = ("optimizer", "freeze")
 ATTENTION_UNITS = ("kv_group", "query_head")
 OMIT_IN = ("forward_backward", "backward")
 COMPENSATIONS = ("none", "mean")
+SPARSE_TOKENS = ("all", "context")
 
 
 @dataclass
@@ -61,6 +62,13 @@ class SATConfig:
                   "channel's output is replaced by its mean over the scoring subsample, i.e. the constant bias "
                   "W_down[:, omitted] @ mean_h[omitted] (no gradient) is added to the down projection's output "
                   "(FLAP-style; on SmolLM2-135M it removed about a quarter of the sparse network's extra loss at rate 0.5)."},
+    )
+    sparse_tokens: str = field(
+        default="all",
+        metadata={"help": "Which tokens omit units: all, or context (SFT; SparseLoRA's split, MLP blocks): the tokens "
+                  "that carry the loss (a label that is not -100, or the next token's) run dense, the context tokens "
+                  "(prompt, template, padding) sparse, in one step. Needs labels in the model's forward; one host "
+                  "sync per forward (not per block) finds the split. Forward without labels: all tokens sparse."},
     )
     metric: str = field(
         default="activation",
@@ -216,6 +224,7 @@ def _check_types(cfg: SATConfig) -> None:
         "attention_unit": (str,),
         "omit_in": (str,),
         "compensation": (str,),
+        "sparse_tokens": (str,),
     }
     for key, types in expected.items():
         value = getattr(cfg, key)
@@ -236,12 +245,15 @@ def _check_values(cfg: SATConfig) -> None:
         _fail("omission_rate", cfg.omission_rate, "a number in [0, 1)")
     if not cfg.targets or any(t not in TARGETS for t in cfg.targets) or len(set(cfg.targets)) != len(cfg.targets):
         _fail("targets", cfg.targets, f"a non-empty list without repeats drawn from {list(TARGETS)}")
-    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES), ("attention_unit", ATTENTION_UNITS), ("omit_in", OMIT_IN), ("compensation", COMPENSATIONS)):
+    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES), ("attention_unit", ATTENTION_UNITS), ("omit_in", OMIT_IN), ("compensation", COMPENSATIONS), ("sparse_tokens", SPARSE_TOKENS)):
         if getattr(cfg, key) not in allowed:
             _fail(key, getattr(cfg, key), ", ".join(allowed))
     if cfg.compensation == "mean" and (cfg.omit_in != "forward_backward" or cfg.metric != "activation"):
         _fail("compensation", cfg.compensation, "none, or mean with omit_in forward_backward (a dense forward has nothing to "
               "compensate) and metric activation (the mean is taken over the channel outputs that metric computes)")
+    if cfg.sparse_tokens == "context" and (cfg.targets != ["mlp"] or cfg.compensation != "none"):
+        _fail("sparse_tokens", cfg.sparse_tokens, "all, or context with targets [mlp] (attention mixes tokens: a head "
+              "cannot be omitted for some tokens only) and compensation none")
     if not cfg.temperature > 0:
         _fail("temperature", cfg.temperature, "a number > 0")
     if not 0.0 < cfg.ladder_sparse_fraction < 1.0:

@@ -25,7 +25,8 @@ What the custom op saves over ``F.linear(x, W.index_select(dim, idx))`` through 
 
 Omitted rows/columns always end with exactly zero gradient, as with ``index_select``.
 
-:func:`backward_kept_linear` is the op of ``omit_in: backward``: the forward runs with the full
+:func:`split_rows_linear` runs some token rows dense and the others through either op
+(``sparse_tokens: context``). :func:`backward_kept_linear` is the op of ``omit_in: backward``: the forward runs with the full
 weight (the loss is the dense model's), the backward computes only the kept slices' gradients and
 the input gradient through the kept features only, so omitted units' backward paths are cut. Under
 ``torch.distributed`` (DDP and FSDP reduce gradients from hooks on autograd's gradient
@@ -244,3 +245,31 @@ class _BackwardKeptLinear(torch.autograd.Function):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b, None, None
+
+
+def split_rows_linear(
+    module: nn.Module, dense_forward, x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, dim: int,
+    backward_only: bool, cache: SliceCache | None,
+) -> torch.Tensor:
+    """``sparse_tokens: context``: the flattened token rows ``rows[0]`` through the whole projection
+    (``dense_forward``, the module's own forward), the rows ``rows[1]`` through the kept slice only,
+    as one output of the projection's full width.
+
+    Input projections (``KEEP_OUTPUTS``) return every output feature, zero on the omitted ones of
+    the sparse rows (the MLP's elementwise activation keeps them zero); the output projection
+    (``KEEP_INPUTS``) reads all features of the dense rows and the kept ones of the sparse rows.
+    With ``backward_only`` the sparse rows' forward is dense too and only their backward is sliced.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    dense_rows, sparse_rows = rows
+    full = dense_forward(flat.index_select(0, dense_rows))
+    part = flat.index_select(0, sparse_rows)
+    if backward_only:
+        sparse = backward_kept_linear(module, part, idx, dim)
+    elif dim == KEEP_OUTPUTS:
+        kept = kept_linear(module, part, idx, dim, cache)
+        sparse = kept.new_zeros(kept.shape[0], full.shape[1]).index_copy(1, idx, kept)
+    else:
+        sparse = kept_linear(module, part.index_select(1, idx), idx, dim, cache)
+    out = full.new_zeros(flat.shape[0], full.shape[1]).index_copy(0, dense_rows, full)
+    return out.index_copy(0, sparse_rows, sparse.to(full.dtype)).reshape(*x.shape[:-1], full.shape[1])

@@ -28,19 +28,24 @@ def masked(reference: nn.Module, handle):
     paths are cut: at the output projection the omitted features pass no gradient back
     (``h * mask + (h * (1 - mask)).detach()``) and its weights' omitted columns (the base layer's
     and LoRA's ``lora_A``) get none. Weights that read the projection's output (LoRA's ``lora_B``,
-    the bias) get the dense forward's gradient.
+    the bias) get the dense forward's gradient. ``sparse_tokens: context`` (the handle's split of
+    its last forward): the mask applies to the sparse token rows only; its backward-only form is
+    ``f(h * mask) + (f(h) - f(h * mask)).detach()`` (plain layers: no LoRA).
     """
     modules = dict(reference.named_modules())
     backward_only = handle.config.omit_in == "backward"
     hooks = []
     for unit in handle.units:
-        mask = feature_mask(unit)
+        mask, split = _mask_of(unit, handle)
         out_name = unit.shape.output  # the block's attribute: a plain layer or its LoRA wrapper
         path = f"{unit.name}.{out_name}" if unit.name else out_name
         # the reference may be wrapped (e.g. a PeftModel) where the handle's model was not
         (target,) = [m for n, m in modules.items() if n == path or n.endswith("." + path)]
         if not backward_only:
-            hooks.append(target.register_forward_pre_hook(lambda mod, args, mask=mask: (args[0] * mask,)))
+            hooks.append(target.register_forward_pre_hook(lambda mod, args, mask=mask: (args[0] * _shaped(mask, args[0]),)))
+            continue
+        if split:
+            hooks.append(target.register_forward_hook(lambda mod, args, out, mask=mask: _cut_rows(mod, args[0], out, mask)))
             continue
         hooks.append(target.register_forward_pre_hook(lambda mod, args, mask=mask: (args[0] * mask + (args[0] * (1 - mask)).detach(),)))
         for layer in target.modules():
@@ -52,6 +57,26 @@ def masked(reference: nn.Module, handle):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _mask_of(unit, handle) -> tuple[torch.Tensor, bool]:
+    """The feature mask, and under a token split a (tokens, features) one: all kept on the dense rows."""
+    mask = feature_mask(unit)
+    split = handle.token_split if unit.kind == "mlp" else None
+    if split is None:
+        return mask, False
+    rows = torch.ones(split[0].numel() + split[1].numel(), mask.numel())
+    rows[split[1]] = mask
+    return rows, True
+
+
+def _shaped(mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(h.shape) if mask.dim() == 2 else mask
+
+
+def _cut_rows(module: nn.Module, h: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    kept = module.forward(h * _shaped(mask, h))  # .forward: this hook does not run again
+    return kept + (out - kept).detach()
 
 
 def loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -118,3 +118,54 @@ def test_query_head_unit_equals_masked_dense_and_keeps_kv_dense(family, attn):
     assert all(u.block.num_key_value_groups == 2 for u in attention)
     remove_sat(model)
     assert all(u.block.num_key_value_groups == 2 for u in attention)
+
+
+def _sft_batch(size: int = 2, length: int = 16):
+    """Ids and labels of a chat-like batch: the first tokens of each row are context (-100), as is padding."""
+    ids = batch(size=size, length=length)
+    labels = ids.clone()
+    labels[0, :9] = -100  # a prompt, then a response
+    labels[1, :4] = -100
+    labels[1, 12:] = -100  # a short response, then padding
+    return ids, labels
+
+
+SPLIT_CASES = [("llama", "forward_backward"), ("llama", "backward"), ("gpt2", "forward_backward"), ("gpt2", "backward"), ("qwen3", "backward")]
+
+
+@pytest.mark.parametrize("family,omit_in", SPLIT_CASES, ids=[f"{f}-{o}" for f, o in SPLIT_CASES])
+def test_context_tokens_sparse_and_loss_tokens_dense(family, omit_in):
+    """sparse_tokens context: the loss tokens (label, or the next token's label, not -100) run
+    every channel, the context tokens only the kept ones; exact against the reference masked on
+    the context rows only."""
+    model = build(family)
+    reference = copy.deepcopy(model).train()
+    handle = sparse(model, targets=["mlp"], sparse_tokens="context", omit_in=omit_in)
+    ids, labels = _sft_batch()
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    dense_rows, sparse_rows = handle.token_split
+    # row 0: labels from position 9, so positions 8.. are dense; row 1: labels 4..11, so positions 3..11
+    assert dense_rows.tolist() == list(range(8, 16)) + list(range(16 + 3, 16 + 12))
+    assert sparse_rows.numel() == 32 - dense_rows.numel()
+    with masked(reference, handle):
+        ref = reference(ids, labels=labels)
+        ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # the split really changed something: without labels every row is sparse, and that differs
+    with torch.no_grad():
+        all_sparse = model(ids).logits
+    assert handle.token_split is None
+    if omit_in == "forward_backward":
+        assert not torch.allclose(all_sparse, out.logits, atol=1e-4)
+    remove_sat(model)
+
+
+def test_context_split_needs_mlp_only_targets():
+    from sat_trainer import SATConfig, SATError
+
+    with pytest.raises(SATError, match="sparse_tokens"):
+        SATConfig(sparse_tokens="context", targets=["mlp", "attention"])

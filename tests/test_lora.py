@@ -121,3 +121,27 @@ def test_dora_added_after_apply_sat_fails_at_the_next_forward():
     model = _lora(model, ["down_proj"], use_dora=True)
     with pytest.raises(SATError, match="DoRA"):
         model(batch())
+
+
+def test_lora_with_context_tokens_sparse_is_exact():
+    """sparse_tokens context under LoRA (forward_backward): base rows and lora_B rows / lora_A
+    columns follow the split, against the reference masked on the context rows only."""
+    model = _lora(build("llama"), ["gate_proj", "up_proj", "down_proj"])
+    reference = copy.deepcopy(model).train()
+    handle = sparse(model, targets=["mlp"], sparse_tokens="context")
+    ids = batch()
+    labels = ids.clone()
+    labels[:, :10] = -100
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    assert handle.token_split[0].numel() == 2 * 7  # positions 9..15 of each row
+    with masked(reference, handle):
+        ref = reference(ids, labels=labels)
+        ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys() and any("lora_A" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)

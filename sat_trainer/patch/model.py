@@ -47,6 +47,7 @@ class SATHandle:
         self._model_ref = weakref.ref(model)
         self._optimizer_hook = _clear_slices_after_every_optimizer_step(weakref.ref(self))
         self.token_mask: torch.Tensor | None = None  # 1 on real tokens, 0 on padding: scoring ignores pads
+        self.token_split: tuple[torch.Tensor, torch.Tensor] | None = None  # sparse_tokens context: (dense rows, sparse rows)
         self._mask_hook = model.register_forward_pre_hook(self._read_token_mask, with_kwargs=True)
 
     def _read_token_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -54,6 +55,8 @@ class SATHandle:
         (in SFT batches a fifth of the tokens are pads). A forward without one scores every token."""
         mask = kwargs.get("attention_mask")
         self.token_mask = mask.reshape(-1) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if self.config.sparse_tokens == "context":
+            self.token_split = _loss_token_split(kwargs.get("labels"), module.training)
 
     def token_mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The padding mask of the tokens in ``x`` (``(..., tokens, features)``), if it matches them."""
@@ -61,6 +64,13 @@ class SATHandle:
         if mask is None or mask.numel() != x.numel() // x.shape[-1] or mask.device != x.device:
             return None
         return mask.to(x.dtype)
+
+    def token_split_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(dense rows, sparse rows) of ``x``'s flattened tokens under ``sparse_tokens: context``, if they match."""
+        split = self.token_split
+        if split is None or split[0].numel() + split[1].numel() != x.numel() // x.shape[-1] or split[0].device != x.device:
+            return None
+        return split
 
     def clear_slices(self) -> None:
         """Drop every cached kept weight slice (the weights changed, or will be re-read)."""
@@ -121,6 +131,17 @@ class SATHandle:
                 dist.all_reduce(scores, op=dist.ReduceOp.SUM)
                 scores /= dist.get_world_size()
         return scores
+
+
+def _loss_token_split(labels: object, training: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Flattened token rows that carry the loss (their label, or the next token's, which they predict, is
+    not -100) and the others. Finding them is the one host sync of the split, once per forward."""
+    if not training or not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        return None
+    dense = labels != -100
+    dense[:, :-1] |= labels[:, 1:] != -100
+    dense = dense.reshape(-1)
+    return dense.nonzero().squeeze(1), (~dense).nonzero().squeeze(1)
 
 
 def apply_sat(model: nn.Module, config: SATConfig | Mapping[str, Any] | str | None = None) -> SATHandle:

@@ -26,7 +26,10 @@ from torch import nn
 
 from .. import adapters, importance, selection
 from ..errors import SATError
-from ..ops import KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, SliceCache, backward_kept_linear, in_features, kept_linear, out_features, out_major_weight
+from ..ops import (
+    KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, SliceCache, backward_kept_linear, in_features, kept_linear, out_features, out_major_weight,
+    split_rows_linear,
+)
 from ..schedule import kept_count
 from .registry import BlockShape
 
@@ -152,6 +155,10 @@ class BlockUnit:
         per group; dense (None) puts the model's own value back."""
         if self.query_heads and self._kv_groups_attr is not None:
             self.block.num_key_value_groups = kept_per_group or self._kv_groups_attr
+
+    def token_split_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """sparse_tokens context: (dense rows, sparse rows) of x's tokens for an MLP block, else None."""
+        return self._handle.token_split_for(x) if self.kind == "mlp" else None
 
     def is_sparse(self) -> bool:
         """Sliced forward only while training with something to omit: eval and rate 0 run dense."""
@@ -307,6 +314,9 @@ def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.
 def _sliced(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor, idx: torch.Tensor | None, dim: int) -> torch.Tensor:
     if idx is None:
         return dense(x)
+    rows = unit.token_split_for(x)
+    if rows is not None:
+        return split_rows_linear(proj, dense, x, rows, idx, dim, unit.backward_only, unit.slices)
     if unit.backward_only:
         return backward_kept_linear(proj, x, idx, dim)
     return kept_linear(proj, x, idx, dim, unit.slices)
