@@ -12,6 +12,10 @@ Lifecycle (the Trainer wraps the model for accelerate/DDP/FSDP/DeepSpeed *before
   evaluation pauses do not count) to training log rows (and to ``state.log_history``).
 * ``omitted_update: freeze``: the omitted slices' weights are saved before the optimizer step
   and written back after it, so momentum and weight decay do not move them.
+* ``layer_rates: auto``: at ``on_train_begin`` the first ``calibration_batches`` batches of the
+  training set (read from the dataset and collator, so the sampler's order is untouched) calibrate
+  per-block peak rates (:mod:`sat_trainer.calibration`); the table is ``callback.calibration``
+  and travels in checkpoints, so a resumed run keeps its rates without calibrating again.
 * checkpoints: the draw counter is saved through ``ExportableState`` and restored on resume
   (with or without ``restore_callback_states_from_checkpoint``); the schedule position is the
   Trainer's own ``global_step``.
@@ -54,12 +58,14 @@ class SATCallback(TrainerCallback, ExportableState):
         self._step_start = 0.0
         self._frozen: list = []  # (tensor, dim, omitted indices, saved values) for omitted_update: freeze
         self._hook = None
+        self.calibration: dict | None = None  # layer_rates auto: the calibration table
 
     # ---- ExportableState ------------------------------------------------------------------
 
     def state(self) -> dict:
         rate = self.handle.rate if self.handle is not None else 0.0
-        return {"args": {"config": self.config.to_dict()}, "attributes": {"draw_id": self.draw_id, "last_rate": rate}}
+        return {"args": {"config": self.config.to_dict()},
+                "attributes": {"draw_id": self.draw_id, "last_rate": rate, "calibration": self.calibration}}
 
     # ---- Trainer events -------------------------------------------------------------------
 
@@ -72,6 +78,8 @@ class SATCallback(TrainerCallback, ExportableState):
             raise RuntimeError("SATCallback needs the Trainer to pass the model to its callbacks")
         self._restore(state)
         self._attach(model)
+        if self.config.layer_rates == "auto":
+            self._calibrate(model, args, kwargs.get("train_dataloader"))
         embeddings = model.get_input_embeddings()
         if self._hook is None and embeddings is not None:
             self._hook = embeddings.register_forward_pre_hook(self._count_tokens)
@@ -155,8 +163,19 @@ class SATCallback(TrainerCallback, ExportableState):
             saved = saved[0]
         if state.global_step > 0 and self.draw_id == 0 and saved:
             self.draw_id = int(saved["attributes"]["draw_id"])
+            self.calibration = saved["attributes"].get("calibration")
             if saved["args"]["config"] != self.config.to_dict():
                 logger.warning("sat_trainer: resuming with SAT settings that differ from the checkpoint's")
+
+    def _calibrate(self, model: nn.Module, args, dataloader) -> None:
+        from .calibration import apply_table, calibrate
+
+        if self.calibration is not None:  # resumed: the checkpoint's rates
+            apply_table(self.handle, self.calibration)
+            return
+        if dataloader is None:
+            raise SATError("layer_rates auto needs the Trainer's train_dataloader at on_train_begin to calibrate on")
+        self.calibration = calibrate(self.handle, model, _first_batches(dataloader, self.config.calibration_batches, args, model))
 
     def _new_draw(self) -> None:
         self.draw_id += 1
@@ -165,6 +184,24 @@ class SATCallback(TrainerCallback, ExportableState):
     def _count_tokens(self, module: nn.Module, inputs: tuple) -> None:
         if module.training and inputs and hasattr(inputs[0], "numel"):
             self._tokens += inputs[0].numel()
+
+
+def _first_batches(dataloader, count: int, args, model: nn.Module) -> list[dict]:
+    """The first ``count`` batches of the training set in dataset order, collated as the Trainer does,
+    on the model's device; reading the dataset (not iterating the loader) leaves its sampler untouched."""
+    dataset, collate = dataloader.dataset, dataloader.collate_fn
+    size = dataloader.batch_size or args.per_device_train_batch_size
+    device = next(model.parameters()).device
+    batches = []
+    for b in range(count):  # the Trainer built the loader on its dataset with the unused columns removed
+        examples = [dataset[i] for i in range(b * size, min((b + 1) * size, len(dataset)))]
+        if not examples:
+            break
+        batch = collate(examples)
+        batches.append({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+    if not batches:
+        raise SATError("layer_rates auto: the training set has no examples to calibrate on")
+    return batches
 
 
 def _zero3() -> bool:

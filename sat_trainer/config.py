@@ -27,6 +27,8 @@ ATTENTION_UNITS = ("kv_group", "query_head")
 OMIT_IN = ("forward_backward", "backward")
 COMPENSATIONS = ("none", "mean")
 SPARSE_TOKENS = ("all", "context")
+LAYER_RATES = ("uniform", "auto")
+RATE_BUDGETS = ("flops", "loss")
 
 
 @dataclass
@@ -106,6 +108,32 @@ class SATConfig:
             "help": "Ladder: explicit [[start_fraction, rate], ...] overriding the two keys above; "
             "first start 0, starts increasing in [0, 1), rates in [0, 1), last rate 0."
         },
+    )
+    layer_rates: str = field(
+        default="uniform",
+        metadata={"help": "uniform: every block's peak rate is omission_rate; auto: a calibration at train start "
+                  "(calibration_batches training batches) measures each block's cost at each calibration_rate and "
+                  "assigns per-block peak rates that meet rate_budget at the least summed cost (a table in the log and "
+                  "in report.json). Cost: the relative loss increase (omit_in forward_backward) or the share of the "
+                  "squared gradient norm cut (backward). dense_layers stays the manual form."},
+    )
+    rate_budget: str = field(
+        default="flops",
+        metadata={"help": "layer_rates auto: flops saves as many FLOPs as the uniform omission_rate over the same blocks; "
+                  "loss saves the most FLOPs whose summed calibrated cost stays within loss_budget."},
+    )
+    loss_budget: float = field(
+        default=0.01,
+        metadata={"help": "layer_rates auto with rate_budget loss: the largest summed cost (> 0), e.g. 0.01 = +1% loss "
+                  "(forward_backward) or 1% of the squared gradient norm (backward)."},
+    )
+    calibration_rates: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 0.75],
+        metadata={"help": "layer_rates auto: the rates each block is measured at and may be given (ascending, in (0, 1))."},
+    )
+    calibration_batches: int = field(
+        default=2,
+        metadata={"help": "layer_rates auto: training batches the calibration measures on (>= 1)."},
     )
     seed: int = field(
         default=0,
@@ -225,6 +253,10 @@ def _check_types(cfg: SATConfig) -> None:
         "omit_in": (str,),
         "compensation": (str,),
         "sparse_tokens": (str,),
+        "layer_rates": (str,),
+        "rate_budget": (str,),
+        "loss_budget": (int, float),
+        "calibration_batches": (int,),
     }
     for key, types in expected.items():
         value = getattr(cfg, key)
@@ -245,7 +277,7 @@ def _check_values(cfg: SATConfig) -> None:
         _fail("omission_rate", cfg.omission_rate, "a number in [0, 1)")
     if not cfg.targets or any(t not in TARGETS for t in cfg.targets) or len(set(cfg.targets)) != len(cfg.targets):
         _fail("targets", cfg.targets, f"a non-empty list without repeats drawn from {list(TARGETS)}")
-    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES), ("attention_unit", ATTENTION_UNITS), ("omit_in", OMIT_IN), ("compensation", COMPENSATIONS), ("sparse_tokens", SPARSE_TOKENS)):
+    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES), ("attention_unit", ATTENTION_UNITS), ("omit_in", OMIT_IN), ("compensation", COMPENSATIONS), ("sparse_tokens", SPARSE_TOKENS), ("layer_rates", LAYER_RATES), ("rate_budget", RATE_BUDGETS)):
         if getattr(cfg, key) not in allowed:
             _fail(key, getattr(cfg, key), ", ".join(allowed))
     if cfg.compensation == "mean" and (cfg.omit_in != "forward_backward" or cfg.metric != "activation"):
@@ -254,6 +286,17 @@ def _check_values(cfg: SATConfig) -> None:
     if cfg.sparse_tokens == "context" and (cfg.targets != ["mlp"] or cfg.compensation != "none"):
         _fail("sparse_tokens", cfg.sparse_tokens, "all, or context with targets [mlp] (attention mixes tokens: a head "
               "cannot be omitted for some tokens only) and compensation none")
+    rates = cfg.calibration_rates
+    if not (isinstance(rates, (list, tuple)) and rates and all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < 1 for r in rates)
+            and all(a < b for a, b in zip(rates, rates[1:]))):
+        _fail("calibration_rates", rates, "a non-empty ascending list of rates in (0, 1)")
+    cfg.calibration_rates = [float(r) for r in rates]
+    if not cfg.loss_budget > 0:
+        _fail("loss_budget", cfg.loss_budget, "a number > 0")
+    if cfg.calibration_batches < 1:
+        _fail("calibration_batches", cfg.calibration_batches, "an integer >= 1")
+    if cfg.layer_rates == "auto" and cfg.omission_rate == 0:
+        _fail("layer_rates", cfg.layer_rates, "uniform, or auto with omission_rate > 0 (the schedule scales each block's peak rate by rate(t) / omission_rate)")
     if not cfg.temperature > 0:
         _fail("temperature", cfg.temperature, "a number > 0")
     if not 0.0 < cfg.ladder_sparse_fraction < 1.0:

@@ -67,6 +67,7 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
     trainer.train(resume_from_checkpoint=resume_from)
     # the Trainer rebuilds stateful callbacks on resume when restore_callback_states_from_checkpoint is set
     record = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ReportCallback))
+    calibration = next((cb.calibration for cb in trainer.callback_handler.callbacks if isinstance(cb, SATCallback)), None)
     wall = record.wall_time()
     diverged = guard.diverged_at is not None
     if not diverged:
@@ -75,7 +76,7 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
         _save_final(trainer.model, tokenizer, out, lora=cfg.lora is not None)
     report = build_report(
         record, mode=mode, config=_config_record(cfg, model_path), wall_time_s=wall, status="diverged" if diverged else "completed",
-        diverged_at_step=guard.diverged_at, skipped_steps=guard.skipped, resumed_from=resume_from,
+        diverged_at_step=guard.diverged_at, skipped_steps=guard.skipped, resumed_from=resume_from, sat_calibration=calibration,
     )
     write_report(report, out)
     if diverged:

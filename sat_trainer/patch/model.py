@@ -83,6 +83,11 @@ class SATHandle:
             raise SATError(f"omission rate must be a number in [0, 1), got {rate!r}")
         self.rate = float(rate)
 
+    def reset_draws(self) -> None:
+        """Every block forgets its draw, cached scores and slices: the next forward draws afresh."""
+        for unit in self.units:
+            unit.reset_draws()
+
     def new_step(self) -> None:
         """The next forward draws a new kept set; until then every forward reuses the current one."""
         self.draw_id += 1

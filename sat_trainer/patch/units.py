@@ -71,6 +71,7 @@ class BlockUnit:
         self._index: dict[nn.Module, torch.Tensor] = {}
         self._drawer: nn.Module | None = None  # the input member the block's forward calls first
         self.slices = SliceCache()
+        self.rate_scale = 1.0  # layer_rates auto: this block's peak rate over omission_rate (sat_trainer.calibration)
         self._resolve()
         self.kept_units = torch.arange(self.n)
 
@@ -147,7 +148,7 @@ class BlockUnit:
 
     def k(self) -> int:
         """Units kept at the current rate; query_head units keep the same count in every KV group."""
-        return self.groups * kept_count(self.n // self.groups, self._handle.rate)
+        return self.groups * kept_count(self.n // self.groups, self._handle.rate * self.rate_scale)
 
     def _set_query_heads_per_group(self, kept_per_group: int | None) -> None:
         """query_head units: the attention forward repeats each KV head for ``num_key_value_groups``
@@ -203,6 +204,24 @@ class BlockUnit:
                 "SAT needs the block's own forward to call the input projections first"
             )
         return self._index[member]
+
+    def reset_draws(self) -> None:
+        """Forget the current draw, cached scores and slices (after a calibration's draws)."""
+        self._drawn_for, self._scores_cache, self._observed = None, None, None
+        self.slices.clear()
+
+    def unit_gradient_square(self) -> torch.Tensor:
+        """Per unit, the squared norm of the gradients its weights hold now (its rows of the input
+        members with their bias entries, its columns of the output members), in float32."""
+        total = torch.zeros(self.n, device=self.inputs[0].weight.device)
+        for member, input_side in self._members_with_side():
+            dim, _ = _sliced_dim_and_chunk(member, input_side, self.n)
+            grads = [(member.weight.grad, dim)] + ([(member.bias.grad, 0)] if input_side and member.bias is not None else [])
+            for grad, d in grads:
+                if grad is not None:
+                    per_feature = grad.float().square().sum(dim=1 - d) if grad.dim() == 2 else grad.float().square()
+                    total += per_feature.reshape(self.n, -1).sum(1)
+        return total
 
     def omitted_parameters(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
         """(trainable tensor, dim, omitted indices along dim) for every slice this draw omitted:
