@@ -14,6 +14,9 @@ For a scenario's model and training data, measures on ``--batches`` batches:
 A metric that ranks units no better than chance shows a correlation near 0 and a sparse loss
 near ``uniform``'s. Minutes on a CPU for SmolLM2-135M. Rows are appended to ``--json``.
 
+A variant with ``layer_rates=auto`` is calibrated first on the ``--batches`` batches that follow
+the measured ones (``rate`` is then its FLOP budget, as ``omission_rate`` is in training).
+
 A variant with ``omit_in=backward`` has the dense model's loss by construction (its forward is
 dense), so for it the check is the *gradient error* instead: the cosine between SAT's gradient
 (omitted units' backward paths cut) and the dense gradient over all trainable weights, and the
@@ -30,6 +33,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -41,6 +45,7 @@ import transformers
 from sat_trainer import SATConfig, apply_sat, remove_sat
 from sat_trainer import data as sat_data
 from sat_trainer.builtin_models import resolve_model_path
+from sat_trainer.calibration import calibrate
 from sat_trainer.config import METRICS
 from sat_trainer.run_config import load_run_config
 
@@ -64,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     train_set, _, collator = sat_data.build_datasets(task, cfg.data, tokenizer)
     size = cfg.training.get("per_device_train_batch_size", 8)
-    batches = [collator([train_set[i] for i in range(b * size, (b + 1) * size)]) for b in range(args.batches)]
+    everything = [collator([train_set[i] for i in range(b * size, (b + 1) * size)]) for b in range(2 * args.batches)]
+    batches, calibration_batches = everything[: args.batches], everything[args.batches :]
     model = transformers.AutoModelForCausalLM.from_pretrained(model_path).train()  # no dropout in these models
     torch.set_grad_enabled(False)
 
@@ -76,15 +82,16 @@ def main(argv: list[str] | None = None) -> None:
         for metric in args.metrics:
             for rate in args.rates:
                 start = time.perf_counter()
-                sat = SATConfig.from_dict(base | {"metric": metric})
+                sat = SATConfig.from_dict(base | {"metric": metric, "omission_rate": rate})
+                prepare = functools.partial(calibrate_if_auto, model=model, batches=calibration_batches)
                 row = {"config": args.config, "variant": variant, "metric": metric, "rate": rate, "dense_loss": round(dense, 4)}
                 if sat.omit_in == "backward":
                     dense_grads = dense_grads or [gradient(model, b) for b in batches]
-                    cosine, error = gradient_error(model, batches, dense_grads, sat, rate)
+                    cosine, error = gradient_error(model, batches, dense_grads, sat, rate, prepare)
                     row |= {"grad_cosine": round(cosine, 4), "grad_rel_error": round(error, 4)}
                     print(f"  {variant:>24} {metric:>10} rate {rate:<5} gradient cosine {cosine:.4f}, relative error {error:.4f}", flush=True)
                 else:
-                    row["sparse_loss"] = round(sparse_loss(model, batches, sat, rate), 4)
+                    row["sparse_loss"] = round(sparse_loss(model, batches, sat, rate, prepare), 4)
                     print(f"  {variant:>24} {metric:>10} rate {rate:<5} sparse loss {row['sparse_loss']:.3f}", flush=True)
                 rows.append(row | {"seconds": round(time.perf_counter() - start, 1)})
     if any("sparse_loss" in r for r in rows):
@@ -107,10 +114,19 @@ def sat_block(task: str, config: str, variant: str) -> dict:
     return load_run_config(task, config, ["training.output_dir=runs/sparse_loss", *overrides]).sat.to_dict()
 
 
-def sparse_loss(model: torch.nn.Module, batches: list[dict], sat: SATConfig, rate: float) -> float:
+def calibrate_if_auto(handle, model: torch.nn.Module, batches: list[dict]) -> None:
+    """``layer_rates: auto``: per-block rates from a calibration on ``batches``, as at train start."""
+    if handle.config.layer_rates == "auto":
+        calibrate(handle, model, batches)
+
+
+def sparse_loss(model: torch.nn.Module, batches: list[dict], sat: SATConfig, rate: float, prepare=None) -> float:
     """Mean loss of the sparse network at ``rate``, each batch drawing its own kept set."""
     handle = apply_sat(model, sat)
     try:
+        if prepare is not None:
+            with torch.enable_grad():
+                prepare(handle)
         handle.set_rate(rate)
         losses = []
         for batch in batches:
@@ -131,10 +147,15 @@ def gradient(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return grads
 
 
-def gradient_error(model: torch.nn.Module, batches: list[dict], dense_grads: list[torch.Tensor], sat: SATConfig, rate: float) -> tuple[float, float]:
+def gradient_error(
+    model: torch.nn.Module, batches: list[dict], dense_grads: list[torch.Tensor], sat: SATConfig, rate: float, prepare=None
+) -> tuple[float, float]:
     """Mean over batches of (cosine, relative L2 error) of SAT's gradient against the dense one."""
     handle = apply_sat(model, sat)
     try:
+        if prepare is not None:
+            with torch.enable_grad():
+                prepare(handle)
         handle.set_rate(rate)
         cosines, errors = [], []
         for batch, full in zip(batches, dense_grads):
