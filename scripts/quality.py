@@ -12,6 +12,11 @@ training systems) every SAT variant is also run a second time, as ``<variant>@eq
 the number of steps that fits in dense's train-step time at the variant's own measured time per
 step (from its equal-steps run of the same seed), its schedule spread over those steps.
 
+With ``--step-times BENCH.jsonl`` (rows of ``scripts/benchmark.py --json`` for the same shape) the
+curves are re-timed with step times measured on a quiet machine, interleaved: each step costs the
+benchmark's median at its scheduled rate (linear between the measured rates, dense's at rate 0),
+so the time columns do not depend on what else the machine ran during training.
+
 With ``--report`` nothing is trained: the table (and a PNG of held-out loss against training
 time) is built from the rows already in the JSON-lines file for ``--config``, the latest row per
 variant and seed.
@@ -66,9 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default="docs/bench/quality.jsonl")
     p.add_argument("--equal-time", action="store_true", help="also run each SAT variant for the steps that fit in dense's train-step time")
     p.add_argument("--report", action="store_true", help="train nothing: tabulate the rows already in --json")
+    p.add_argument("--step-times", help="re-time every curve with the step times of these benchmark.py JSON rows")
     p.add_argument("--plot", help="also write a PNG of held-out loss (first eval set) against training time")
     args = p.parse_args(argv)
     results = saved_results(args.json, args.config) if args.report else train_variants(args)
+    if args.step_times:
+        results = {v: [retime(r, step_times(args.step_times)) for r in rows] for v, rows in results.items()}
     print(table(results))
     if args.plot:
         plot(results, args.plot)
@@ -111,6 +119,41 @@ def train_one(args: argparse.Namespace, task: str, seed: int, variant: str, extr
 def equal_time_steps(dense: dict, sat: dict) -> int:
     """The steps of SAT that fit in dense's train-step time, at SAT's own time per step in its equal-steps run."""
     return max(1, int(dense["train_time_s"] * sat["steps"] / sat["train_time_s"]))
+
+
+def step_times(path: str) -> dict[str, list[tuple[float, float]]]:
+    """{omit_in: [(rate, seconds per step), ...] ascending, rate 0 = dense} from benchmark.py rows (medians)."""
+    by_mode: dict[str, dict[float, list[float]]] = {}
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        if "rate" not in row:
+            continue
+        points = by_mode.setdefault(row.get("omit_in", "forward_backward"), {})
+        points.setdefault(0.0, []).append(row["dense_s"])
+        points.setdefault(row["rate"], []).append(row["sat_s"])
+    return {mode: sorted((rate, statistics.median(ts)) for rate, ts in points.items()) for mode, points in by_mode.items()}
+
+
+def retime(row: dict, times: dict[str, list[tuple[float, float]]]) -> dict:
+    """``row`` with its evals' and total train time rebuilt from per-step times at each step's scheduled rate."""
+    from sat_trainer import SATConfig
+    from sat_trainer.schedule import omission_rate_at
+
+    sat = SATConfig.from_dict(row["sat"]) if row["sat"] else None
+    curve = times[sat.omit_in if sat else next(iter(times))]
+    elapsed = [0.0]
+    for step in range(row["steps"]):
+        rate = omission_rate_at(sat, step, row["steps"]) if sat else 0.0
+        elapsed.append(elapsed[-1] + _interpolate(curve, rate))
+    evals = [{**e, "train_time_s": elapsed[e["step"]]} for e in row["evals"]]
+    return {**row, "evals": evals, "train_time_s": elapsed[-1]}
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float:
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    raise SystemExit(f"--step-times: no measured rates around {x} (measured: {[p[0] for p in points]})")
 
 
 def saved_results(path: str, config: str) -> dict[str, list[dict]]:

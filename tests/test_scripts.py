@@ -81,3 +81,19 @@ def test_equal_time_gives_sat_the_steps_that_fit_in_dense_time():
     sat = _row("omit_in=backward", 0, {"new": 4.1}, [], 80.0)  # 10 steps in 80 s: 8 s a step
     assert quality.equal_time_steps(dense, sat) == 12  # 100 s / 8 s
     assert quality.equal_time_steps(dense, dense) == 10
+
+
+def test_retime_rebuilds_curves_from_quiet_step_times(tmp_path):
+    quality = _load("quality")
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"rate": 0.5, "omit_in": "backward", "dense_s": 2.0, "sat_s": 1.5}) + "\n")
+    times = quality.step_times(str(bench))
+    assert times == {"backward": [(0.0, 2.0), (0.5, 1.5)]}
+    sat = {"omission_rate": 0.5, "omit_in": "backward", "schedule": "constant"}
+    row = _row("omit_in=backward", 0, {"new": 4.0}, [{"step": 0, "train_time_s": 9.0, "new": 5.0},
+                                                     {"step": 4, "train_time_s": 99.0, "new": 4.0}], 99.0)
+    row = quality.retime(row | {"sat": sat, "steps": 4}, times)
+    # constant 0.5 until the last step, which every schedule ends at its final value (dense for the ladder; here 0.5)
+    assert row["evals"][0]["train_time_s"] == 0.0 and row["train_time_s"] == pytest.approx(4 * 1.5)
+    ladder = quality.retime(row | {"sat": {**sat, "schedule": "ladder", "ladder_num_rungs": 2}}, times)
+    assert ladder["train_time_s"] == pytest.approx(1.5 * 3 + 2.0)  # 3 steps at 0.5, the last one dense
