@@ -112,7 +112,8 @@ class SATHandle:
         training-step ratio; with ``omit_in: backward`` the forward is dense and the backward
         (twice the forward's FLOPs: input and weight gradients) is at that ratio, so the step's
         ratio is ``(1 + 2 f) / 3``. (Frozen base weights, as under LoRA, skip the weight
-        gradient, which this count does not model.)
+        gradient, which this count does not model.) With ``sparse_tokens: context`` the MLP blocks
+        omit on the latest forward's context tokens only.
         """
         model = self._model_ref()
         if model is None:
@@ -121,8 +122,10 @@ class SATHandle:
         attention_core = _attention_core_flops(model, self.seq_len)
         per_layer_core = attention_core / max(_num_layers(model), 1)
         saved = 0.0
+        # sparse_tokens context: only the context rows of the latest forward omit (a host read: logging only)
+        sparse_share = self.token_split[1].numel() / max(self.token_split[0].numel() + self.token_split[1].numel(), 1) if self.token_split else 1.0
         for unit in self.units:
-            omitted = 1.0 - unit.k() / unit.n
+            omitted = (1.0 - unit.k() / unit.n) * (sparse_share if unit.kind == "mlp" else 1.0)
             saved += omitted * sum(out_major_weight(m).numel() for m in unit.members())
             if unit.kind == "attention":
                 saved += omitted * per_layer_core
