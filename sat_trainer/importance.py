@@ -86,26 +86,13 @@ def maxip(
     return _norm32(products.reshape(flat.shape[0], n, -1), 2).amax(dim=0)
 
 
-def activation_mlp(
-    tokens: torch.Tensor,
-    in_weights: list[torch.Tensor],
-    in_biases: list[torch.Tensor | None],
-    act: Callable[[torch.Tensor], torch.Tensor],
-    out_weight: torch.Tensor,
-) -> torch.Tensor:
-    """Per channel: ``||act(t W_0[j] + b_0[j]) * (t W_1[j] + b_1[j])||`` over ``tokens`` (the second
-    factor only for gated MLPs) times the L2 norm of the output projection's column j.
-
-    ``in_weights``/``out_weight`` are out-major; products run in the weights' dtype, norms
-    accumulate in float32 (no float copy of any weight)."""
-    return activation_from_hidden(mlp_hidden(tokens, in_weights, in_biases, act), out_weight)
-
-
 def mlp_hidden(
     tokens: torch.Tensor, in_weights: list[torch.Tensor], in_biases: list[torch.Tensor | None], act: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
     """The MLP channels' outputs on ``tokens`` (the down projection's input): ``act(t W_0 + b_0) * (t W_1 + b_1)``,
-    the second factor only for gated MLPs."""
+    the second factor only for gated MLPs. ``in_weights`` are out-major; the products run in the
+    weights' dtype (no float copy of any weight). The ``activation`` score of an MLP channel is
+    :func:`activation_from_hidden` of these."""
     hidden = act(F.linear(tokens, in_weights[0], in_biases[0]))
     if len(in_weights) > 1:
         hidden = hidden * F.linear(tokens, in_weights[1], in_biases[1])

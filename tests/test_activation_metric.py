@@ -26,8 +26,9 @@ def test_activation_mlp_is_each_channels_output_norm_times_its_down_column():
     mlp = model.model.layers[0].mlp
     x = _block_inputs(model, ["model.layers.0.mlp.gate_proj"])["model.layers.0.mlp.gate_proj"]
     tokens = x.reshape(-1, x.shape[-1])
-    got = importance.activation_mlp(
-        tokens, [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias], mlp.act_fn, mlp.down_proj.weight
+    got = importance.activation_from_hidden(
+        importance.mlp_hidden(tokens, [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias], mlp.act_fn),
+        mlp.down_proj.weight,
     )
     hidden = mlp.act_fn(mlp.gate_proj(tokens)) * mlp.up_proj(tokens)
     # channel j's term in the down projection, token by token: hidden[:, j] outer W_down[:, j]
