@@ -10,10 +10,11 @@ The cost follows what ``omit_in`` trains:
 
 * ``forward_backward``: the relative increase of the loss (the sparse network's over the dense
   model's), one forward per block, rate and batch;
-* ``backward``: the forward is exact, so the cost is the gradient it cuts: the share of the
-  squared norm of the full gradient that the block's omitted units' weights carry, with the
-  units SAT would omit (the lowest scores). One dense backward per batch serves every block and
-  rate. (It ignores the input gradient the omitted units no longer pass to earlier layers.)
+* ``backward`` and ``weight_gradient``: the forward is exact, so the cost is the gradient it
+  cuts: the share of the squared norm of the full gradient that the block's omitted units'
+  weights carry, with the units SAT would omit (the lowest scores). One dense backward per batch
+  serves every block and rate. (Exact for ``weight_gradient``; for ``backward`` it ignores the
+  input gradient the omitted units no longer pass to earlier layers.)
 
 Budgets (``rate_budget``): ``flops`` saves as many matmul FLOPs as the uniform ``omission_rate``
 would over the same blocks; ``loss`` saves the most FLOPs whose summed cost stays within
@@ -79,7 +80,7 @@ def calibrate(handle: SATHandle, model: torch.nn.Module, batches: list[dict]) ->
     was_training, previous_rate = model.training, handle.rate
     model.train()
     try:
-        if cfg.omit_in == "backward":
+        if cfg.omit_in != "forward_backward":
             costs = _gradient_costs(handle, model, batches, rates)
         else:
             costs = _loss_costs(handle, model, batches, rates)

@@ -24,7 +24,7 @@ TARGETS = ("mlp", "attention")
 DRAW_EVERY = ("step", "micro_batch")
 OMITTED_UPDATES = ("optimizer", "freeze")
 ATTENTION_UNITS = ("kv_group", "query_head")
-OMIT_IN = ("forward_backward", "backward")
+OMIT_IN = ("forward_backward", "backward", "weight_gradient")
 COMPENSATIONS = ("none", "mean")
 SPARSE_TOKENS = ("all", "context")
 LAYER_RATES = ("uniform", "auto")
@@ -55,8 +55,10 @@ class SATConfig:
         default="forward_backward",
         metadata={"help": "Where omitted units are skipped: forward_backward (the sparse network is trained: "
                   "forward and backward on the kept units) or backward (the forward runs dense, so the loss is the "
-                  "real model's; only the kept units get gradients and pass them on). backward saves about 2/3 of "
-                  "what forward_backward saves at the same rate."},
+                  "real model's; only the kept units get gradients and pass them on), or weight_gradient (forward and "
+                  "input gradients dense: every layer gets its exact gradient; only the omitted units' weight "
+                  "gradients are skipped, so they miss this step's update). At the same rate backward saves about "
+                  "2/3 and weight_gradient 1/3 of what forward_backward saves."},
     )
     compensation: str = field(
         default="none",

@@ -157,7 +157,7 @@ def compare(args, targets: str, rate: float) -> Row:
     handle = apply_sat(sat, sat_config(args, targets, rate))
     handle.set_rate(rate)
     steps = {"dense": make_step(dense, args), "sat": make_step(sat, args)}
-    if args.bound:
+    if args.bound and args.omit_in != "weight_gradient":  # no pruned model times a dense input gradient
         steps["pruned"] = make_step(build_pruned(args, targets, rate), args)
     times = {name: [] for name in steps}
     for i in range(args.warmup + args.steps):
@@ -173,7 +173,7 @@ def compare(args, targets: str, rate: float) -> Row:
     row = Row(args.shape, targets, args.lora, rate, args.omit_in, d, s, (min(total["dense"]), max(total["dense"])),
               (min(total["sat"]), max(total["sat"])), d / s, ideal, (d / s) / ideal)
     row.extra = {f"{name}_forward_s": statistics.median(f for _, f in ts) for name, ts in times.items()}
-    if args.bound:
+    if "pruned" in steps:
         row.pruned_s = statistics.median(total["pruned"])
         if args.omit_in == "backward":  # a dense forward, then the pruned model's backward and optimizer step
             row.pruned_s = row.extra["dense_forward_s"] + statistics.median(t - f for t, f in times["pruned"])
@@ -293,7 +293,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=sorted(TARGETS), nargs="+", default=[DEFAULT_TARGETS], help=f"blocks that omit neurons (default {DEFAULT_TARGETS}, as SATConfig)")
     p.add_argument("--metric", default=SATConfig.metric)
     p.add_argument("--selection", default=SATConfig.selection)
-    p.add_argument("--omit-in", dest="omit_in", choices=["forward_backward", "backward"], default=SATConfig.omit_in, help="SATConfig.omit_in; backward: the bound is a dense forward plus a pruned backward")
+    p.add_argument("--omit-in", dest="omit_in", choices=["forward_backward", "backward", "weight_gradient"], default=SATConfig.omit_in, help="SATConfig.omit_in; backward: the bound is a dense forward plus a pruned backward (weight_gradient: no bound)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast: fp32 weights, bf16 autocast (Trainer's bf16=True)")
     p.add_argument("--kernels", choices=["hf", "liger"], default="hf", help="liger: Liger-Kernel's Llama patch (rope, rms_norm, swiglu, fused linear cross-entropy)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (dense, SAT, pruned)")

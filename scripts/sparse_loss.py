@@ -17,8 +17,8 @@ near ``uniform``'s. Minutes on a CPU for SmolLM2-135M. Rows are appended to ``--
 A variant with ``layer_rates=auto`` is calibrated first on the ``--batches`` batches that follow
 the measured ones (``rate`` is then its FLOP budget, as ``omission_rate`` is in training).
 
-A variant with ``omit_in=backward`` has the dense model's loss by construction (its forward is
-dense), so for it the check is the *gradient error* instead: the cosine between SAT's gradient
+A variant with ``omit_in=backward`` or ``weight_gradient`` has the dense model's loss by construction
+(its forward is dense), so for it the check is the *gradient error* instead: the cosine between SAT's gradient
 (omitted units' backward paths cut) and the dense gradient over all trainable weights, and the
 norm of their difference relative to the dense gradient's, averaged over the batches.
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                 sat = SATConfig.from_dict(base | {"metric": metric, "omission_rate": rate})
                 prepare = functools.partial(calibrate_if_auto, model=model, batches=calibration_batches)
                 row = {"config": args.config, "variant": variant, "metric": metric, "rate": rate, "dense_loss": round(dense, 4)}
-                if sat.omit_in == "backward":
+                if sat.omit_in != "forward_backward":
                     dense_grads = dense_grads or [gradient(model, b) for b in batches]
                     cosine, error = gradient_error(model, batches, dense_grads, sat, rate, prepare)
                     row |= {"grad_cosine": round(cosine, 4), "grad_rel_error": round(error, 4)}

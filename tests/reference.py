@@ -38,9 +38,11 @@ def masked(reference: nn.Module, handle):
     for unit in handle.units:
         mask, split = _mask_of(unit, handle)
         out_name = unit.shape.output  # the block's attribute: a plain layer or its LoRA wrapper
-        path = f"{unit.name}.{out_name}" if unit.name else out_name
         # the reference may be wrapped (e.g. a PeftModel) where the handle's model was not
-        (target,) = [m for n, m in modules.items() if n == path or n.endswith("." + path)]
+        target = _module(modules, unit, out_name)
+        if handle.config.omit_in == "weight_gradient":
+            hooks += _weight_gradient_hooks(modules, unit, target, mask)
+            continue
         if not backward_only:
             hooks.append(target.register_forward_pre_hook(lambda mod, args, mask=mask: (args[0] * _shaped(mask, args[0]),)))
             continue
@@ -57,6 +59,37 @@ def masked(reference: nn.Module, handle):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _module(modules: dict, unit, attr: str) -> nn.Module:
+    path = f"{unit.name}.{attr}" if unit.name else attr
+    (found,) = [m for n, m in modules.items() if n == path or n.endswith("." + path)]
+    return found
+
+
+def _weight_gradient_hooks(modules: dict, unit, target: nn.Module, mask: torch.Tensor) -> list:
+    """``omit_in: weight_gradient``: dense forward and input gradients; the omitted units' weight
+    gradients zeroed: columns of the output projection's layers, rows (and bias entries) of the
+    sliced input projections' layers (LoRA's lora_B included)."""
+    per_unit = mask.reshape(unit.n, -1)[:, 0]
+    hooks = []
+    sliced = unit.shape.inputs[:1] if unit.query_heads else unit.shape.inputs
+    for attr, side in [(a, "rows") for a in sliced] + [(unit.shape.output, "columns")]:
+        module = target if side == "columns" else _module(modules, unit, attr)
+        skip = "lora_A" if side == "rows" else "lora_B"  # the LoRA factor on the unsliced side of the projection
+        for name, layer in module.named_modules():
+            if not isinstance(layer, SLICEABLE) or not layer.weight.requires_grad or skip in name:
+                continue
+            features = in_features(layer) if side == "columns" else out_major_weight(layer).shape[0]
+            if features % unit.n or (side == "columns" and features != mask.numel()):
+                continue
+            m = per_unit.repeat_interleave(features // unit.n)
+            along_in = side == "columns"
+            shaped = m if along_in != isinstance(layer, Conv1D) else m.unsqueeze(1)  # Conv1D stores (in, out)
+            hooks.append(layer.weight.register_hook(lambda grad, s=shaped: grad * s))
+            if side == "rows" and layer.bias is not None:
+                hooks.append(layer.bias.register_hook(lambda grad, s=m: grad * s))
+    return hooks
 
 
 def _mask_of(unit, handle) -> tuple[torch.Tensor, bool]:

@@ -42,6 +42,20 @@ def test_backward_only_forward_is_dense_and_gradients_are_cut(family, attn, atte
     remove_sat(model)
 
 
+@pytest.mark.parametrize("family,attn", CASES, ids=[f"{f}-{a}" for f, a in CASES])
+def test_weight_gradient_only_skips_the_omitted_weight_gradients(family, attn):
+    """omit_in weight_gradient: dense logits and input gradients, so every gradient but the
+    omitted units' weights' equals the dense model's; those are zero."""
+    model = build(family, attn)
+    _, _, dense_grads = loss_and_grads(copy.deepcopy(model).train(), batch())
+    handle = _assert_matches_masked_reference(model, metric="activation", omit_in="weight_gradient")
+    _, _, grads = loss_and_grads(model, batch())
+    embeddings = next(n for n in grads if "wte" in n or "embed_tokens" in n)
+    torch.testing.assert_close(grads[embeddings], dense_grads[embeddings], atol=1e-6, rtol=1e-5)  # exact upstream gradient
+    assert all(u.k() < u.n for u in handle.units)
+    remove_sat(model)
+
+
 def _assert_matches_masked_reference(model, **cfg):
     """One sparse step of ``model`` against the masked dense reference (outputs, loss, every
     gradient), and exactly zero gradient on what was omitted; returns the handle."""

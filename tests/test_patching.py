@@ -172,6 +172,8 @@ def test_kept_flops_fraction_matches_hand_count():
     assert handle.kept_flops_fraction() == pytest.approx(expected)
     handle.config.omit_in = "backward"  # a dense forward and a backward (2x the forward's FLOPs) at that ratio
     assert handle.kept_flops_fraction() == pytest.approx((1 + 2 * expected) / 3)
+    handle.config.omit_in = "weight_gradient"  # a dense forward and input gradient; the weight gradient at that ratio
+    assert handle.kept_flops_fraction() == pytest.approx((2 + expected) / 3)
     handle.config.omit_in = "forward_backward"
     handle.token_split = (torch.arange(4), torch.arange(4, 16))  # sparse_tokens context: 12 of 16 tokens omit
     assert handle.kept_flops_fraction() == pytest.approx((dense + core - 0.75 * 0.5 * 3 * 64 * 96) / (dense + core))

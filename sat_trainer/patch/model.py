@@ -111,7 +111,8 @@ class SATHandle:
         ``omit_in: forward_backward`` backward FLOPs scale the same way, so this is also the
         training-step ratio; with ``omit_in: backward`` the forward is dense and the backward
         (twice the forward's FLOPs: input and weight gradients) is at that ratio, so the step's
-        ratio is ``(1 + 2 f) / 3``. (Frozen base weights, as under LoRA, skip the weight
+        ratio is ``(1 + 2 f) / 3``; with ``weight_gradient`` only the weight gradient (a third) is
+        at that ratio: ``(2 + f) / 3``. (Frozen base weights, as under LoRA, skip the weight
         gradient, which this count does not model.) With ``sparse_tokens: context`` the MLP blocks
         omit on the latest forward's context tokens only.
         """
@@ -130,7 +131,11 @@ class SATHandle:
             if unit.kind == "attention":
                 saved += omitted * per_layer_core
         fraction = (dense + attention_core - saved) / (dense + attention_core)
-        return (1.0 + 2.0 * fraction) / 3.0 if self.config.omit_in == "backward" else fraction
+        if self.config.omit_in == "backward":
+            return (1.0 + 2.0 * fraction) / 3.0
+        if self.config.omit_in == "weight_gradient":  # dense forward and input gradient, weight gradient at the ratio
+            return (2.0 + fraction) / 3.0
+        return fraction
 
     def sync_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Average data-dependent scores over ranks so every rank keeps the same set."""

@@ -53,8 +53,9 @@ class BlockUnit:
         self.shape = shape
         self._handle = handle
         self.query_heads = shape.kind == "attention" and handle.config.attention_unit == "query_head"
-        self.backward_only = handle.config.omit_in == "backward"
-        # omit_in backward + activation: the dense forward computes every MLP channel's output anyway, so
+        self.backward_only = handle.config.omit_in in ("backward", "weight_gradient")  # the forward runs dense
+        self.full_input_grad = handle.config.omit_in == "weight_gradient"
+        # omit_in backward/weight_gradient + activation: the dense forward computes every MLP channel's output anyway, so
         # scores are read from it (all real tokens, no extra matmul) for the next draw; see observe()
         self._observes = self.backward_only and shape.kind == "mlp" and handle.config.metric == "activation"
         self._observed: torch.Tensor | None = None
@@ -187,7 +188,7 @@ class BlockUnit:
         if self._drawer is None:
             self._drawer = member
         sparse = self.is_sparse()
-        # omit_in backward: the forward is dense, so the block keeps its own GQA repeat count
+        # omit_in backward/weight_gradient: the forward is dense, so the block keeps its own GQA repeat count
         self._set_query_heads_per_group(self.k() // self.groups if sparse and not self.backward_only else None)
         if sparse:
             key = (self._handle.draw_id, self.k())
@@ -335,9 +336,9 @@ def _sliced(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor, 
         return dense(x)
     rows = unit.token_split_for(x)
     if rows is not None:
-        return split_rows_linear(proj, dense, x, rows, idx, dim, unit.backward_only, unit.slices)
+        return split_rows_linear(proj, dense, x, rows, idx, dim, unit.backward_only, unit.slices, unit.full_input_grad)
     if unit.backward_only:
-        return backward_kept_linear(proj, x, idx, dim)
+        return backward_kept_linear(proj, x, idx, dim, unit.full_input_grad)
     return kept_linear(proj, x, idx, dim, unit.slices)
 
 
