@@ -51,7 +51,7 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
 
         model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **cfg.lora))
 
-    args = training_arguments(cfg.training, has_eval=bool(eval_sets), output_dir=str(out))
+    args = training_arguments(cfg.training, has_eval=bool(eval_sets), output_dir=str(out), resumed=resume_from is not None)
     guard = NonFiniteGuard(cfg.max_skipped_steps)
     callbacks = [guard, ReportCallback()] if mode == "dense" else [SATCallback(cfg.sat), guard, ReportCallback()]
     trainer = transformers.Trainer(

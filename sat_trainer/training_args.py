@@ -37,10 +37,12 @@ def check_training(raw: Any, *, has_eval: bool) -> dict[str, Any]:
     return training
 
 
-def training_arguments(training: dict[str, Any], *, has_eval: bool, output_dir: str) -> TrainingArguments:
+def training_arguments(training: dict[str, Any], *, has_eval: bool, output_dir: str, resumed: bool = False) -> TrainingArguments:
     """The run's arguments: the scenario's values, ``output_dir`` set, and these defaults when unset:
     no reporting integrations, a log every 10 steps, token counting (tokens/s), a checkpoint every
-    ``save_steps`` if given (else none), and 10 held-out evaluations when there are held-out sets."""
+    ``save_steps`` if given (else none), and, when there are held-out sets, 10 evaluations plus one
+    before the first step (``eval_on_start``: the curves start at the model trained from; a resumed
+    run has that point in its record already and does not evaluate again)."""
     from transformers import TrainingArguments
 
     args = dict(training)
@@ -53,6 +55,7 @@ def training_arguments(training: dict[str, Any], *, has_eval: bool, output_dir: 
     if has_eval:
         args.setdefault("eval_strategy", "steps")
         args.setdefault("eval_steps", max(1, int(args.get("max_steps", 100)) // 10))
+        args.setdefault("eval_on_start", not resumed)
     try:
         return TrainingArguments(**args)
     except (ValueError, TypeError) as err:
