@@ -13,9 +13,10 @@ One file per scenario (``configs/<scenario>.yaml``)::
     max_skipped_steps: 0           # optimizer steps with a non-finite gradient skipped before the run stops
 
 Everything is validated before any model or data is loaded, cheapest first (the YAML, the
-SAT settings, the model folder and data files, then ``LoraConfig`` field types and the
-``TrainingArguments``, which need transformers): each error is one line naming the key, the
-value and what is allowed. ``--set section.key=value`` overrides (values parsed as YAML).
+SAT settings, the model folder and data files, the fit of ``max_length`` and ``dense_layers``
+to the model (:mod:`.model_fit`), then ``LoraConfig`` and ``TrainingArguments`` field types and
+ranges (:mod:`.fields`, :mod:`.ranges`), which need transformers): each error is one line
+naming the key, the value and what is allowed. ``--set section.key=value`` overrides (values parsed as YAML).
 """
 
 from __future__ import annotations
