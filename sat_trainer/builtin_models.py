@@ -89,6 +89,12 @@ MODEL_BUILTINS: dict[str, Callable[[], Path]] = {
     "base": _ensure_base,
     "smollm2-135m": ensure_smollm2,
 }
+# What each builtin's config.json says about its size, known before it is built or converted, so
+# that a scenario is checked against it before anything loads (tests compare it with the real ones).
+MODEL_SHAPES: dict[str, dict[str, int]] = {
+    "base": {"num_hidden_layers": 6, "max_position_embeddings": 1024},
+    "smollm2-135m": {"num_hidden_layers": 30, "max_position_embeddings": 8192},
+}
 
 
 def is_builtin(name: str) -> bool:
@@ -99,6 +105,12 @@ def check_builtin(name: str) -> None:
     """Raise for a ``builtin:`` name that does not exist, listing those that do (no loading)."""
     if name[len(PREFIX) :] not in MODEL_BUILTINS:
         raise SATConfigError(f"unknown builtin model {name!r}; allowed: {', '.join(PREFIX + n for n in MODEL_BUILTINS)}")
+
+
+def builtin_shape(name: str) -> dict[str, int]:
+    """The :data:`MODEL_SHAPES` entry of a ``builtin:`` name (raises for an unknown one)."""
+    check_builtin(name)
+    return MODEL_SHAPES[name[len(PREFIX) :]]
 
 
 def resolve_model_path(name: str) -> str:

@@ -86,7 +86,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: RunConfig, starts: dict[Path, str | None]) -> int:
-    from .report import comparison_table, plot_comparison
+    from .plots import plot_comparison
+    from .report import comparison_table
     from .run import run
 
     if not args.compare_dense:
@@ -97,7 +98,7 @@ def _run(args: argparse.Namespace, cfg: RunConfig, starts: dict[Path, str | None
     dense = run(cfg, dense=True, output_dir=cfg.output_dir / "dense", resume_from=starts[cfg.output_dir / "dense"])
     table = comparison_table(sat, dense)
     (cfg.output_dir / "compare.md").write_text(table + "\n")
-    plot_comparison(sat, dense, cfg.output_dir / "report.png")
+    plot_comparison([("SAT", sat), ("dense", dense)], cfg.output_dir / "report.png")
     print("\n" + table)
     print(f"\nrun folders: {cfg.output_dir / 'sat'} and {cfg.output_dir / 'dense'}; curves: {cfg.output_dir / 'report.png'}")
     return 0

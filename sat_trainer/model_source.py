@@ -6,21 +6,27 @@ must exist and hold a ``config.json`` (otherwise transformers would try the hub 
 and then print a traceback). Two stages:
 
 * :func:`check_model_spec` (config time, no imports beyond json): the builtin name exists, the
-  local folder is a model, and its ``model_type`` is one SAT supports;
-* :func:`check_model` (run time, before data is tokenised): the same ``model_type`` check for
-  builtins and hub models through ``AutoConfig``, and the LoRA section applied to the model
-  built on the meta device (no memory, no weights), so unknown ``target_modules`` fail first.
+  local folder is a model, and its ``model_type`` is one SAT supports; it returns what is known
+  of the model's config (``config.json``, or a builtin's shape) for :mod:`.model_fit`;
+* :func:`check_model` (run time, before data is tokenised): the same checks for builtins and
+  hub models through ``AutoConfig`` (``model_type``, and the scenario's fit to the model), and
+  the LoRA section applied to the model built on the meta device (no memory, no weights), so
+  unknown ``target_modules`` fail first.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .builtin_models import MODEL_BUILTINS, PREFIX, check_builtin, is_builtin
+from .builtin_models import MODEL_BUILTINS, PREFIX, builtin_shape, is_builtin
 from .errors import SATConfigError, SATError
+from .model_fit import check_fit
 from .patch.registry import FAMILIES, supported_model_types
+
+if TYPE_CHECKING:
+    from .config import SATConfig
 
 
 def is_local(spec: str) -> bool:
@@ -30,8 +36,9 @@ def is_local(spec: str) -> bool:
     )
 
 
-def check_model_spec(spec: Any, *, sat: bool) -> None:
-    """Raise :class:`SATConfigError` for a model spec that cannot load (no weights are read)."""
+def check_model_spec(spec: Any, *, sat: bool) -> dict[str, Any] | None:
+    """Raise :class:`SATConfigError` for a model spec that cannot load (no weights are read).
+    Returns the model's config as far as it is known without loading anything (None: a hub model)."""
     if not isinstance(spec, str) or not spec:
         raise SATConfigError(
             f"key 'model' has invalid value {spec!r}; allowed: {', '.join(PREFIX + n for n in MODEL_BUILTINS)}, "
@@ -39,11 +46,14 @@ def check_model_spec(spec: Any, *, sat: bool) -> None:
         )
     try:
         if is_builtin(spec):
-            check_builtin(spec)
-        elif is_local(spec):
-            check_model_type(_local_model_type(Path(spec).expanduser()), spec, sat=sat)
+            return builtin_shape(spec)
+        if is_local(spec):
+            config = _local_config(Path(spec).expanduser())
+            check_model_type(config.get("model_type"), spec, sat=sat)
+            return config
     except SATError as err:
         raise SATConfigError(f"key 'model': {err}") from None
+    return None
 
 
 def check_model_type(model_type: str | None, source: str, *, sat: bool) -> None:
@@ -54,8 +64,9 @@ def check_model_type(model_type: str | None, source: str, *, sat: bool) -> None:
         )
 
 
-def check_model(path: str, *, sat: bool, lora: dict[str, Any] | None) -> None:
-    """Run-time checks before data is tokenised: model_type through AutoConfig, LoRA on the meta device."""
+def check_model(path: str, *, sat: SATConfig | None, lora: dict[str, Any] | None, max_length: int) -> None:
+    """Run-time checks before data is tokenised: model_type and the scenario's fit through
+    AutoConfig (``sat``: None for a dense run), LoRA on the meta device."""
     import transformers
 
     try:
@@ -63,9 +74,10 @@ def check_model(path: str, *, sat: bool, lora: dict[str, Any] | None) -> None:
     except (OSError, ValueError) as err:
         raise SATConfigError(f"key 'model': {path} cannot be loaded: {str(err).splitlines()[0]}") from None
     try:
-        check_model_type(config.model_type, path, sat=sat)
+        check_model_type(config.model_type, path, sat=sat is not None)
     except SATError as err:
         raise SATConfigError(f"key 'model': {err}") from None
+    check_fit(config.to_dict(), path, max_length=max_length, dense_layers=sat.dense_layers if sat is not None else None)
     if lora is not None:
         check_lora(config, lora)
 
@@ -97,13 +109,16 @@ def _peft_call(function: Any, *args: Any, **kwargs: Any) -> Any:
         raise SATConfigError(f"key 'lora': {' '.join(str(err).split())}") from None
 
 
-def _local_model_type(folder: Path) -> str | None:
+def _local_config(folder: Path) -> dict[str, Any]:
     if not folder.exists():
         raise SATError(f"local model folder not found: {folder}")
     config = folder / "config.json"
     if not config.is_file():
         raise SATError(f"{folder} is not a model folder (no config.json); allowed: a folder written by save_pretrained")
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, AttributeError) as err:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError as err:
         raise SATError(f"{config} is not a valid model config: {err}") from None
+    if not isinstance(parsed, dict):
+        raise SATError(f"{config} is not a valid model config: expected a JSON object, got {type(parsed).__name__}")
+    return parsed

@@ -1,4 +1,4 @@
-"""What every `sat-train` run leaves behind: ``report.json``, ``report.png``, the dense comparison table.
+"""What every `sat-train` run leaves behind: ``report.json``, ``report.png`` (drawn by :mod:`.plots`), the dense comparison table.
 
 :class:`ReportCallback` records, per optimizer step, the time spent inside training steps (so
 evaluation pauses do not count against throughput), tokens seen, the omission rate, and every
@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .patch.model import handle_of
+from .plots import plot_report
 
 
 class ReportCallback(TrainerCallback, ExportableState):
@@ -118,44 +119,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def plot_report(report: dict[str, Any], path: Path) -> None:
-    """Held-out loss, omission rate and tokens/s against step, one panel each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = report["history"]["steps"]
-    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
-    held_out = report["history"]["held_out"]
-    for name in sorted({k for row in held_out for k in row} - {"step", "train_time_s"}):
-        axes[0].plot([r["step"] for r in held_out if name in r], [r[name] for r in held_out if name in r], marker="o", label=name)
-    train = report["history"]["train_loss"]
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], alpha=0.4, label="train")
-    axes[0].set_ylabel("loss")
-    axes[0].legend()
-    axes[1].step([s["step"] for s in steps], [s["omission_rate"] for s in steps], where="post")
-    axes[1].set_ylabel("omission rate")
-    axes[1].set_ylim(-0.05, 1.0)
-    rates = _windowed_tokens_per_second(steps)
-    axes[2].plot([s for s, _ in rates], [r for _, r in rates])
-    axes[2].set_ylabel("tokens / s (train steps)")
-    axes[2].set_xlabel("optimizer step")
-    fig.suptitle(f"sat-train {report['config'].get('task', '')} ({report['mode']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def _windowed_tokens_per_second(steps: list[dict], window: int = 5) -> list[tuple[int, float]]:
-    out = []
-    for i in range(window, len(steps)):
-        dt = steps[i]["train_time_s"] - steps[i - window]["train_time_s"]
-        if dt > 0:
-            out.append((steps[i]["step"], (steps[i]["tokens"] - steps[i - window]["tokens"]) / dt))
-    return out
-
-
 def comparison_table(sat: dict[str, Any], dense: dict[str, Any]) -> str:
     """Side-by-side markdown table of a SAT run and the same config run dense."""
     rows = [
@@ -191,31 +154,3 @@ def time_to_reach(evals: list[dict[str, Any]], name: str, target: float) -> floa
             return t0 + (t - t0) * (l0 - target) / (l0 - loss)
     return None
 
-
-def plot_comparison(sat: dict[str, Any], dense: dict[str, Any], path: Path) -> None:
-    """Dense and SAT together: held-out losses against time inside training steps, and the omission rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 1, figsize=(7, 6.5), gridspec_kw={"height_ratios": [3, 1]})
-    names = sorted({k for row in dense["history"]["held_out"] for k in row} - {"step", "train_time_s"})
-    for report, style in ((dense, "--"), (sat, "-")):
-        evals = report["history"]["held_out"]
-        for i, name in enumerate(names):
-            points = [(e["train_time_s"], e[name]) for e in evals if name in e]
-            axes[0].plot(*zip(*points), style, marker="o", color=f"C{i}", label=f"{report['mode']}: {name}")
-        steps = report["history"]["steps"]
-        axes[1].step([s["train_time_s"] for s in steps], [s["omission_rate"] for s in steps], style, where="post", label=report["mode"])
-    axes[0].set_ylabel("held-out loss")
-    axes[0].legend(fontsize=8)
-    axes[0].grid(alpha=0.3)
-    axes[1].set_ylabel("omission rate")
-    axes[1].set_xlabel("time inside training steps (s)")
-    axes[1].set_ylim(-0.05, 1.0)
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"sat-train {sat['config'].get('task', '')}: SAT (solid) vs dense (dashed)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

@@ -42,7 +42,7 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
     mode = "dense" if dense or cfg.sat is None else "sat"
     model_path = resolve_model_path(cfg.model)
     source = resume_from if resume_from and cfg.lora is None else model_path
-    check_model(source, sat=mode == "sat", lora=cfg.lora)
+    check_model(source, sat=cfg.sat if mode == "sat" else None, lora=cfg.lora, max_length=cfg.data.max_length)
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     train_set, eval_sets, collator = sat_data.build_datasets(cfg.task, cfg.data, tokenizer)
     model = transformers.AutoModelForCausalLM.from_pretrained(source)
@@ -51,7 +51,7 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
 
         model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **cfg.lora))
 
-    args = training_arguments(cfg.training, has_eval=bool(eval_sets), output_dir=str(out))
+    args = training_arguments(cfg.training, has_eval=bool(eval_sets), output_dir=str(out), resumed=resume_from is not None)
     guard = NonFiniteGuard(cfg.max_skipped_steps)
     callbacks = [guard, ReportCallback()] if mode == "dense" else [SATCallback(cfg.sat), guard, ReportCallback()]
     trainer = transformers.Trainer(

@@ -13,9 +13,10 @@ One file per scenario (``configs/<scenario>.yaml``)::
     max_skipped_steps: 0           # optimizer steps with a non-finite gradient skipped before the run stops
 
 Everything is validated before any model or data is loaded, cheapest first (the YAML, the
-SAT settings, the model folder and data files, then ``LoraConfig`` field types and the
-``TrainingArguments``, which need transformers): each error is one line naming the key, the
-value and what is allowed. ``--set section.key=value`` overrides (values parsed as YAML).
+SAT settings, the model folder and data files, the fit of ``max_length`` and ``dense_layers``
+to the model (:mod:`.model_fit`), then ``LoraConfig`` and ``TrainingArguments`` field types and
+ranges (:mod:`.fields`, :mod:`.ranges`), which need transformers): each error is one line
+naming the key, the value and what is allowed. ``--set section.key=value`` overrides (values parsed as YAML).
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from typing import Any
 
 from .config import SATConfig
 from .errors import SATConfigError, SATError
+from .model_fit import check_fit
 from .model_source import check_model_spec
+from .ranges import LORA, check_section, ints
 from .yaml_io import load_yaml_file, parse_value
 
 TASKS = ("cpt", "sft")
 SECTIONS = ("model", "data", "training", "sat", "lora", "max_skipped_steps")
+DATA_RANGES = {"max_length": ints(8), "max_train_samples": ints(1, nullable=True), "max_eval_samples": ints(1, nullable=True)}
 
 
 @dataclass
@@ -87,11 +91,11 @@ def build_run_config(task: str, raw: dict[str, Any], source: str = "<dict>") -> 
     if unknown:
         raise SATConfigError(f"unknown top-level key {unknown[0]!r}; allowed: {', '.join(sorted(SECTIONS))}")
     sat = None if raw.get("sat") is None else SATConfig.from_dict(raw["sat"])
-    check_model_spec(raw.get("model"), sat=sat is not None)
+    known = check_model_spec(raw.get("model"), sat=sat is not None)
     data = _data_config(raw.get("data"), task)
-    skipped = raw.get("max_skipped_steps", 0)
-    if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
-        raise SATConfigError(f"key 'max_skipped_steps' has invalid value {skipped!r}; allowed: an integer >= 0")
+    if known is not None:
+        check_fit(known, raw["model"], max_length=data.max_length, dense_layers=sat.dense_layers if sat is not None else None)
+    skipped = ints(0).check("max_skipped_steps", raw.get("max_skipped_steps", 0))
     lora = _lora(raw.get("lora"))
     training = check_training(raw.get("training") or {}, has_eval=bool(data.eval))
     return RunConfig(task, raw["model"], data, training, sat, lora, source, skipped)
@@ -130,12 +134,8 @@ def _data_config(raw: Any, task: str) -> DataConfig:
     if not isinstance(evals, dict) or not all(isinstance(v, str) for v in evals.values()):
         raise SATConfigError(f"key 'data.eval' has invalid value {evals!r}; allowed: a spec string or {{name: spec}}")
     max_length = raw.get("max_length", 256)
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
-        raise SATConfigError(f"key 'data.max_length' has invalid value {max_length!r}; allowed: an integer >= 8")
-    for key in ("max_train_samples", "max_eval_samples"):
-        value = raw.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise SATConfigError(f"key 'data.{key}' has invalid value {value!r}; allowed: null or an integer >= 1")
+    for key, allowed in DATA_RANGES.items():
+        allowed.check(f"data.{key}", max_length if key == "max_length" else raw.get(key))
     text_field = raw.get("text_field", "text")
     if not isinstance(text_field, str) or not text_field:
         raise SATConfigError(f"key 'data.text_field' has invalid value {text_field!r}; allowed: a column name")
@@ -164,6 +164,7 @@ def _lora(raw: Any) -> dict[str, Any] | None:
     from .fields import check_fields
 
     lora = check_fields(raw, peft.LoraConfig, "lora")
+    check_section(lora, LORA, "lora")
     if lora.get("use_dora"):
         raise SATConfigError("key 'lora.use_dora' has invalid value True; allowed: false (SAT cannot slice DoRA)")
     return lora

@@ -11,28 +11,38 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import SATConfigError
 from .fields import check_fields
+from .ranges import TRAINING, check_section
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
 
 
 def check_training(raw: Any, *, has_eval: bool) -> dict[str, Any]:
-    """The section with numeric strings coerced; raises :class:`SATConfigError` on any bad value."""
+    """The section with numeric strings coerced; raises :class:`SATConfigError` on any bad value
+(wrong type, out of range, or held-out evaluation asked for without held-out sets)."""
     from transformers import TrainingArguments
 
     if not isinstance(raw, dict):
         raise SATConfigError(f"key 'training' has invalid value {raw!r}; allowed: a mapping of TrainingArguments fields")
     training = check_fields(raw, TrainingArguments, "training")
+    check_section(training, TRAINING, "training")
     if not training.get("output_dir"):
         raise SATConfigError("key 'training.output_dir' is missing; allowed: a folder for checkpoints and the report")
     training_arguments(training, has_eval=has_eval, output_dir=training["output_dir"])
+    strategy = training.get("eval_strategy")
+    if not has_eval and strategy not in (None, "no"):  # the Trainer would refuse it once the model loaded
+        raise SATConfigError(
+            f"key 'training.eval_strategy' has invalid value {strategy!r}: data.eval names no held-out set; allowed: no (or add data.eval)"
+        )
     return training
 
 
-def training_arguments(training: dict[str, Any], *, has_eval: bool, output_dir: str) -> TrainingArguments:
+def training_arguments(training: dict[str, Any], *, has_eval: bool, output_dir: str, resumed: bool = False) -> TrainingArguments:
     """The run's arguments: the scenario's values, ``output_dir`` set, and these defaults when unset:
     no reporting integrations, a log every 10 steps, token counting (tokens/s), a checkpoint every
-    ``save_steps`` if given (else none), and 10 held-out evaluations when there are held-out sets."""
+    ``save_steps`` if given (else none), and, when there are held-out sets, 10 evaluations plus one
+    before the first step (``eval_on_start``: the curves start at the model trained from; a resumed
+    run has that point in its record already and does not evaluate again)."""
     from transformers import TrainingArguments
 
     args = dict(training)
@@ -45,6 +55,7 @@ def training_arguments(training: dict[str, Any], *, has_eval: bool, output_dir: 
     if has_eval:
         args.setdefault("eval_strategy", "steps")
         args.setdefault("eval_steps", max(1, int(args.get("max_steps", 100)) // 10))
+        args.setdefault("eval_on_start", not resumed)
     try:
         return TrainingArguments(**args)
     except (ValueError, TypeError) as err:

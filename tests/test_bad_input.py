@@ -68,7 +68,20 @@ BEFORE_IMPORTS = [
     ("sft-csv-without-columns", "sft", {"data.train": "{files}/text.csv"}, [], "SFT needs 'messages'"),
     ("sft-from-txt", "sft", {"data.train": "{files}/good.txt"}, [], "SFT needs 'messages'"),
     ("data-max-length", "cpt", {"data.max_length": "long"}, [], "key 'data.max_length' has invalid value 'long'"),
+    ("data-max-length-nan", "cpt", {"data.max_length": float("nan")}, [], "key 'data.max_length' has invalid value nan"),
+    ("data-max-train-samples-zero", "cpt", {"data.max_train_samples": 0}, [], "'data.max_train_samples' has invalid value 0; allowed: null or an integer >= 1"),
+    ("data-max-eval-samples-negative", "cpt", {"data.max_eval_samples": -4}, [], "'data.max_eval_samples' has invalid value -4"),
     ("data-unknown-key", "cpt", {"data.shuffle": True}, [], "unknown key 'data.shuffle'"),
+    # values that do not fit the model (read from its config.json, or a builtin's known shape)
+    ("max-length-beyond-context", "cpt", {"data.max_length": 4096}, [],
+     "key 'data.max_length' has invalid value 4096; allowed: an integer from 8 to 1024 (the context of {base}, max_position_embeddings)"),
+    ("max-length-beyond-builtin-context", "sft", {"model": "builtin:smollm2-135m", "data.max_length": 10000}, [],
+     "allowed: an integer from 8 to 8192 (the context of builtin:smollm2-135m"),
+    ("dense-layers-beyond-model", "cpt", {"sat.dense_layers": [0, 2]}, [],
+     "key 'sat.dense_layers' has invalid value [0, 2]: {base} has 2 layers; allowed: indices in [-2, 1]"),
+    ("dense-layers-below-model", "cpt", {"sat.dense_layers": [-3]}, [], "has 2 layers; allowed: indices in [-2, 1]"),
+    ("dense-layers-beyond-builtin", "cpt", {"model": "builtin:base", "sat.dense_layers": [6]}, [], "builtin:base has 6 layers"),
+    ("dense-layers-all", "cpt", {"sat.dense_layers": [0, -1]}, [], "it names all 2 layers of {base}, so SAT would omit nothing"),
     # SAT, LoRA and run settings
     ("sat-rate", "cpt", {"sat.omission_rate": 1.5}, [], "'omission_rate' has invalid value 1.5"),
     ("sat-not-mapping", "cpt", {"sat": [0.5]}, [], "SAT config must be a mapping"),
@@ -85,6 +98,9 @@ AFTER_IMPORTS = [
     ("lora-type", "cpt", {"lora": {"r": "eight"}}, [], "key 'lora.r' has invalid value 'eight'; allowed: an integer"),
     ("lora-targets", "cpt", {"lora": {"r": 4, "target_modules": ["query", "value"]}}, [], "linear modules that exist: down_proj, gate_proj"),
     ("lora-bias", "cpt", {"lora": {"r": 4, "target_modules": ["q_proj"], "bias": "weird"}}, [], "key 'lora': Requested bias: weird"),
+    ("lora-rank-zero", "cpt", {"lora": {"r": 0}}, [], "key 'lora.r' has invalid value 0; allowed: an integer >= 1"),
+    ("lora-alpha-negative", "cpt", {"lora": {"r": 4, "lora_alpha": -8}}, [], "key 'lora.lora_alpha' has invalid value -8"),
+    ("lora-dropout-one", "cpt", {"lora": {"r": 4, "lora_dropout": 1.0}}, [], "key 'lora.lora_dropout' has invalid value 1.0; allowed: a number in [0, 1)"),
     # training arguments
     ("training-not-mapping", "cpt", {"training": [1]}, [], "key 'training' has invalid value [1]"),
     ("training-unknown-key", "cpt", {"training.learning_rat": 0.1}, [], "unknown key 'training.learning_rat'"),
@@ -94,6 +110,23 @@ AFTER_IMPORTS = [
     ("training-bool", "cpt", {"training.use_cpu": "maybe"}, [], "allowed: true or false"),
     ("training-scheduler", "cpt", {"training.lr_scheduler_type": "cosine_annealing"}, [], "allowed: linear, cosine,"),
     ("training-optim", "cpt", {"training.optim": "adam"}, [], "key 'training.optim' has invalid value 'adam'; allowed: adamw_torch"),
+    # training arguments that are the right type but impossible (transformers, torch or numpy would fail later)
+    ("training-batch-zero", "cpt", {"training.per_device_train_batch_size": 0}, [],
+     "key 'training.per_device_train_batch_size' has invalid value 0; allowed: an integer >= 1"),
+    ("training-accumulation-zero", "cpt", {"training.gradient_accumulation_steps": 0}, [],
+     "key 'training.gradient_accumulation_steps' has invalid value 0; allowed: an integer >= 1"),
+    ("training-lr-negative", "cpt", {"training.learning_rate": -1e-4}, [], "key 'training.learning_rate' has invalid value -0.0001; allowed: a number >= 0"),
+    ("training-eval-batch-zero", "cpt", {"training.per_device_eval_batch_size": 0}, [],
+     "key 'training.per_device_eval_batch_size' has invalid value 0; allowed: an integer >= 1"),
+    ("training-seed-negative", "cpt", {"training.seed": -1}, [], "key 'training.seed' has invalid value -1; allowed: an integer in [0, 4294967295]"),
+    ("training-seed-too-big", "cpt", {"training.seed": 2**32}, [], "key 'training.seed' has invalid value 4294967296"),
+    ("training-max-steps-zero", "cpt", {"training.max_steps": 0}, [], "key 'training.max_steps' has invalid value 0; allowed: -1 or an integer >= 1"),
+    ("training-beta-one", "cpt", {"training.adam_beta2": 1.0}, [], "key 'training.adam_beta2' has invalid value 1.0; allowed: a number in [0, 1)"),
+    ("training-lr-infinite", "cpt", {"training.learning_rate": float("inf")}, [], "key 'training.learning_rate' has invalid value inf"),
+    ("training-weight-decay-negative", "cpt", {"training.weight_decay": -0.1}, [], "key 'training.weight_decay' has invalid value -0.1"),
+    ("training-save-steps-zero", "cpt", {"training.save_steps": 0}, [], "key 'training.save_steps' has invalid value 0; allowed: a number > 0"),
+    ("training-workers-negative", "cpt", {"training.dataloader_num_workers": -2}, [], "key 'training.dataloader_num_workers' has invalid value -2"),
+    ("training-eval-without-sets", "cpt", {"training.eval_strategy": "steps"}, [], "key 'training.eval_strategy' has invalid value 'steps': data.eval names no held-out set"),
     ("training-best-model", "cpt", {"training.load_best_model_at_end": True, "training.eval_strategy": "steps", "training.save_strategy": "no"},
      [], "key 'training': --load_best_model_at_end requires the save and eval strategy to match"),
     # run folder and modes
@@ -102,6 +135,10 @@ AFTER_IMPORTS = [
     ("resume-and-overwrite", "cpt", {}, ["--resume", "--overwrite"], "contradict each other"),
     ("resume-bad-checkpoint", "cpt", {"training.resume_from_checkpoint": "{files}/empty"}, [], "key 'training.resume_from_checkpoint'"),
     ("rerun-with-checkpoints", "cpt", {"training.output_dir": "{files}/old_run"}, [], "add --resume to continue from checkpoint-2"),
+    # hub datasets that do not load (no such dataset here: no network)
+    ("data-hub-missing", "cpt", {"data.train": "no-such-org/no-such-dataset"}, [],
+     "key 'data.train' (no-such-org/no-such-dataset): cannot be loaded from the hub: Couldn't reach 'no-such-org/no-such-dataset'"),
+    ("data-hub-eval-missing", "sft", {"data.eval": {"held": "no-such-org/chat@en:test"}}, [], "key 'data.eval.held' (no-such-org/chat@en:test): cannot be loaded"),
     # data that fails only once tokenised (needs the tokenizer)
     ("cpt-text-shorter-than-a-block", "cpt", {"data.train": "{files}/short.txt"}, [], "fewer than one block of data.max_length=64"),
     ("sft-all-truncated", "sft", {"data.train": "{files}/long_prompts.jsonl", "data.max_length": 8}, [], "all 3 records lose their whole response"),
@@ -172,13 +209,13 @@ def _prepare(case, cases: Path, base: Path, files: Path) -> tuple[list[str], Pat
     return [task, "--config", str(path), *extra], out
 
 
-def _assert_refused(case, code: int, stdout: str, stderr: str, out: Path, files: Path) -> None:
+def _assert_refused(case, code: int, stdout: str, stderr: str, out: Path, files: Path, base: Path) -> None:
     """Exit 2, one error line with the expected words, no traceback, few lines, no training step."""
     output = stdout + stderr
     errors = [line for line in stderr.splitlines() if line.startswith("sat-train: error:")]
     assert code == 2, output[-2000:]
     assert "Traceback" not in output and len(errors) == 1, output[-2000:]
-    assert case[4].replace("{files}", str(files)) in errors[0]
+    assert _fill(case[4], files, base) in errors[0]
     lines = [line for line in stderr.splitlines() if not PROGRESS.search(line)]
     assert len(lines) <= 3, stderr  # the error, and at most a warning or two (progress bars aside)
     assert not out.exists() and "'loss'" not in output  # no training step, no run folder
@@ -213,20 +250,24 @@ def test_cases_are_many_and_distinct():
 
 
 @pytest.mark.parametrize("case", BEFORE_IMPORTS, ids=[c[0] for c in BEFORE_IMPORTS])
-def test_bad_input_in_a_subprocess(case, outcomes, files):
+def test_bad_input_in_a_subprocess(case, outcomes, files, tiny_base):
     proc, out = outcomes[case[0]]
-    _assert_refused(case, proc.returncode, proc.stdout, proc.stderr, out, files)
+    _assert_refused(case, proc.returncode, proc.stdout, proc.stderr, out, files, tiny_base)
 
 
 @pytest.mark.parametrize("case", AFTER_IMPORTS, ids=[c[0] for c in AFTER_IMPORTS])
 def test_bad_input_in_process(case, tiny_base, files, capsys, monkeypatch):
+    import datasets
+
     from sat_trainer.cli import main
 
     monkeypatch.chdir(files.parent)
+    # there is no network here: offline mode fails a hub load the same way (ConnectionError) in a second, not after 25 s of retries
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     argv, out = _prepare(case, files.parent / "cases", tiny_base, files)
     code = main(argv)  # an uncaught exception (a traceback) fails the test
     captured = capsys.readouterr()
-    _assert_refused(case, code, captured.out, captured.err, out, files)
+    _assert_refused(case, code, captured.out, captured.err, out, files, tiny_base)
 
 
 def test_rejected_before_torch_is_imported(tmp_path):

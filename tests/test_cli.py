@@ -36,6 +36,8 @@ def test_sat_train_end_to_end(task, tiny_base, tmp_path):
     assert report["omission_schedule"] == [0.5, 0.5, 0.5, 0.0]  # ladder 0.75 sparse, 2 rungs, 4 steps
     expected_sets = {"cpt": {"continual", "base"}, "sft": {"chat"}}[task]
     assert set(report["held_out_loss"]) == expected_sets and all(v > 0 for v in report["held_out_loss"].values())
+    evals = report["history"]["held_out"]
+    assert [e["step"] for e in evals] == [0, 2, 4] and evals[0]["train_time_s"] == 0  # evaluated before the first step too
     assert (out / "report.png").stat().st_size > 10_000
     script = (
         "import sys, transformers\n"
@@ -57,6 +59,8 @@ def test_compare_dense_prints_a_side_by_side_table(tiny_base, tmp_path, capsys):
     assert json.loads((out / "sat" / "report.json").read_text())["omission_schedule"] == [0.5, 0.5, 0.0]
     assert (out / "compare.md").read_text().startswith("| | dense | SAT |")
     assert "held-out loss vs dense: continual" in table and "time to dense's final continual loss" in table
+    starts = [json.loads((out / mode / "report.json").read_text())["history"]["held_out"][0] for mode in ("sat", "dense")]
+    assert starts[0]["step"] == starts[1]["step"] == 0 and starts[0]["continual"] == pytest.approx(starts[1]["continual"])  # same model at step 0
     assert (out / "report.png").stat().st_size > 10_000  # dense and SAT curves together
 
 

@@ -68,3 +68,44 @@ def test_final_model_with_non_finite_weights_is_never_saved(tmp_path):
     with pytest.raises(SATTrainingError, match=r"final/ not saved: 1 weight tensors are not finite \(first: model.layers.1.mlp.down_proj.weight\)"):
         _save_final(model, None, tmp_path, lora=False)
     assert not (tmp_path / "final").exists()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_guard_skips_on_the_device_and_reads_the_flags_once_per_logging_step(fused):
+    """Fused AdamW skips a non-finite step on the device (weights and moments untouched) and
+    the flags reach the host only at a logging step; a non-fused optimizer is checked each step."""
+    import torch
+    from tiny import batch, build
+    from transformers import TrainerControl, TrainerState
+
+    from sat_trainer.guard import NonFiniteGuard
+
+    model = build("llama")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=False if not fused else None)
+    guard, state, control = NonFiniteGuard(max_skipped=1), TrainerState(), TrainerControl()
+
+    def step(poison: bool) -> None:
+        model(batch(), labels=batch()).loss.backward()
+        if poison:
+            model.model.layers[0].mlp.up_proj.weight.grad[0, 0] = float("nan")
+        guard.on_pre_optimizer_step(None, state, control, model=model, optimizer=optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        state.global_step += 1
+        guard.on_step_end(None, state, control)
+
+    step(poison=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
+    step(poison=True)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # skipped: nothing moved
+    assert all(torch.equal(m, optimizer.state[p]["exp_avg"]) for m, p in zip(moments, model.parameters()))
+    assert guard.reads == (0 if fused else 2) and guard.skipped == ([] if fused else [2])
+    step(poison=True)
+    control.should_log = True  # a logging step: the one host read of the flags so far (fused)
+    guard.on_step_end(None, state, control)
+    assert guard.skipped == [2, 3] and guard.diverged_at == 3 and control.should_training_stop
+    assert guard.reads == (1 if fused else 3)
+    control.should_log = False
+    step(poison=False)
+    assert not all(torch.equal(before[n], p) for n, p in model.named_parameters())  # a finite step still trains

@@ -47,6 +47,8 @@ def test_resumed_run_matches_the_uninterrupted_one_even_if_the_base_changed(full
     assert got["steps"] == expected["steps"] == 8
     assert got["omission_schedule"] == expected["omission_schedule"] and 0.5 in got["omission_schedule"]
     assert got["held_out_loss"] == pytest.approx(expected["held_out_loss"], rel=1e-5)
+    evals = [e["step"] for e in got["history"]["held_out"]]
+    assert evals == [e["step"] for e in expected["history"]["held_out"]] and evals.count(0) == 1  # step 0 not evaluated again
     assert [r["loss"] for r in got["history"]["train_loss"]] == pytest.approx([r["loss"] for r in expected["history"]["train_loss"]], rel=1e-5)
 
 

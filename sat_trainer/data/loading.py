@@ -73,8 +73,15 @@ def _load_local(path: Path) -> datasets.Dataset:
 
 
 def _load_hub(spec: str, split: str) -> datasets.Dataset:
+    """The real hub load; what fails (no such dataset, config or split, no network) is one
+    :class:`SATError` line instead of a traceback from inside ``datasets``."""
     import datasets
+    from datasets.exceptions import DatasetsError
 
     name, _, chosen_split = spec.partition(":")
     name, _, config = name.partition("@")
-    return datasets.load_dataset(name, config or None, split=chosen_split or split)
+    try:
+        return datasets.load_dataset(name, config or None, split=chosen_split or split)
+    except (OSError, ValueError, DatasetsError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise SATError(f"cannot be loaded from the hub: {reason}") from None
