@@ -16,6 +16,7 @@ Exit status: 0 done, 2 bad input (one line naming the file, key or line), 1 trai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -67,12 +68,12 @@ def _train(args: argparse.Namespace) -> int:
         raise SATConfigError(f"{args.config}: --compare-dense needs a 'sat:' section (with sat: null both runs would be dense)")
     if args.compare_dense and explicit is not None:
         raise SATConfigError("training.resume_from_checkpoint names one checkpoint; with --compare-dense use --resume")
-    folders = [cfg.output_dir / "sat", cfg.output_dir / "dense"] if args.compare_dense else [cfg.output_dir]
+    folders = list(compare_folders(cfg).values()) if args.compare_dense else [cfg.output_dir]
     starts = {
         f: resume_point(f, explicit=explicit, resume=args.resume, overwrite=args.overwrite, required=not args.compare_dense) for f in folders
     }
     if args.compare_dense and args.resume and not any(starts.values()):
-        raise SATConfigError(f"nothing to resume: neither {folders[0]} nor {folders[1]} holds a checkpoint; run without --resume")
+        raise SATConfigError(f"nothing to resume: none of {', '.join(str(f) for f in folders)} holds a checkpoint; run without --resume")
     if args.overwrite:
         for folder in folders:
             clear_checkpoints(folder)
@@ -87,21 +88,33 @@ def _train(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, cfg: RunConfig, starts: dict[Path, str | None]) -> int:
     from .plots import plot_comparison
-    from .report import comparison_table
+    from .report import comparison_table, equal_time_steps
     from .run import run
 
     if not args.compare_dense:
         report = run(cfg, resume_from=starts[cfg.output_dir])
         _print_summary(report, cfg.output_dir)
         return 0
-    sat = run(cfg, output_dir=cfg.output_dir / "sat", resume_from=starts[cfg.output_dir / "sat"])
-    dense = run(cfg, dense=True, output_dir=cfg.output_dir / "dense", resume_from=starts[cfg.output_dir / "dense"])
-    table = comparison_table(sat, dense)
+    folders = compare_folders(cfg)
+    dense = run(cfg, dense=True, output_dir=folders["dense"], resume_from=starts[folders["dense"]])
+    runs = [("SAT, equal steps", run(cfg, output_dir=folders["sat"], resume_from=starts[folders["sat"]]))]
+    if "sat_equal_time" in folders:  # CPT: SAT gets the steps that fit in dense's train-step time, its schedule over them
+        steps = equal_time_steps(dense, runs[0][1])
+        timed = dataclasses.replace(cfg, training={**cfg.training, "max_steps": steps})
+        runs.append((f"SAT, equal time ({steps} steps)", run(timed, output_dir=folders["sat_equal_time"], resume_from=starts[folders["sat_equal_time"]])))
+    table = comparison_table(dense, runs)
     (cfg.output_dir / "compare.md").write_text(table + "\n")
-    plot_comparison([("SAT", sat), ("dense", dense)], cfg.output_dir / "report.png")
+    plot_comparison([*runs, ("dense", dense)], cfg.output_dir / "report.png")
     print("\n" + table)
-    print(f"\nrun folders: {cfg.output_dir / 'sat'} and {cfg.output_dir / 'dense'}; curves: {cfg.output_dir / 'report.png'}")
+    print(f"\nrun folders: {', '.join(str(f) for f in folders.values())}; curves: {cfg.output_dir / 'report.png'}")
     return 0
+
+
+def compare_folders(cfg: RunConfig) -> dict[str, Path]:
+    """The run folders of ``--compare-dense``: dense, SAT at equal steps and, for CPT (time to a target
+    quality is its protocol; SFT compares at equal steps, its data being epochs), SAT at equal time."""
+    names = ["dense", "sat", "sat_equal_time"] if cfg.task == "cpt" else ["dense", "sat"]
+    return {name: cfg.output_dir / name for name in names}
 
 
 def _pretrain_base(args: argparse.Namespace) -> int:

@@ -119,26 +119,38 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def comparison_table(sat: dict[str, Any], dense: dict[str, Any]) -> str:
-    """Side-by-side markdown table of a SAT run and the same config run dense."""
-    rows = [
-        ("wall time (s)", f"{dense['wall_time_s']:.1f}", f"{sat['wall_time_s']:.1f}"),
-        ("train-step time (s)", f"{dense['train_time_s']:.1f}", f"{sat['train_time_s']:.1f}"),
-        ("tokens/s", f"{dense['tokens_per_second']:.0f}", f"{sat['tokens_per_second']:.0f}"),
-    ]
+def comparison_table(dense: dict[str, Any], runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown table of the dense run and SAT runs of the same config side by side, one column each."""
+    cells: dict[str, list[str]] = {}
+
+    def row(name: str, dense_cell: str, cell) -> None:
+        cells[name] = [dense_cell, *(cell(r) for _, r in runs)]
+
+    row("steps", str(dense["steps"]), lambda r: str(r["steps"]))
+    row("wall time (s)", f"{dense['wall_time_s']:.1f}", lambda r: f"{r['wall_time_s']:.1f}")
+    row("train-step time (s)", f"{dense['train_time_s']:.1f}", lambda r: f"{r['train_time_s']:.1f}")
+    row("tokens/s", f"{dense['tokens_per_second']:.0f}", lambda r: f"{r['tokens_per_second']:.0f}")
     for name in sorted(dense["held_out_loss"]):
-        rows.append((f"held-out loss: {name}", f"{dense['held_out_loss'][name]:.4f}", f"{sat['held_out_loss'].get(name, float('nan')):.4f}"))
-    speedup = dense["train_time_s"] / sat["train_time_s"] if sat["train_time_s"] else float("nan")
-    rows.append(("speedup (train-step time)", "1.00x", f"{speedup:.2f}x"))
+        row(f"held-out loss: {name}", f"{dense['held_out_loss'][name]:.4f}", lambda r, n=name: f"{r['held_out_loss'].get(n, float('nan')):.4f}")
+    row("speedup (train-step time)", "1.00x", lambda r: f"{dense['train_time_s'] / r['train_time_s']:.2f}x" if r["train_time_s"] else "-")
     first = next(iter(dense["held_out_loss"]), None)  # the config's first held-out set: the target domain
-    if first is not None and first in sat["held_out_loss"]:
-        change = 100 * (sat["held_out_loss"][first] / dense["held_out_loss"][first] - 1)
-        rows.append((f"held-out loss vs dense: {first}", "", f"{change:+.2f}%"))
-        reached = time_to_reach(sat["history"]["held_out"], first, dense["held_out_loss"][first])
-        rows.append((f"train-step time to dense's final {first} loss", "1.00x",
-                     f"{reached / dense['train_time_s']:.2f}x" if reached is not None else "not reached"))
-    lines = ["| | dense | SAT |", "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows]]
+    if first is not None:
+        target = dense["held_out_loss"][first]
+
+        def reached(r: dict) -> str:
+            t = time_to_reach(r["history"]["held_out"], first, target)
+            return f"{t / dense['train_time_s']:.2f}x" if t is not None else "not reached"
+
+        row(f"held-out loss vs dense: {first}", "", lambda r: f"{100 * (r['held_out_loss'].get(first, float('nan')) / target - 1):+.2f}%")
+        row(f"train-step time to dense's final {first} loss", "1.00x", reached)
+    head = "| | dense | " + " | ".join(label for label, _ in runs) + " |"
+    lines = [head, "|---|" + "---|" * (len(runs) + 1), *[f"| {name} | " + " | ".join(c) + " |" for name, c in cells.items()]]
     return "\n".join(lines)
+
+
+def equal_time_steps(dense: dict[str, Any], sat: dict[str, Any]) -> int:
+    """The SAT steps that fit in dense's train-step time, at SAT's own time per step in its equal-steps run."""
+    return max(1, int(dense["train_time_s"] * sat["steps"] / sat["train_time_s"]))
 
 
 def time_to_reach(evals: list[dict[str, Any]], name: str, target: float) -> float | None:

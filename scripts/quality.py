@@ -39,7 +39,7 @@ import re
 import statistics
 from pathlib import Path
 
-from sat_trainer.report import time_to_reach
+from sat_trainer.report import equal_time_steps, time_to_reach
 from sat_trainer.run import run
 from sat_trainer.run_config import load_run_config
 
@@ -115,10 +115,6 @@ def train_one(args: argparse.Namespace, task: str, seed: int, variant: str, extr
         f.write(json.dumps(row) + "\n")
     return row
 
-
-def equal_time_steps(dense: dict, sat: dict) -> int:
-    """The steps of SAT that fit in dense's train-step time, at SAT's own time per step in its equal-steps run."""
-    return max(1, int(dense["train_time_s"] * sat["steps"] / sat["train_time_s"]))
 
 
 def step_times(path: str) -> dict[str, list[tuple[float, float]]]:

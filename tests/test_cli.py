@@ -54,10 +54,16 @@ def test_compare_dense_prints_a_side_by_side_table(tiny_base, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["cpt", "--config", "configs/demo_cpt.yaml", "--compare-dense", *_overrides(tiny_base, out, steps=3)]) == 0
     table = capsys.readouterr().out
-    assert "| | dense | SAT |" in table and "speedup" in table and "held-out loss: continual" in table
-    assert json.loads((out / "dense" / "report.json").read_text())["omission_schedule"] == [0.0, 0.0, 0.0]
-    assert json.loads((out / "sat" / "report.json").read_text())["omission_schedule"] == [0.5, 0.5, 0.0]
-    assert (out / "compare.md").read_text().startswith("| | dense | SAT |")
+    assert "| | dense | SAT, equal steps | SAT, equal time (" in table and "speedup" in table and "held-out loss: continual" in table
+    dense = json.loads((out / "dense" / "report.json").read_text())
+    sat = json.loads((out / "sat" / "report.json").read_text())
+    timed = json.loads((out / "sat_equal_time" / "report.json").read_text())
+    assert dense["omission_schedule"] == [0.0, 0.0, 0.0]
+    assert sat["omission_schedule"] == [0.5, 0.5, 0.0]
+    # CPT: the third run has the steps that fit in dense's train-step time at SAT's own time per step
+    assert timed["steps"] == max(1, int(dense["train_time_s"] * 3 / sat["train_time_s"]))
+    assert timed["omission_schedule"][-1] == 0.0 and f"equal time ({timed['steps']} steps)" in table
+    assert (out / "compare.md").read_text().startswith("| | dense | SAT, equal steps |")
     assert "held-out loss vs dense: continual" in table and "time to dense's final continual loss" in table
     starts = [json.loads((out / mode / "report.json").read_text())["history"]["held_out"][0] for mode in ("sat", "dense")]
     assert starts[0]["step"] == starts[1]["step"] == 0 and starts[0]["continual"] == pytest.approx(starts[1]["continual"])  # same model at step 0
