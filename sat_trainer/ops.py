@@ -23,17 +23,19 @@ What the custom op saves over ``F.linear(x, W.index_select(dim, idx))`` through 
   process adds it straight into ``.grad``: a full-size zero-filled gradient is made once per
   step (when ``.grad`` is None), not once per call plus an addition.
 
-Omitted rows/columns always end with exactly zero gradient, as with ``index_select``.
-
-:func:`split_rows_linear` runs some token rows dense and the others through either op
-(``sparse_tokens: context``). :func:`backward_kept_linear` is the op of ``omit_in: backward``: the forward runs with the full
-weight (the loss is the dense model's), the backward computes only the kept slices' gradients and
-the input gradient through the kept features only, so omitted units' backward paths are cut. Under
+Omitted rows/columns always end with exactly zero gradient, as with ``index_select``. Under
 ``torch.distributed`` (DDP and FSDP reduce gradients from hooks on autograd's gradient
 accumulation, which a hand-written ``.grad`` would bypass) and while ``torch.compile`` traces
 (``.grad`` is not traceable), the op returns the full-size gradient to autograd instead and does
 not cache slices (FSDP re-gathers parameters into the same storage each forward, so a cache
 could not tell a stale slice).
+
+:func:`backward_kept_linear` is the op of ``omit_in: backward`` and ``weight_gradient``: the
+forward runs with the full weight (the loss is the dense model's) and the backward computes only
+the kept slices' weight gradients, with the input gradient through the kept features only
+(``backward``: omitted units' backward paths are cut) or dense (``weight_gradient``).
+:func:`split_rows_linear` runs some token rows dense and the others through either op
+(``sparse_tokens: context``).
 """
 
 from __future__ import annotations
