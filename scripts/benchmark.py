@@ -118,7 +118,8 @@ def build_pruned(args, targets: str, rate: float) -> torch.nn.Module:
 
 def sat_config(args, targets: str, rate: float) -> SATConfig:
     """The SAT settings every measurement of one configuration uses: timing, ladder and memory alike."""
-    return SATConfig(omission_rate=rate, targets=TARGETS[targets], metric=args.metric, selection=args.selection, omit_in=args.omit_in)
+    return SATConfig(omission_rate=rate, targets=TARGETS[targets], metric=args.metric, selection=args.selection, omit_in=args.omit_in,
+                     dense_layers=args.dense_layers)
 
 
 def make_step(model, args):
@@ -157,7 +158,8 @@ def compare(args, targets: str, rate: float) -> Row:
     handle = apply_sat(sat, sat_config(args, targets, rate))
     handle.set_rate(rate)
     steps = {"dense": make_step(dense, args), "sat": make_step(sat, args)}
-    if args.bound and args.omit_in != "weight_gradient":  # no pruned model times a dense input gradient
+    # no pruned model times a dense input gradient, or layers of different widths
+    if args.bound and args.omit_in != "weight_gradient" and not args.dense_layers:
         steps["pruned"] = make_step(build_pruned(args, targets, rate), args)
     times = {name: [] for name in steps}
     for i in range(args.warmup + args.steps):
@@ -294,6 +296,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default=SATConfig.metric)
     p.add_argument("--selection", default=SATConfig.selection)
     p.add_argument("--omit-in", dest="omit_in", choices=["forward_backward", "backward", "weight_gradient"], default=SATConfig.omit_in, help="SATConfig.omit_in; backward: the bound is a dense forward plus a pruned backward (weight_gradient: no bound)")
+    p.add_argument("--dense-layers", dest="dense_layers", type=int, nargs="*", default=[], help="SATConfig.dense_layers (no bound is timed then)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast: fp32 weights, bf16 autocast (Trainer's bf16=True)")
     p.add_argument("--kernels", choices=["hf", "liger"], default="hf", help="liger: Liger-Kernel's Llama patch (rope, rms_norm, swiglu, fused linear cross-entropy)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (dense, SAT, pruned)")
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
 def context(args) -> dict:
     """What a JSON row needs besides its numbers to be reproduced."""
     return {"device": args.device, "precision": args.precision, "kernels": args.kernels, "compile": args.compile,
-            "batch": args.batch, "seq": args.seq, "metric": args.metric, "selection": args.selection}
+            "batch": args.batch, "seq": args.seq, "metric": args.metric, "selection": args.selection, "dense_layers": args.dense_layers}
 
 
 if __name__ == "__main__":
