@@ -37,6 +37,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 
 from sat_trainer.report import equal_time_steps, time_to_reach
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     results = saved_results(args.json, args.config) if args.report else train_variants(args)
     if args.step_times:
-        results = {v: [retime(r, step_times(args.step_times)) for r in rows] for v, rows in results.items()}
+        times = step_times(args.step_times)
+        results = {v: [retime(r, times) for r in rows] for v, rows in results.items()}
     print(table(results))
     if args.plot:
         plot(results, args.plot)
@@ -136,7 +138,11 @@ def retime(row: dict, times: dict[str, list[tuple[float, float]]]) -> dict:
     from sat_trainer.schedule import omission_rate_at
 
     sat = SATConfig.from_dict(row["sat"]) if row["sat"] else None
-    curve = times[sat.omit_in if sat else next(iter(times))]
+    mode = sat.omit_in if sat else next(iter(times))
+    if mode not in times:
+        print(f"--step-times: {row['variant']} keeps its own train-step times (no benchmark rows for omit_in {mode})", file=sys.stderr)
+        return row
+    curve = times[mode]
     elapsed = [0.0]
     for step in range(row["steps"]):
         rate = omission_rate_at(sat, step, row["steps"]) if sat else 0.0
