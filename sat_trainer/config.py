@@ -117,7 +117,7 @@ class SATConfig:
                   "(calibration_batches training batches) measures each block's cost at each calibration_rate and "
                   "assigns per-block peak rates that meet rate_budget at the least summed cost (a table in the log and "
                   "in report.json). Cost: the relative loss increase (omit_in forward_backward) or the share of the "
-                  "squared gradient norm cut (backward). dense_layers stays the manual form."},
+                  "squared gradient norm cut (backward, weight_gradient). dense_layers stays the manual form."},
     )
     rate_budget: str = field(
         default="flops",

@@ -33,7 +33,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import functools
+import contextlib
 import json
 import statistics
 import time
@@ -83,15 +83,14 @@ def main(argv: list[str] | None = None) -> None:
             for rate in args.rates:
                 start = time.perf_counter()
                 sat = SATConfig.from_dict(base | {"metric": metric, "omission_rate": rate})
-                prepare = functools.partial(calibrate_if_auto, model=model, batches=calibration_batches)
                 row = {"config": args.config, "variant": variant, "metric": metric, "rate": rate, "dense_loss": round(dense, 4)}
                 if sat.omit_in != "forward_backward":
                     dense_grads = dense_grads or [gradient(model, b) for b in batches]
-                    cosine, error = gradient_error(model, batches, dense_grads, sat, rate, prepare)
+                    cosine, error = gradient_error(model, batches, dense_grads, sat, rate, calibration_batches)
                     row |= {"grad_cosine": round(cosine, 4), "grad_rel_error": round(error, 4)}
                     print(f"  {variant:>24} {metric:>10} rate {rate:<5} gradient cosine {cosine:.4f}, relative error {error:.4f}", flush=True)
                 else:
-                    row["sparse_loss"] = round(sparse_loss(model, batches, sat, rate, prepare), 4)
+                    row["sparse_loss"] = round(sparse_loss(model, batches, sat, rate, calibration_batches), 4)
                     print(f"  {variant:>24} {metric:>10} rate {rate:<5} sparse loss {row['sparse_loss']:.3f}", flush=True)
                 rows.append(row | {"seconds": round(time.perf_counter() - start, 1)})
     if any("sparse_loss" in r for r in rows):
@@ -114,27 +113,29 @@ def sat_block(task: str, config: str, variant: str) -> dict:
     return load_run_config(task, config, ["training.output_dir=runs/sparse_loss", *overrides]).sat.to_dict()
 
 
-def calibrate_if_auto(handle, model: torch.nn.Module, batches: list[dict]) -> None:
-    """``layer_rates: auto``: per-block rates from a calibration on ``batches``, as at train start."""
-    if handle.config.layer_rates == "auto":
-        calibrate(handle, model, batches)
-
-
-def sparse_loss(model: torch.nn.Module, batches: list[dict], sat: SATConfig, rate: float, prepare=None) -> float:
-    """Mean loss of the sparse network at ``rate``, each batch drawing its own kept set."""
+@contextlib.contextmanager
+def patched(model: torch.nn.Module, sat: SATConfig, rate: float, calibration_batches: list[dict] | None = None):
+    """``model`` under SAT at ``rate`` (``layer_rates: auto`` first calibrated on ``calibration_batches``,
+    as at train start), unpatched again afterwards."""
     handle = apply_sat(model, sat)
     try:
-        if prepare is not None:
+        if sat.layer_rates == "auto":
             with torch.enable_grad():
-                prepare(handle)
+                calibrate(handle, model, calibration_batches)
         handle.set_rate(rate)
+        yield handle
+    finally:
+        remove_sat(model)
+
+
+def sparse_loss(model: torch.nn.Module, batches: list[dict], sat: SATConfig, rate: float, calibration_batches: list[dict] | None = None) -> float:
+    """Mean loss of the sparse network at ``rate``, each batch drawing its own kept set."""
+    with patched(model, sat, rate, calibration_batches) as handle:
         losses = []
         for batch in batches:
             handle.new_step()
             losses.append(model(**batch).loss.item())
         return statistics.mean(losses)
-    finally:
-        remove_sat(model)
 
 
 def gradient(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -148,15 +149,11 @@ def gradient(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 def gradient_error(
-    model: torch.nn.Module, batches: list[dict], dense_grads: list[torch.Tensor], sat: SATConfig, rate: float, prepare=None
+    model: torch.nn.Module, batches: list[dict], dense_grads: list[torch.Tensor], sat: SATConfig, rate: float,
+    calibration_batches: list[dict] | None = None,
 ) -> tuple[float, float]:
     """Mean over batches of (cosine, relative L2 error) of SAT's gradient against the dense one."""
-    handle = apply_sat(model, sat)
-    try:
-        if prepare is not None:
-            with torch.enable_grad():
-                prepare(handle)
-        handle.set_rate(rate)
+    with patched(model, sat, rate, calibration_batches) as handle:
         cosines, errors = [], []
         for batch, full in zip(batches, dense_grads):
             handle.new_step()
@@ -165,8 +162,6 @@ def gradient_error(
             cosines.append((kept64 @ full64 / (kept64.norm() * full64.norm())).item())
             errors.append(((kept - full).norm() / full.norm()).item())
         return statistics.mean(cosines), statistics.mean(errors)
-    finally:
-        remove_sat(model)
 
 
 def correlations(model: torch.nn.Module, batch: dict, sat: dict, metrics: list[str]) -> list[dict]:
