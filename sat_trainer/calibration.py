@@ -30,6 +30,7 @@ import statistics
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from .ops import out_major_weight
 from .schedule import kept_count
@@ -185,8 +186,6 @@ def _mean_over_ranks(handle: SATHandle, costs: list[list[float]]) -> list[list[f
     """Every rank must assign the same rates: average the measured costs over ranks."""
     device = handle.units[0].inputs[0].weight.device
     tensor = torch.tensor(costs, dtype=torch.float32, device=device)
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
