@@ -108,9 +108,20 @@ def real_token_mean(hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def activation_from_hidden(hidden: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
     """The ``activation`` score from the channels' outputs ``hidden`` (tokens x channels, the output
-    projection's input): ``||hidden[:, j]|| * ||W_out[:, j]||``. With ``omit_in: backward`` the
-    dense forward computes ``hidden`` for every token anyway, so this is all the scoring costs."""
-    return _norm32(hidden, 0) * _norm32(out_weight, 0)
+    projection's input): ``||hidden[:, j]|| * ||W_out[:, j]||``."""
+    return activation_from_norms(channel_norms(hidden), out_weight)
+
+
+def channel_norms(hidden: torch.Tensor) -> torch.Tensor:
+    """Each channel's output norm over the tokens of ``hidden`` (tokens x channels), float32."""
+    return _norm32(hidden, 0)
+
+
+def activation_from_norms(norms: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
+    """The ``activation`` score from :func:`channel_norms`: with ``omit_in: backward`` the dense
+    forward's own channel norms are kept (one reduction per forward), and the output weight's
+    column norms are read once per draw, with the weights the draw sees."""
+    return norms * _norm32(out_weight, 0)
 
 
 def activation_attention(

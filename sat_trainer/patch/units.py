@@ -58,7 +58,7 @@ class BlockUnit:
         # omit_in backward/weight_gradient + activation: the dense forward computes every MLP channel's output anyway, so
         # scores are read from it (all real tokens, no extra matmul) for the next draw; see observe()
         self._observes = self.backward_only and shape.kind == "mlp" and handle.config.metric == "activation"
-        self._observed: torch.Tensor | None = None
+        self._observed: torch.Tensor | None = None  # channel output norms of the latest dense forward
         # compensation mean: omitted channels' mean output over the scoring subsample, and the constant
         # it adds to the down projection's output for the current draw
         self._compensates = shape.kind == "mlp" and handle.config.compensation == "mean"
@@ -275,31 +275,31 @@ class BlockUnit:
         self._index = {m: _expand(kept, _sliced_dim_and_chunk(m, side, self.n)[1]) for m, side in self._members_with_side()}
 
     def observe(self, h: torch.Tensor) -> None:
-        """Keep the ``activation`` scores of the channels' outputs ``h`` that a dense forward just
-        computed (the down projection's input, padding zeroed): the next draw uses them instead
-        of scoring a token subsample through gate/up again. They are one micro-batch old when
-        used; the first draw, before any forward was seen, scores its own subsample."""
+        """Keep the norms of the channels' outputs ``h`` that a dense forward just computed (the
+        down projection's input, padding zeroed): the next draw scores from them instead of
+        pushing a token subsample through gate/up again. They are one micro-batch old when used;
+        the first draw, before any forward was seen, scores its own subsample."""
         if torch.compiler.is_compiling():  # a side effect the graph would not keep: drawing scores its subsample
             return
         with torch.no_grad():
-            mask = self._handle.token_mask_for(h)
-            flat = h.detach().reshape(-1, h.shape[-1])
-            if mask is not None:
-                flat = flat * mask.unsqueeze(1)
-            self._observed = importance.activation_from_hidden(flat, out_major_weight(self.output))
+            h, _ = self._zero_padding(h.detach())
+            self._observed = importance.channel_norms(h.reshape(-1, h.shape[-1]))
+
+    def _zero_padding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` with its padding tokens' rows zeroed (they score nothing), and the padding mask."""
+        mask = self._handle.token_mask_for(x)
+        return (x if mask is None else x * mask.reshape(*x.shape[:-1], 1)), mask
 
     def _scores(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         cfg = self._handle.config
         if self._observed is not None:
-            return self._observed
+            return importance.activation_from_norms(self._observed, out_major_weight(self.output))
         in_weights = [out_major_weight(p) for p in self.inputs]
         if cfg.metric == "uniform":
             return importance.uniform(self.n, generator, x.device)
         if cfg.metric == "magnitude":
             return importance.magnitude(in_weights, out_major_weight(self.output), self.n)
-        mask = self._handle.token_mask_for(x)
-        if mask is not None:  # padding tokens score nothing (zero rows), and subsamples draw real tokens first
-            x = x * mask.reshape(*x.shape[:-1], 1)
+        x, mask = self._zero_padding(x)  # and subsamples draw real tokens first
         if cfg.metric == "wanda":
             return importance.wanda(x, in_weights, self.n)
         if cfg.metric == "maxip":
