@@ -29,6 +29,7 @@ COMPENSATIONS = ("none", "mean")
 SPARSE_TOKENS = ("all", "context")
 LAYER_RATES = ("uniform", "auto")
 RATE_BUDGETS = ("flops", "loss")
+ACTIVATION_SCORES = ("forward", "subsample")
 
 
 @dataclass
@@ -158,8 +159,27 @@ class SATConfig:
     )
     activation_tokens: int = field(
         default=256,
-        metadata={"help": "activation: number of the micro-batch's tokens subsampled per scoring to measure each "
-                  "unit's output (>= 1); all tokens if the micro-batch has fewer."},
+        metadata={"help": "activation: the fewest tokens of the micro-batch subsampled to measure units' outputs "
+                  "(>= 1; all tokens if the micro-batch has fewer); see activation_token_fraction."},
+    )
+    activation_token_fraction: float = field(
+        default=0.125,
+        metadata={"help": "activation: the subsample is this fraction of the micro-batch's tokens, in (0, 1], when "
+                  "that is more than activation_tokens: scoring's share of the step then stays the same at every "
+                  "batch size."},
+    )
+    activation_scores: str = field(
+        default="forward",
+        metadata={"help": "activation, MLP blocks: forward: the channels a draw keeps are scored from the outputs the "
+                  "training forward computes anyway (no extra matmul), and each draw re-measures a rotating "
+                  "1/remeasure_every of all channels on the token subsample, so an omitted channel's score is at most "
+                  "remeasure_every draws old; subsample: every draw measures every channel on the subsample (costs "
+                  "a subsample-sized forward of gate/up per block and draw). Attention is always scored on the subsample."},
+    )
+    remeasure_every: int = field(
+        default=8,
+        metadata={"help": "activation_scores forward: every channel is re-measured on the subsample at least every "
+                  "this many draws (>= 1; 1 re-measures all of them each draw, as subsample does)."},
     )
     score_every: int = field(
         default=1,
@@ -244,6 +264,9 @@ def _check_types(cfg: SATConfig) -> None:
         "seed": (int,),
         "maxip_tokens": (int,),
         "activation_tokens": (int,),
+        "activation_token_fraction": (int, float),
+        "activation_scores": (str,),
+        "remeasure_every": (int,),
         "score_every": (int,),
         "dense_warmup_fraction": (int, float),
         "metric": (str,),
@@ -279,7 +302,7 @@ def _check_values(cfg: SATConfig) -> None:
         _fail("omission_rate", cfg.omission_rate, "a number in [0, 1)")
     if not cfg.targets or any(t not in TARGETS for t in cfg.targets) or len(set(cfg.targets)) != len(cfg.targets):
         _fail("targets", cfg.targets, f"a non-empty list without repeats drawn from {list(TARGETS)}")
-    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES), ("attention_unit", ATTENTION_UNITS), ("omit_in", OMIT_IN), ("compensation", COMPENSATIONS), ("sparse_tokens", SPARSE_TOKENS), ("layer_rates", LAYER_RATES), ("rate_budget", RATE_BUDGETS)):
+    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES), ("attention_unit", ATTENTION_UNITS), ("omit_in", OMIT_IN), ("compensation", COMPENSATIONS), ("sparse_tokens", SPARSE_TOKENS), ("layer_rates", LAYER_RATES), ("rate_budget", RATE_BUDGETS), ("activation_scores", ACTIVATION_SCORES)):
         if getattr(cfg, key) not in allowed:
             _fail(key, getattr(cfg, key), ", ".join(allowed))
     if cfg.compensation == "mean" and (cfg.omit_in != "forward_backward" or cfg.metric != "activation"):
@@ -305,7 +328,9 @@ def _check_values(cfg: SATConfig) -> None:
         _fail("ladder_sparse_fraction", cfg.ladder_sparse_fraction, "a number in (0, 1)")
     if cfg.ladder_num_rungs < 1:
         _fail("ladder_num_rungs", cfg.ladder_num_rungs, "an integer >= 1")
-    for key in ("maxip_tokens", "activation_tokens", "score_every"):
+    if not 0.0 < cfg.activation_token_fraction <= 1.0:
+        _fail("activation_token_fraction", cfg.activation_token_fraction, "a number in (0, 1]")
+    for key in ("maxip_tokens", "activation_tokens", "score_every", "remeasure_every"):
         if getattr(cfg, key) < 1:
             _fail(key, getattr(cfg, key), "an integer >= 1")
     if not 0.0 <= cfg.dense_warmup_fraction < 1.0:

@@ -19,17 +19,18 @@ Definitions (x: the block's input, all tokens of the micro-batch that draws; W: 
   unit's chunk of the *first* input projection's output (|x_t . w_j| for a gate channel; the
   norm of the group's query vectors for heads). Only a subsample: scoring every token would cost
   a dense matmul of the first projection and eat the saving.
-* ``activation``: what the unit actually adds to the block's output, on a random subsample of
-  ``activation_tokens`` tokens: for an MLP channel j, ``||act(x W_gate[j]) * (x W_up[j])||`` over
-  the tokens (plain MLPs: ``||act(x W_fc[j] + b_j)||``) times the norm of the output
-  projection's column j, i.e. the size of the channel's term in the down projection. For an
-  attention KV group, the norm over tokens and query heads of each value vector pushed through
-  the head's columns of ``o_proj`` (``||W_o[:, head] v_t||``): the attention weights are
-  ignored (each head outputs a convex mix of its values, so this bounds what the group can
-  write). On a real pretrained LLM the weight-and-input scores (magnitude, wanda) rank channels
-  no better than chance while this one tracks the channel's true contribution
-  (docs/benchmarks.md); a subsample of 256 tokens costs a quarter of the first projections'
-  forward on 4 x 256 tokens, far less on GPU-sized batches, and ``score_every`` amortises it.
+* ``activation``: what the unit actually adds to the block's output: for an MLP channel j, the
+  root mean square over tokens of ``act(x W_gate[j]) * (x W_up[j])`` (plain MLPs:
+  ``act(x W_fc[j] + b_j)``) times the norm of the output projection's column j, i.e. the size of
+  the channel's term in the down projection. For an attention KV group, the norm over a token
+  subsample and the group's query heads of each value vector pushed through the head's columns
+  of ``o_proj`` (``||W_o[:, head] v_t||``): the attention weights are ignored (each head outputs
+  a convex mix of its values, so this bounds what the group can write). On a real pretrained LLM
+  the weight-and-input scores (magnitude, wanda) rank channels no better than chance while this
+  one tracks the channel's true contribution (docs/benchmarks.md). Where the channel outputs come
+  from is the caller's choice (:class:`sat_trainer.patch.units.BlockUnit`): a random token
+  subsample (:func:`subsample_size`) pushed through gate/up, or the outputs the training forward
+  computed anyway (``activation_scores: forward``), which costs no matmul.
 
 All scores are computed without autograd, returned in float32, and are >= 0. They read the
 weights in their own dtype (bf16 on a GPU) with float32 accumulation, never through a float32
@@ -39,6 +40,7 @@ makes no host round trip.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -99,29 +101,51 @@ def mlp_hidden(
     return hidden
 
 
-def real_token_mean(hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden``'s rows over the real ``tokens`` (padding rows were zeroed in ``tokens``),
-    in float32, without a host sync (the count stays on the device)."""
-    real = tokens.ne(0).any(dim=1).to(hidden.dtype)
-    return (real @ hidden).float() / real.sum().clamp_min(1).float()
+def nonzero_rows(tokens: torch.Tensor) -> torch.Tensor:
+    """1 for each row of ``tokens`` (tokens x features) that is not all zero, else 0, in its dtype:
+    the real tokens of a subsample whose padding rows were zeroed."""
+    return tokens.ne(0).any(dim=1).to(tokens.dtype)
+
+
+def real_token_mean(hidden: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``hidden``'s rows over the ``real`` ones (0/1 per row; None: all rows), in
+    float32, without a host sync (the count stays on the device)."""
+    if real is None:
+        return hidden.float().mean(0)
+    return (real.to(hidden.dtype) @ hidden).float() / real.sum().clamp_min(1).float()
+
+
+def channel_rms(hidden: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """Each channel's root-mean-square output over the ``real`` rows of ``hidden`` (tokens x
+    channels, padding rows zeroed; None: every row is real), float32.
+
+    The root *mean* square, not the norm, so that measurements over different numbers of tokens
+    compare: ``activation_scores: forward`` mixes the sparse forward's own measurement of the
+    kept channels (all of the micro-batch's tokens) with re-measurements of the others on the
+    scoring subsample."""
+    norms = _norm32(hidden, 0)
+    if real is None:
+        return norms / math.sqrt(max(hidden.shape[0], 1))
+    return norms / real.sum().clamp_min(1).float().sqrt()
 
 
 def activation_from_hidden(hidden: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
     """The ``activation`` score from the channels' outputs ``hidden`` (tokens x channels, the output
     projection's input): ``||hidden[:, j]|| * ||W_out[:, j]||``."""
-    return activation_from_norms(channel_norms(hidden), out_weight)
+    return _norm32(hidden, 0) * output_column_norms(out_weight)
 
 
-def channel_norms(hidden: torch.Tensor) -> torch.Tensor:
-    """Each channel's output norm over the tokens of ``hidden`` (tokens x channels), float32."""
-    return _norm32(hidden, 0)
+def output_column_norms(out_weight: torch.Tensor) -> torch.Tensor:
+    """``||W_out[:, j]||`` for each input feature j of the output projection (out-major weight):
+    the second factor of the ``activation`` score."""
+    return _norm32(out_weight, 0)
 
 
-def activation_from_norms(norms: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
-    """The ``activation`` score from :func:`channel_norms`: with ``omit_in: backward`` the dense
-    forward's own channel norms are kept (one reduction per forward), and the output weight's
-    column norms are read once per draw, with the weights the draw sees."""
-    return norms * _norm32(out_weight, 0)
+def subsample_size(tokens: int, floor: int, fraction: float) -> int:
+    """Tokens to subsample for scoring out of ``tokens``: ``fraction`` of them, at least ``floor``,
+    at most all. A fraction keeps scoring's share of the step's work the same at every batch size;
+    the floor keeps a small micro-batch's estimate from resting on a handful of tokens."""
+    return min(tokens, max(floor, math.ceil(fraction * tokens)))
 
 
 def activation_attention(
@@ -136,11 +160,13 @@ def activation_attention(
     as transformers' ``repeat_kv`` lays them out."""
     values = F.linear(tokens, v_weight, v_bias)
     head_dim = values.shape[-1] // groups
-    values = values.reshape(tokens.shape[0], groups, head_dim)
+    values = values.reshape(tokens.shape[0], groups, head_dim).float()
     out = out_weight.reshape(out_weight.shape[0], groups, -1, head_dim)  # (hidden, group, head in group, head_dim)
-    written = torch.einsum("tgh,dgqh->gqtd", values, out)
-    units = written.shape[0] * written.shape[1] if per_head else groups
-    return _norm32(written.reshape(units, -1), 1)
+    # ||W_o[:, head] v||^2 = v^T (W_o[:, head]^T W_o[:, head]) v: one head_dim x head_dim Gram matrix per
+    # head instead of pushing every token's values through hidden-sized columns (4x fewer FLOPs at 256 tokens)
+    gram = torch.einsum("dgqh,dgqk->gqhk", out, out).float()
+    squares = torch.einsum("tgh,gqhk,tgk->gq", values, gram, values).clamp_min(0)
+    return (squares.reshape(-1) if per_head else squares.sum(1)).sqrt()
 
 
 def _norm32(t: torch.Tensor, dim: int) -> torch.Tensor:

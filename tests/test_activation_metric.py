@@ -44,7 +44,7 @@ def test_activation_plain_mlp_uses_the_activation_and_transposed_conv1d():
     got = unit._scores(x, torch.Generator().manual_seed(0))
     mlp = model.transformer.h[0].mlp
     hidden = mlp.act(mlp.c_fc(x)).reshape(-1, 256)
-    expected = hidden.norm(dim=0) * mlp.c_proj.weight.norm(dim=1)  # Conv1D stores (in, out)
+    expected = hidden.norm(dim=0) / hidden.shape[0] ** 0.5 * mlp.c_proj.weight.norm(dim=1)  # RMS; Conv1D stores (in, out)
     torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -93,6 +93,78 @@ def test_activation_subsample_size_bounds_the_tokens_scored(monkeypatch):
     with torch.no_grad():
         model(batch(size=2, length=16))
     assert sizes == [5, 5]
+
+
+def test_activation_subsample_is_a_fraction_of_the_batch_above_the_floor():
+    assert importance.subsample_size(4096, 256, 0.125) == 512
+    assert importance.subsample_size(512, 256, 0.125) == 256  # the floor
+    assert importance.subsample_size(100, 256, 0.125) == 100  # never more than there are
+    assert importance.subsample_size(33, 5, 0.5) == 17
+
+
+def test_forward_scores_refresh_the_kept_channels_and_remeasure_a_window(monkeypatch):
+    """activation_scores forward: after the first draw (every channel on the subsample), a draw
+    pushes only a window of ceil(n / remeasure_every) contiguous channels through gate/up; the
+    kept channels' RMS is the previous sparse forward's own (all its tokens); the windows come
+    round to the start after remeasure_every draws."""
+    rows = []
+    real = importance.mlp_hidden
+    monkeypatch.setattr(importance, "mlp_hidden", lambda t, w, *a: rows.append(w[0].shape[0]) or real(t, w, *a))
+    model = build("llama")  # 96 MLP channels, 2 layers
+    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], remeasure_every=4))
+    model.train()
+    handle.set_rate(0.5)
+    unit = handle.units[0]
+    seen = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    for step in range(5):
+        handle.new_step()
+        model(batch(seed=step))
+    hook.remove()
+    assert rows == [96, 96] + [24] * 8  # two blocks: the first draw measures all, then one window per draw
+    assert seen[-1].shape[1] == 48
+    torch.testing.assert_close(unit._rms[unit.kept_units], seen[-1].norm(dim=0) / seen[-1].shape[0] ** 0.5)
+    assert unit._window == 0  # 4 windows of 24 channels, one per draw after the first
+
+
+def test_forward_scores_are_what_the_next_draw_keeps():
+    """The draw after a sparse forward keeps the top channels by RMS x down column norm, where the
+    RMS is that forward's own for the channels it kept, freshly measured for the first window
+    (here on all tokens), and stored for the rest."""
+    model = build("llama")
+    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_tokens=1000))
+    model.train()
+    handle.set_rate(0.5)
+    unit = handle.units[0]
+    mlp = model.model.layers[0].mlp
+    inputs = []
+    hook = mlp.gate_proj.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    handle.new_step()
+    model(batch(seed=0))
+    rms = unit._rms.clone()  # after the first forward: its kept channels refreshed
+    handle.new_step()
+    model(batch(seed=1))
+    hook.remove()
+    x = inputs[1]
+    with torch.no_grad():
+        hidden = mlp.act_fn(x @ mlp.gate_proj.weight[:12].t()) * (x @ mlp.up_proj.weight[:12].t())
+        rms[:12] = hidden.norm(dim=0) / x.shape[0] ** 0.5  # the first window of ceil(96 / 8) channels
+        expected = (rms * mlp.down_proj.weight.norm(dim=0)).topk(48).indices.sort().values
+    assert torch.equal(unit.kept_units, expected)
+
+
+def test_subsample_scores_measure_every_channel_each_draw(monkeypatch):
+    rows = []
+    real = importance.mlp_hidden
+    monkeypatch.setattr(importance, "mlp_hidden", lambda t, w, *a: rows.append(w[0].shape[0]) or real(t, w, *a))
+    model = build("llama")
+    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_scores="subsample"))
+    model.train()
+    handle.set_rate(0.5)
+    for step in range(3):
+        handle.new_step()
+        model(batch(seed=step))
+    assert rows == [96] * 6
 
 
 def test_score_every_reuses_scores_between_rescorings(monkeypatch):

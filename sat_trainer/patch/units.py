@@ -55,12 +55,16 @@ class BlockUnit:
         self.query_heads = shape.kind == "attention" and handle.config.attention_unit == "query_head"
         self.backward_only = handle.config.omit_in in ("backward", "weight_gradient")  # the forward runs dense
         self.full_input_grad = handle.config.omit_in == "weight_gradient"
-        # omit_in backward/weight_gradient + activation: the dense forward computes every MLP channel's output anyway, so
-        # scores are read from it (all real tokens, no extra matmul) for the next draw; see observe()
-        self._observes = self.backward_only and shape.kind == "mlp" and handle.config.metric == "activation"
-        self._observed: torch.Tensor | None = None  # channel output norms of the latest dense forward
-        # compensation mean: omitted channels' mean output over the scoring subsample, and the constant
-        # it adds to the down projection's output for the current draw
+        # metric activation, MLP blocks: each channel's output RMS and its down column's norm, kept between draws
+        # (the score is their product). With activation_scores forward, the training forward refreshes the channels
+        # it computes (observe(): the kept ones, or all of them when the forward is dense) and each draw re-measures
+        # a rotating window of the channels on the token subsample (_activation_mlp_scores)
+        self._observes = shape.kind == "mlp" and handle.config.metric == "activation" and handle.config.activation_scores == "forward"
+        self._rms: torch.Tensor | None = None
+        self._out_norms: torch.Tensor | None = None
+        self._window = 0  # the next window _activation_mlp_scores re-measures
+        # compensation mean: each channel's mean output (measured as the RMS is), and the constant the omitted
+        # ones add to the down projection's output for the current draw
         self._compensates = shape.kind == "mlp" and handle.config.compensation == "mean"
         self._mean_hidden: torch.Tensor | None = None
         self.compensation: torch.Tensor | None = None
@@ -208,7 +212,9 @@ class BlockUnit:
 
     def reset_draws(self) -> None:
         """Forget the current draw, cached scores and slices (after a calibration's draws)."""
-        self._drawn_for, self._scores_cache, self._observed = None, None, None
+        self._drawn_for, self._scores_cache = None, None
+        self._rms = self._out_norms = self._mean_hidden = None
+        self._window = 0
         self.slices.clear()
 
     def unit_gradient_square(self) -> torch.Tensor:
@@ -265,7 +271,8 @@ class BlockUnit:
             else:
                 kept = selection.sampling(scores, k, cfg.temperature, generator, self.groups)
             if self._compensates:
-                self.compensation = _omitted_mean_output(self._mean_hidden, kept, out_major_weight(self.output))
+                mean = self._handle.sync_scores(self._mean_hidden.clone())
+                self.compensation = _omitted_mean_output(mean, kept, out_major_weight(self.output))
         self.kept_units = kept  # stays on the device: reading it here would be a host sync per block
         self._index_members(kept)
         self._drawn_for = key
@@ -275,15 +282,23 @@ class BlockUnit:
         self._index = {m: _expand(kept, _sliced_dim_and_chunk(m, side, self.n)[1]) for m, side in self._members_with_side()}
 
     def observe(self, h: torch.Tensor) -> None:
-        """Keep the norms of the channels' outputs ``h`` that a dense forward just computed (the
-        down projection's input, padding zeroed): the next draw scores from them instead of
-        pushing a token subsample through gate/up again. They are one micro-batch old when used;
-        the first draw, before any forward was seen, scores its own subsample."""
-        if torch.compiler.is_compiling():  # a side effect the graph would not keep: drawing scores its subsample
+        """Refresh the RMS (and, with compensation, the mean) of the channels whose outputs ``h`` the
+        training forward just computed: the down projection's input, the kept channels' or, when the
+        forward is dense (``omit_in: backward``), every channel's. One reduction over ``h``, no
+        matmul; the next draw scores from it. Under ``torch.compile`` nothing is refreshed (a side
+        effect the graph would not keep): the re-measured window alone keeps the scores current."""
+        if torch.compiler.is_compiling() or self._rms is None:
             return
         with torch.no_grad():
-            h, _ = self._zero_padding(h.detach())
-            self._observed = importance.channel_norms(h.reshape(-1, h.shape[-1]))
+            h, mask = self._zero_padding(h.detach())
+            flat = h.reshape(-1, h.shape[-1])
+            real = None if mask is None else mask.reshape(-1)
+            kept = None if flat.shape[1] == self.n and self.backward_only else self.kept_units
+            if kept is not None and flat.shape[1] == self.n:  # split token rows: the sparse rows' omitted features are zeros
+                flat = flat.index_select(1, kept)
+            _store(self._rms, kept, importance.channel_rms(flat, real))
+            if self._compensates:
+                _store(self._mean_hidden, kept, importance.real_token_mean(flat, real))
 
     def _zero_padding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x`` with its padding tokens' rows zeroed (they score nothing), and the padding mask."""
@@ -292,8 +307,6 @@ class BlockUnit:
 
     def _scores(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         cfg = self._handle.config
-        if self._observed is not None:
-            return importance.activation_from_norms(self._observed, out_major_weight(self.output))
         in_weights = [out_major_weight(p) for p in self.inputs]
         if cfg.metric == "uniform":
             return importance.uniform(self.n, generator, x.device)
@@ -304,17 +317,47 @@ class BlockUnit:
             return importance.wanda(x, in_weights, self.n)
         if cfg.metric == "maxip":
             return importance.maxip(x, in_weights[0], self.n, cfg.maxip_tokens, generator, mask)
-        tokens = importance.subsample_tokens(x, cfg.activation_tokens, generator, mask)
-        out_weight = out_major_weight(self.output)
+        tokens = x.numel() // x.shape[-1]
+        size = importance.subsample_size(tokens, cfg.activation_tokens, cfg.activation_token_fraction)
         if self.kind == "mlp":
-            act = _activation(self.block, self.shape.activation)
-            hidden = importance.mlp_hidden(tokens, in_weights, [p.bias for p in self.inputs], act)
-            if self._compensates:
-                self._mean_hidden = self._handle.sync_scores(importance.real_token_mean(hidden, tokens))
-            return importance.activation_from_hidden(hidden, out_weight)
+            return self._activation_mlp_scores(x, mask, size, generator)
+        sample = importance.subsample_tokens(x, size, generator, mask)
         values = out_major_weight(self.values)
         kv_groups = self.groups if self.query_heads else self.n
-        return importance.activation_attention(tokens, values, self.values.bias, out_weight, kv_groups, self.query_heads)
+        return importance.activation_attention(sample, values, self.values.bias, out_major_weight(self.output), kv_groups, self.query_heads)
+
+    def _activation_mlp_scores(self, x: torch.Tensor, mask: torch.Tensor | None, size: int, generator: torch.Generator | None) -> torch.Tensor:
+        """The activation scores of every channel: its output RMS times its down column's norm.
+
+        The first draw (and every draw with ``activation_scores: subsample``) measures all channels
+        on a token subsample. Later ones, with ``forward``, measure only the next window of
+        ``ceil(n / remeasure_every)`` contiguous channels (their rows of gate/up and columns of down
+        are views, no gather): the training forward refreshed the kept channels' RMS already
+        (:meth:`observe`; every channel's when the forward is dense), and the window bounds how
+        stale an omitted channel's score and every down column's norm can get."""
+        cfg = self._handle.config
+        first = self._rms is None
+        window = slice(0, self.n) if first or not self._observes else self._next_window(cfg.remeasure_every)
+        if first:
+            self._rms, self._out_norms = torch.zeros(self.n, device=x.device), torch.zeros(self.n, device=x.device)
+            self._mean_hidden = torch.zeros(self.n, device=x.device) if self._compensates else None
+        self._out_norms[window] = importance.output_column_norms(out_major_weight(self.output)[:, window])
+        if first or not (self._observes and self.backward_only):  # a dense forward measured every channel already
+            sample = importance.subsample_tokens(x, size, generator, mask)
+            real = None if mask is None else importance.nonzero_rows(sample)
+            weights = [out_major_weight(p)[window] for p in self.inputs]
+            biases = [None if p.bias is None else p.bias[window] for p in self.inputs]
+            hidden = importance.mlp_hidden(sample, weights, biases, _activation(self.block, self.shape.activation))
+            self._rms[window] = importance.channel_rms(hidden, real)
+            if self._compensates:
+                self._mean_hidden[window] = importance.real_token_mean(hidden, real)
+        return self._rms * self._out_norms
+
+    def _next_window(self, remeasure_every: int) -> slice:
+        size = -(-self.n // remeasure_every)
+        start = self._window * size
+        self._window = (self._window + 1) % -(-self.n // size)
+        return slice(start, min(start + size, self.n))
 
 
 def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -340,6 +383,14 @@ def _sliced(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor, 
     if unit.backward_only:
         return backward_kept_linear(proj, x, idx, dim, unit.full_input_grad)
     return kept_linear(proj, x, idx, dim, unit.slices)
+
+
+def _store(stats: torch.Tensor, kept: torch.Tensor | None, values: torch.Tensor) -> None:
+    """Write per-channel ``values`` into ``stats``: at the ``kept`` channels, or all (None)."""
+    if kept is None:
+        stats.copy_(values)
+    else:
+        stats.index_copy_(0, kept, values)
 
 
 def _omitted_mean_output(mean_hidden: torch.Tensor, kept: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
