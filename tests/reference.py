@@ -83,7 +83,8 @@ def _weight_gradient_hooks(modules: dict, unit, target: nn.Module, mask: torch.T
             features = in_features(layer) if side == "columns" else out_major_weight(layer).shape[0]
             if features % unit.n or (side == "columns" and features != mask.numel()):
                 continue
-            m = per_unit.repeat_interleave(features // unit.n)
+            parts = unit.shape.fused_parts if side == "rows" else 1  # a fused input: [gate | up], each part per unit
+            m = per_unit.repeat_interleave(features // (unit.n * parts)).repeat(parts)
             along_in = side == "columns"
             shaped = m if along_in != isinstance(layer, Conv1D) else m.unsqueeze(1)  # Conv1D stores (in, out)
             hooks.append(layer.weight.register_hook(lambda grad, s=shaped: grad * s))

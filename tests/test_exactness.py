@@ -4,16 +4,19 @@ and gradients; omitted rows/columns get exactly zero gradient."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
 from reference import loss_and_grads, masked
-from tiny import FAMILY_CONFIGS, LLAMA_STYLE_ATTENTION, batch, build, sat_config, sparse
+from tiny import ALL_FAMILY_CONFIGS, FAMILY_CONFIGS, LLAMA_STYLE_ATTENTION, MORE_FAMILIES, NO_SDPA, batch, build, sat_config, sparse
 
 from sat_trainer import apply_sat, remove_sat
+from sat_trainer.patch.registry import FAMILIES, supported_model_types
 
-# Gemma2 has no sdpa path in transformers (attention soft-capping needs eager).
-CASES = [(f, "eager") for f in FAMILY_CONFIGS] + [(f, "sdpa") for f in LLAMA_STYLE_ATTENTION if f != "gemma2"]
+# The first nine families and Phi-3's fused gate_up_proj run every metric and omit_in mode;
+# every registry entry runs test_every_registered_family_matches_masked_reference.
+CASES = [(f, "eager") for f in [*FAMILY_CONFIGS, "phi3"]] + [(f, "sdpa") for f in LLAMA_STYLE_ATTENTION if f not in NO_SDPA]
 
 
 @pytest.mark.parametrize("family,attn", CASES, ids=[f"{f}-{a}" for f, a in CASES])
@@ -54,6 +57,45 @@ def test_weight_gradient_only_skips_the_omitted_weight_gradients(family, attn):
     torch.testing.assert_close(grads[embeddings], dense_grads[embeddings], atol=1e-6, rtol=1e-5)  # exact upstream gradient
     assert all(u.k() < u.n for u in handle.units)
     remove_sat(model)
+
+
+def _omits_attention(family: str) -> bool:
+    return any(s.kind == "attention" for s in FAMILIES[family])
+
+
+EVERY_FAMILY = [(f, "eager") for f in supported_model_types()] + [
+    (f, "sdpa") for f in MORE_FAMILIES if _omits_attention(f) and f not in NO_SDPA
+]
+
+
+@pytest.mark.parametrize("family,attn", EVERY_FAMILY, ids=[f"{f}-{a}" for f, a in EVERY_FAMILY])
+def test_every_registered_family_matches_masked_reference(family, attn):
+    """Every registry entry, on its own tiny model: MLP channels and (where the family omits
+    them) attention KV groups sliced at once, exact against the masked dense reference."""
+    assert family in ALL_FAMILY_CONFIGS, f"{family} is registered but has no tiny config in tests/tiny.py"
+    model = build(family, attn)
+    handle = _assert_matches_masked_reference(model, metric="activation")
+    assert {u.kind for u in handle.units} == {s.kind for s in FAMILIES[family]}
+    assert len(handle.units) == 2 * len(FAMILIES[family])  # every block of both layers was found
+    assert all(u.k() < u.n for u in handle.units)
+    remove_sat(model)
+
+
+@pytest.mark.parametrize("family,option", [("cohere", "use_qk_norm")])
+def test_per_head_qk_norm_option_keeps_attention_dense_and_the_mlp_exact(family, option, caplog):
+    """A config option that gives attention per-head weights read by head position: its KV groups
+    are not omitted (one log line naming the option), its MLP still is, exactly."""
+    model = build(family, **{option: True})
+    with caplog.at_level(logging.WARNING, logger="sat_trainer"):
+        handle = _assert_matches_masked_reference(model, metric="activation")
+    assert {u.kind for u in handle.units} == {"mlp"}
+    lines = [r.getMessage() for r in caplog.records if "attention heads are not omitted" in r.getMessage()]
+    assert len(lines) == 1 and option in lines[0] and family in lines[0]
+    remove_sat(model)
+
+
+def test_every_family_with_a_tiny_config_is_registered():
+    assert set(ALL_FAMILY_CONFIGS) == set(supported_model_types())
 
 
 def _assert_matches_masked_reference(model, **cfg):

@@ -145,3 +145,20 @@ def test_lora_with_context_tokens_sparse_is_exact():
     assert grads.keys() == ref_grads.keys() and any("lora_A" in n for n in grads)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("omit_in", ["forward_backward", "backward", "weight_gradient"])
+def test_lora_on_phi3_fused_gate_up_projection_is_exact(omit_in):
+    """Phi-3's gate_up_proj under LoRA: the base rows and lora_B rows of each kept channel in
+    both halves ([gate | up]) are kept together; omitted channels' lora_B rows get no gradient."""
+    model = _lora(build("phi3"), ["gate_up_proj", "down_proj", "qkv_proj", "o_proj"])
+    reference = copy.deepcopy(model)
+    handle = sparse(model, targets=["mlp"], omit_in=omit_in)
+    grads = _assert_exact(model, reference, handle, batch())
+    unit = handle.units[0]
+    omitted = torch.ones(96, dtype=torch.bool)
+    omitted[handle.kept()[unit.name]] = False
+    lora_b = grads["base_model.model.model.layers.0.mlp.gate_up_proj.lora_B.default.weight"]
+    assert lora_b.shape[0] == 2 * 96
+    for half in (lora_b[:96], lora_b[96:]):  # gate rows, then up rows
+        assert torch.count_nonzero(half[omitted]) == 0 and torch.count_nonzero(half[~omitted]) > 0

@@ -42,9 +42,65 @@ FAMILY_CONFIGS = {
 LLAMA_STYLE_ATTENTION = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
 
 
+def _llama_like(model_type: str, **extra):
+    """The tiny Llama-like config of any registered ``model_type`` (its own config class, defaults
+    elsewhere; dropout off so the sliced and the reference forward see the same activations)."""
+
+    def make():
+        config = transformers.AutoConfig.for_model(model_type, **{**_LLAMA_LIKE, **extra})
+        for key in ("attention_dropout", "hidden_dropout", "residual_dropout", "embedding_dropout", "mlp_dropout", "resid_pdrop", "embd_pdrop"):
+            if isinstance(getattr(config, key, None), (int, float)):
+                setattr(config, key, 0.0)
+        if (getattr(config, "pad_token_id", None) or 0) >= VOCAB:  # e.g. Phi-3's 32000: outside the tiny vocabulary
+            config.pad_token_id = 0
+        return config
+
+    return make
+
+
+# Families added after the first nine: one generic tiny config each, tested by every registry entry's
+# exactness test (tests/test_exactness.py::test_every_registered_family_matches_masked_reference).
+# Each enables the options that make its blocks differ from Llama's (biases, partial rotary, q/k norms).
+MORE_FAMILIES = {
+    "apertus": _llama_like("apertus"),
+    "apertus1p5_text": _llama_like("apertus1p5_text"),
+    "arcee": _llama_like("arcee"),
+    "cohere": _llama_like("cohere"),
+    "cohere2": _llama_like("cohere2", sliding_window=8),
+    "cwm": _llama_like("cwm"),
+    "diffllama": _llama_like("diffllama"),
+    "ernie4_5": _llama_like("ernie4_5", use_bias=True),
+    "exaone4": _llama_like("exaone4", sliding_window=8),
+    "glm": _llama_like("glm", attention_bias=True),
+    "glm4": _llama_like("glm4", attention_bias=True),
+    "granite": _llama_like("granite", attention_bias=True, mlp_bias=True),
+    "granite_swa": _llama_like("granite_swa"),
+    "helium": _llama_like("helium", head_dim=8),  # its o_proj reads hidden_size features: heads * head_dim must match
+    "hunyuan_v1_dense": _llama_like("hunyuan_v1_dense", use_qk_norm=True),
+    "hyperclovax": _llama_like("hyperclovax"),
+    "jais2": _llama_like("jais2"),
+    "ministral": _llama_like("ministral"),
+    "ministral3": _llama_like("ministral3"),
+    "nanochat": _llama_like("nanochat"),
+    "nemotron": _llama_like("nemotron", partial_rotary_factor=0.5),
+    "olmo": _llama_like("olmo", clip_qkv=2.0),
+    "olmo2": _llama_like("olmo2"),
+    "olmo3": _llama_like("olmo3"),
+    "phi": _llama_like("phi", qk_layernorm=True, head_dim=8),
+    "phi3": _llama_like("phi3"),
+    "seed_oss": _llama_like("seed_oss", attention_bias=True),
+    "smollm3": _llama_like("smollm3"),
+    "stablelm": _llama_like("stablelm", head_dim=8, use_qkv_bias=True),
+    "starcoder2": _llama_like("starcoder2"),
+    "vaultgemma": _llama_like("vaultgemma"),
+}
+NO_SDPA = {"gemma2", "vaultgemma"}  # transformers has no sdpa path for them (attention soft-capping / eager only)
+ALL_FAMILY_CONFIGS = {**FAMILY_CONFIGS, **MORE_FAMILIES}
+
+
 def build(family: str = "llama", attn_implementation: str = "eager", seed: int = 0, **overrides) -> nn.Module:
     """A randomly initialised tiny causal LM of ``family`` in fp32."""
-    config = FAMILY_CONFIGS[family]()
+    config = ALL_FAMILY_CONFIGS[family]()
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(seed)

@@ -20,7 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..config import SATConfig, to_config
 from ..errors import SATError
 from ..ops import SLICEABLE, out_major_weight
-from .registry import FAMILIES, NO_ATTENTION_REASON, BlockShape, supported_model_types
+from .registry import FAMILIES, BlockShape, no_attention_reason, supported_model_types
 from .units import BlockUnit
 
 logger = logging.getLogger("sat_trainer")
@@ -174,12 +174,13 @@ def apply_sat(model: nn.Module, config: SATConfig | Mapping[str, Any] | str | No
             f"supported: {', '.join(supported_model_types())}"
         )
     handle = SATHandle(model, config)
-    shapes = [s for s in FAMILIES[model_type] if s.kind in config.targets]
-    if "attention" in config.targets and not any(s.kind == "attention" for s in FAMILIES[model_type]):
+    dense_attention = no_attention_reason(model_type, model.config)
+    shapes = [s for s in FAMILIES[model_type] if s.kind in config.targets and not (s.kind == "attention" and dense_attention)]
+    if "attention" in config.targets and dense_attention:
         logger.warning(
             "sat_trainer: attention heads are not omitted for model_type %r (%s); attention runs dense",
             model_type,
-            NO_ATTENTION_REASON.get(model_type, "not supported"),
+            dense_attention,
         )
     dense_layers = _dense_layer_set(model, config.dense_layers)
     dense_fallbacks = []

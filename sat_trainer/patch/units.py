@@ -100,7 +100,7 @@ class BlockUnit:
             all_inputs = [projections[a].base for a in self.shape.inputs]
             self.n, self.heads_per_unit, self.groups = _unit_layout(self.name, self.shape, self.block, all_inputs, self.query_heads)
             for member in self._in_members:
-                _check_divisible(self.name, member, out_features(member), self.n)
+                _check_divisible(self.name, member, out_features(member), self.n * self.shape.fused_parts)
             for member in self._out_members:
                 _check_divisible(self.name, member, in_features(member), self.n)
 
@@ -222,12 +222,12 @@ class BlockUnit:
         members with their bias entries, its columns of the output members), in float32."""
         total = torch.zeros(self.n, device=self.inputs[0].weight.device)
         for member, input_side in self._members_with_side():
-            dim, _ = _sliced_dim_and_chunk(member, input_side, self.n)
+            dim, _, parts = self._layout(member, input_side)
             grads = [(member.weight.grad, dim)] + ([(member.bias.grad, 0)] if input_side and member.bias is not None else [])
             for grad, d in grads:
                 if grad is not None:
                     per_feature = grad.float().square().sum(dim=1 - d) if grad.dim() == 2 else grad.float().square()
-                    total += per_feature.reshape(self.n, -1).sum(1)
+                    total += per_feature.reshape(parts, self.n, -1).sum((0, 2))
         return total
 
     def omitted_parameters(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
@@ -241,8 +241,8 @@ class BlockUnit:
         omitted_units = mask.nonzero().squeeze(1)
         out = []
         for member, input_side in self._members_with_side():
-            dim, chunk = _sliced_dim_and_chunk(member, input_side, self.n)
-            idx = _expand(omitted_units, chunk).to(member.weight.device)
+            dim, chunk, parts = self._layout(member, input_side)
+            idx = _expand(omitted_units, chunk, parts, self.n).to(member.weight.device)
             if member.weight.requires_grad:
                 out.append((member.weight, dim, idx))
             if input_side and member.bias is not None and member.bias.requires_grad:
@@ -251,6 +251,13 @@ class BlockUnit:
 
     def _members_with_side(self) -> list[tuple[nn.Module, bool]]:
         return [(m, True) for m in self._in_members] + [(m, False) for m in self._out_members]
+
+    def _layout(self, member: nn.Module, input_side: bool) -> tuple[int, int, int]:
+        """(sliced weight dim, features each unit owns per part, parts) of ``member``: a fused
+        input projection (and its ``lora_B``) holds ``fused_parts`` parts, the output side one."""
+        parts = self.shape.fused_parts if input_side else 1
+        dim, chunk = _sliced_dim_and_chunk(member, input_side, self.n * parts)
+        return dim, chunk, parts
 
     def kept_query_or_channels(self) -> torch.Tensor:
         """Kept MLP channel indices, or kept query-head indices for attention (on the CPU: a host
@@ -279,7 +286,10 @@ class BlockUnit:
 
     def _index_members(self, kept: torch.Tensor) -> None:
         self.slices.clear()
-        self._index = {m: _expand(kept, _sliced_dim_and_chunk(m, side, self.n)[1]) for m, side in self._members_with_side()}
+        self._index = {}
+        for member, side in self._members_with_side():
+            _, chunk, parts = self._layout(member, side)
+            self._index[member] = _expand(kept, chunk, parts, self.n)
 
     def observe(self, h: torch.Tensor) -> None:
         """Refresh the RMS (and, with compensation, the mean) of the channels whose outputs ``h`` the
@@ -307,7 +317,7 @@ class BlockUnit:
 
     def _scores(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         cfg = self._handle.config
-        in_weights = [out_major_weight(p) for p in self.inputs]
+        in_weights, _ = self._logical_inputs()
         if cfg.metric == "uniform":
             return importance.uniform(self.n, generator, x.device)
         if cfg.metric == "magnitude":
@@ -345,8 +355,8 @@ class BlockUnit:
         if first or not (self._observes and self.backward_only):  # a dense forward measured every channel already
             sample = importance.subsample_tokens(x, size, generator, mask)
             real = None if mask is None else importance.nonzero_rows(sample)
-            weights = [out_major_weight(p)[window] for p in self.inputs]
-            biases = [None if p.bias is None else p.bias[window] for p in self.inputs]
+            weights, biases = self._logical_inputs()
+            weights, biases = [w[window] for w in weights], [None if b is None else b[window] for b in biases]
             hidden = importance.mlp_hidden(sample, weights, biases, _activation(self.block, self.shape.activation))
             self._rms[window] = importance.channel_rms(hidden, real)
             if self._compensates:
@@ -358,6 +368,16 @@ class BlockUnit:
         start = self._window * size
         self._window = (self._window + 1) % -(-self.n // size)
         return slice(start, min(start + size, self.n))
+
+    def _logical_inputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Out-major weights and biases of the unfused inputs: a fused projection's parts are
+        views of its weight (gate, then up), so every metric scores it like separate projections."""
+        parts = self.shape.fused_parts
+        weights, biases = [], []
+        for p in self.inputs:
+            weights += out_major_weight(p).chunk(parts, 0)
+            biases += [None] * parts if p.bias is None else p.bias.chunk(parts, 0)
+        return weights, biases
 
 
 def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -419,11 +439,14 @@ def _draws_random(cfg) -> bool:
     return cfg.metric in ("uniform", "maxip", "activation") or cfg.selection == "sampling"
 
 
-def _expand(kept: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Unit indices -> feature indices, each unit owning ``chunk`` contiguous features."""
-    if chunk == 1:
-        return kept
-    return (kept.unsqueeze(1) * chunk + torch.arange(chunk, device=kept.device)).reshape(-1)
+def _expand(kept: torch.Tensor, chunk: int, parts: int = 1, n: int = 0) -> torch.Tensor:
+    """Unit indices -> feature indices, each unit owning ``chunk`` contiguous features of each of
+    ``parts`` parts of ``n * chunk`` features (a fused projection): part after part, so the
+    kept features of each part stay contiguous (``[gate_kept | up_kept]``) for the block's split."""
+    idx = kept if chunk == 1 else (kept.unsqueeze(1) * chunk + torch.arange(chunk, device=kept.device)).reshape(-1)
+    if parts == 1:
+        return idx
+    return torch.cat([idx + part * n * chunk for part in range(parts)])
 
 
 def _sliced_dim_and_chunk(member: nn.Module, input_side: bool, n: int) -> tuple[int, int]:
@@ -441,7 +464,7 @@ def _unit_layout(
     """(number of units, query heads per unit, groups the units split into evenly): channels for
     MLPs; KV groups for attention, or query heads in KV groups for ``attention_unit: query_head``."""
     if shape.kind == "mlp":
-        return out_features(inputs[0]), 1, 1
+        return out_features(inputs[0]) // shape.fused_parts, 1, 1
     head_dim = getattr(block, "head_dim", None)
     if not isinstance(head_dim, int) or head_dim <= 0:
         raise SATError(f"{name}: attention module has no integer 'head_dim' attribute; cannot find its heads")
