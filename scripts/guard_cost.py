@@ -2,7 +2,7 @@
 
 A small Llama (the embedded base's shape, random weights, random tokens) is trained for
 ``--steps`` steps (8 x ``--length`` tokens each) by the Trainer with ``sat-train``'s defaults (fused AdamW, a log every 10
-steps), once with :class:`sat_trainer.guard.NonFiniteGuard` and once without, alternating
+steps), once with :class:`sat_trainer.app.guard.NonFiniteGuard` and once without, alternating
 (A B A B ...) ``--pairs`` times so that drift of a shared machine hits both alike. The time is
 ``ReportCallback``'s time inside training steps (evaluation and start-up excluded); the first
 ``--warmup`` steps of each run are left out. Prints one JSON line with the medians.
@@ -21,8 +21,8 @@ import torch
 import transformers
 from datasets import Dataset
 
-from sat_trainer.guard import NonFiniteGuard
-from sat_trainer.report import ReportCallback
+from sat_trainer.app.guard import NonFiniteGuard
+from sat_trainer.app.report import ReportCallback
 
 
 def step_time(guarded: bool, steps: int, warmup: int, length: int, out: str) -> float:

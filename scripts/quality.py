@@ -40,9 +40,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from sat_trainer.report import equal_time_steps, time_to_reach
-from sat_trainer.run import run
-from sat_trainer.run_config import load_run_config
+from sat_trainer.app.report import equal_time_steps, time_to_reach
+from sat_trainer.app.run import run
+from sat_trainer.app.run_config import load_run_config
 
 
 def variant_overrides(variant: str) -> tuple[bool, list[str]]:

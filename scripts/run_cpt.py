@@ -2,7 +2,7 @@
 
 import sys
 
-from sat_trainer.cli import main
+from sat_trainer.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["cpt", *sys.argv[1:]]))

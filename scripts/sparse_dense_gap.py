@@ -21,10 +21,10 @@ import torch
 import transformers
 
 from sat_trainer import SATCallback
-from sat_trainer import data as sat_data
+from sat_trainer.app import data as sat_data
+from sat_trainer.app.builtin_models import resolve_model_path
+from sat_trainer.app.run_config import load_run_config
 from sat_trainer.patch.model import handle_of
-from sat_trainer.builtin_models import resolve_model_path
-from sat_trainer.run_config import load_run_config
 
 from quality import task_of, variant_overrides  # scripts/quality.py: the same scenario and variant syntax
 

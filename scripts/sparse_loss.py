@@ -43,11 +43,11 @@ import torch
 import transformers
 
 from sat_trainer import SATConfig, apply_sat, remove_sat
-from sat_trainer import data as sat_data
-from sat_trainer.builtin_models import resolve_model_path
+from sat_trainer.app import data as sat_data
+from sat_trainer.app.builtin_models import resolve_model_path
+from sat_trainer.app.run_config import load_run_config
 from sat_trainer.calibration import calibrate
 from sat_trainer.config import METRICS
-from sat_trainer.run_config import load_run_config
 
 from quality import task_of, variant_overrides  # scripts/quality.py: the same scenario and variant syntax
 

@@ -16,7 +16,7 @@ def _seeded():
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A `sat-train pretrain-base` folder of a tiny Llama (vocab 300, under 100k parameters)."""
-    from sat_trainer.pretrain import build_base
+    from sat_trainer.app.pretrain import build_base
 
     out = tmp_path_factory.mktemp("base")
     info = build_base(out, vocab_size=300, block_size=64, **TINY_BASE)

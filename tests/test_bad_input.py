@@ -237,7 +237,7 @@ def outcomes(tiny_base, files):
 
     def run(case):
         argv, out = _prepare(case, files.parent / "cases", tiny_base, files)
-        cmd = [sys.executable, "-m", "sat_trainer.cli", *argv]
+        cmd = [sys.executable, "-m", "sat_trainer.app.cli", *argv]
         return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=files.parent, timeout=300), out
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -259,7 +259,7 @@ def test_bad_input_in_a_subprocess(case, outcomes, files, tiny_base):
 def test_bad_input_in_process(case, tiny_base, files, capsys, monkeypatch):
     import datasets
 
-    from sat_trainer.cli import main
+    from sat_trainer.app.cli import main
 
     monkeypatch.chdir(files.parent)
     # there is no network here: offline mode fails a hub load the same way (ConnectionError) in a second, not after 25 s of retries
@@ -274,7 +274,7 @@ def test_rejected_before_torch_is_imported(tmp_path):
     """A bad config costs a fraction of a second: the CLI does not import torch to reject it."""
     (tmp_path / "bad.yaml").write_text("model: ./no/such/model\ndata: {train: x.txt}\ntraining: {output_dir: out}\n")
     code = (
-        "import sys\nfrom sat_trainer.cli import main\n"
+        "import sys\nfrom sat_trainer.app.cli import main\n"
         f"assert main(['cpt', '--config', {str(tmp_path / 'bad.yaml')!r}]) == 2\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from sat_trainer import SATError, builtin_models
+from sat_trainer import SATError
+from sat_trainer.app import builtin_models
+from sat_trainer.app.run_config import build_run_config
 from sat_trainer.errors import SATConfigError
-from sat_trainer.run_config import build_run_config
 
 
 def test_unknown_builtin_model_lists_the_builtins():

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sat_trainer.cli import main
+from sat_trainer.app.cli import main
 
 
 def _overrides(base, out, steps=4):

@@ -8,8 +8,8 @@ import datasets
 import pytest
 import transformers
 
-from sat_trainer.data import corpus, cpt, loading, sft
-from sat_trainer.data.tokenizer import CHAT_TEMPLATE, train_tokenizer
+from sat_trainer.app.data import corpus, cpt, loading, sft
+from sat_trainer.app.data.tokenizer import CHAT_TEMPLATE, train_tokenizer
 from sat_trainer.errors import SATError
 
 

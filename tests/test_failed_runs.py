@@ -10,7 +10,7 @@ import pytest
 import transformers
 from tiny import demo_run_args
 
-from sat_trainer.cli import main
+from sat_trainer.app.cli import main
 
 # Adam moves every weight by about the learning rate: after step 1 the weights are ~1e30 and
 # the next forward overflows, so step 2's loss and gradients are NaN, deterministically.
@@ -60,7 +60,7 @@ def test_final_model_with_non_finite_weights_is_never_saved(tmp_path):
     from tiny import build
 
     from sat_trainer.errors import SATTrainingError
-    from sat_trainer.run import _save_final
+    from sat_trainer.app.run import _save_final
 
     model = build("llama")
     with torch.no_grad():
@@ -78,7 +78,7 @@ def test_guard_skips_on_the_device_and_reads_the_flags_once_per_logging_step(fus
     from tiny import batch, build
     from transformers import TrainerControl, TrainerState
 
-    from sat_trainer.guard import NonFiniteGuard
+    from sat_trainer.app.guard import NonFiniteGuard
 
     model = build("llama")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=False if not fused else None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sat_trainer.plots import comparison_figure, plot_comparison, report_figure, rung_changes, smooth
+from sat_trainer.app.plots import comparison_figure, plot_comparison, report_figure, rung_changes, smooth
 
 
 def _report(mode: str, rates: list[float], offset: float = 0.0) -> dict:

@@ -13,11 +13,11 @@ import pytest
 import transformers
 
 from sat_trainer import SATConfig
+from sat_trainer.app.fields import _hints, _options
+from sat_trainer.app.model_source import check_model
+from sat_trainer.app.ranges import LORA, TRAINING, Range, ints, numbers
+from sat_trainer.app.training_args import check_training
 from sat_trainer.errors import SATConfigError
-from sat_trainer.fields import _hints, _options
-from sat_trainer.model_source import check_model
-from sat_trainer.ranges import LORA, TRAINING, Range, ints, numbers
-from sat_trainer.training_args import check_training
 
 # what some fields need beside them to be accepted at all
 CONTEXT = {"dataloader_prefetch_factor": {"dataloader_num_workers": 1}}
@@ -91,8 +91,8 @@ def test_run_time_check_reads_the_model_config(tiny_base):
 
 
 def test_builtin_shapes_are_those_of_the_real_models():
-    from sat_trainer.builtin_models import MODEL_SHAPES, smollm2_dir
-    from sat_trainer.pretrain import BASE_SHAPE, BLOCK_SIZE
+    from sat_trainer.app.builtin_models import MODEL_SHAPES, smollm2_dir
+    from sat_trainer.app.pretrain import BASE_SHAPE, BLOCK_SIZE
 
     assert MODEL_SHAPES["base"] == {"num_hidden_layers": BASE_SHAPE["num_hidden_layers"], "max_position_embeddings": max(1024, BLOCK_SIZE)}
     if not (smollm2_dir() / "config.json").is_file():

@@ -12,7 +12,7 @@ import pytest
 import transformers
 from tiny import demo_run_args
 
-from sat_trainer.cli import main
+from sat_trainer.app.cli import main
 
 
 def _report(folder):

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
+from sat_trainer.app.run_config import load_run_config
 from sat_trainer.errors import SATConfigError
-from sat_trainer.run_config import load_run_config
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

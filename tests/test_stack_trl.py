@@ -8,8 +8,8 @@ import transformers
 from tiny import build, sat_config
 
 from sat_trainer import SATCallback
-from sat_trainer.data import corpus
-from sat_trainer.data.tokenizer import train_tokenizer
+from sat_trainer.app.data import corpus
+from sat_trainer.app.data.tokenizer import train_tokenizer
 from sat_trainer.patch.model import handle_of
 from sat_trainer.schedule import omission_rate_at
 

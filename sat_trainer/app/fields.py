@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any
 
-from .errors import SATConfigError
+from ..errors import SATConfigError
 
 
 def check_fields(raw: dict[str, Any], cls: type, section: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import SATError
+from ...errors import SATError
 from . import corpus
 
 if TYPE_CHECKING:  # imported where data loads, so that checking a spec stays fast

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import SATConfig
-from .errors import SATConfigError, SATError
+from ..config import SATConfig
+from ..errors import SATConfigError, SATError
 from .model_fit import check_fit
 from .model_source import check_model_spec
 from .ranges import LORA, check_section, ints
-from .yaml_io import load_yaml_file, parse_value
+from ..yaml_io import load_yaml_file, parse_value
 
 TASKS = ("cpt", "sft")
 SECTIONS = ("model", "data", "training", "sat", "lora", "max_skipped_steps")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import SATError
+from ...errors import SATError
 
 HISTORIES = (
     "henry_iv_part_1",

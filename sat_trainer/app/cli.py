@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import SATConfigError, SATError, SATTrainingError
+from ..errors import SATConfigError, SATError, SATTrainingError
 
 if TYPE_CHECKING:
     from .run_config import RunConfig

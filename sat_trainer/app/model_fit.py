@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import SATConfigError
+from ..errors import SATConfigError
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer")  # Llama-style, GPT-2
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions")

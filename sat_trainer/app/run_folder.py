@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import SATConfigError
+from ..errors import SATConfigError
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SATConfigError
+from ..errors import SATConfigError
 
 SEED_MAX = 2**32 - 1  # numpy's seed range, which transformers.set_seed passes the seed to
 

@@ -1,7 +1,7 @@
 """SFT data: chat records or instruction/response pairs -> token ids with loss on responses only.
 
-Records take either form of :mod:`sat_trainer.data.records`. The tokenizer's chat template
-renders them; a tokenizer without one gets :data:`sat_trainer.data.tokenizer.CHAT_TEMPLATE`. Labels are -100 on everything except the
+Records take either form of :mod:`sat_trainer.app.data.records`. The tokenizer's chat template
+renders them; a tokenizer without one gets :data:`sat_trainer.app.data.tokenizer.CHAT_TEMPLATE`. Labels are -100 on everything except the
 tokens of assistant turns (including the EOS the template closes them with): the model learns
 to answer, not to repeat prompts.
 """
@@ -14,7 +14,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..errors import SATError
+from ...errors import SATError
 from .records import to_messages
 from .tokenizer import CHAT_TEMPLATE
 

@@ -17,7 +17,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .patch.model import handle_of
+from ..patch.model import handle_of
 from .plots import plot_report
 
 

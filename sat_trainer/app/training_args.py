@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import SATConfigError
+from ..errors import SATConfigError
 from .fields import check_fields
 from .ranges import TRAINING, check_section
 

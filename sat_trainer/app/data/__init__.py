@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SATError
+from ...errors import SATError
 
 if TYPE_CHECKING:
     import datasets

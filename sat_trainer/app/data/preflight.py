@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import SATError
-from ..yaml_io import read_utf8
+from ...errors import SATError
+from ...yaml_io import read_utf8
 from .records import NEEDED, has_sft_columns, to_messages
 
 

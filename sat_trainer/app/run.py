@@ -17,11 +17,11 @@ import transformers
 
 from . import data as sat_data
 from .builtin_models import resolve_model_path
-from .callback import SATCallback
-from .errors import SATTrainingError
+from ..callback import SATCallback
+from ..errors import SATTrainingError
 from .guard import NonFiniteGuard
 from .model_source import check_model
-from .patch.model import remove_sat
+from ..patch.model import remove_sat
 from .report import ReportCallback, build_report, write_report
 from .run_config import RunConfig
 from .training_args import training_arguments

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import SATConfigError, SATError
+from ..errors import SATConfigError, SATError
 
 PREFIX = "builtin:"
 SMOLLM2_VERSION = "v1"

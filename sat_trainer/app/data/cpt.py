@@ -5,7 +5,7 @@ from __future__ import annotations
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from ..errors import SATError
+from ...errors import SATError
 
 
 def pack(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int, text_field: str = "text") -> datasets.Dataset:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import SATError
+from ...errors import SATError
 
 PROMPT_KEYS = ("instruction", "prompt", "question")
 CONTEXT_KEYS = ("input", "context")

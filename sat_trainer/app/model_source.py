@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .builtin_models import MODEL_BUILTINS, PREFIX, builtin_shape, is_builtin
-from .errors import SATConfigError, SATError
+from ..errors import SATConfigError, SATError
 from .model_fit import check_fit
-from .patch.registry import FAMILIES, supported_model_types
+from ..patch.registry import FAMILIES, supported_model_types
 
 if TYPE_CHECKING:
-    from .config import SATConfig
+    from ..config import SATConfig
 
 
 def is_local(spec: str) -> bool:
