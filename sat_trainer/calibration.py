@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from .ops import out_major_weight
+from .ops import weight_numel
 from .schedule import kept_count
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def calibrate(handle: SATHandle, model: torch.nn.Module, batches: list[dict]) ->
         handle.reset_draws()
         model.train(was_training)
     costs = _mean_over_ranks(handle, costs)
-    flops = [float(sum(out_major_weight(m).numel() for m in u.members())) for u in handle.units]
+    flops = [float(sum(weight_numel(m) for m in u.members())) for u in handle.units]
     budget = cfg.omission_rate * sum(flops) if cfg.rate_budget == "flops" else None
     assigned = allocate(costs, flops, rates, budget, cfg.loss_budget if cfg.rate_budget == "loss" else None)
     for unit, rate in zip(handle.units, assigned):

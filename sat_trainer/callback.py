@@ -72,6 +72,8 @@ class SATCallback(TrainerCallback, ExportableState):
     def on_init_end(self, args, state, control, model: nn.Module | None = None, **kwargs):
         if model is not None:
             self._attach(model)
+            if _zero3():
+                _name_leaf_modules_in_deepspeed_config(args, self.handle)
 
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs):
         if model is None:
@@ -134,16 +136,16 @@ class SATCallback(TrainerCallback, ExportableState):
         ``on_init_end``; transformers 5.x calls no callback between building and wrapping it, so
         ``on_train_begin`` patches it (and the handle follows it). That is safe for single
         process, DDP and FSDP2 (SAT binds forwards on projection instances, which these wrappers
-        keep), not for DeepSpeed ZeRO-3, whose leaf modules must be set before the engine exists.
+        keep). DeepSpeed ZeRO-3 reads its leaf modules when the engine is built, before this
+        callback sees the new model: ``on_init_end`` names the blocks' classes in the DeepSpeed
+        config (``zero_optimization.leaf_module.classes``) so that the engine makes them leaves,
+        and this checks that it did.
         """
         handle = handle_of(model)
         if handle is None:
-            if self.handle is not None and _zero3():
-                raise SATError(
-                    "SATCallback cannot patch a model built by Trainer(model_init=...) under DeepSpeed ZeRO-3: "
-                    "the engine is built before any callback sees it; pass model=... instead"
-                )
             handle = apply_sat(model, self.config)
+            if self.handle is not None and _zero3():
+                _require_engine_leaves(model, handle)
             logger.info(
                 "sat_trainer: %d MLP and %d attention blocks patched",
                 sum(u.kind == "mlp" for u in handle.units),
@@ -208,3 +210,40 @@ def _zero3() -> bool:
     from transformers.integrations import deepspeed as hf_deepspeed
 
     return hf_deepspeed.is_deepspeed_zero3_enabled()
+
+
+def _name_leaf_modules_in_deepspeed_config(args, handle: SATHandle) -> None:
+    """Add the patched blocks' classes to ``zero_optimization.leaf_module.classes`` of the Trainer's
+    DeepSpeed config (kept with DeepSpeed's default leaf classes), so an engine built later, on a
+    model the Trainer builds with ``model_init``, makes them leaves (DeepSpeed >= 0.18 reads this
+    key; older versions ignore it and :func:`_require_engine_leaves` refuses)."""
+    ds_config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
+    if not isinstance(ds_config, dict):
+        return
+    try:
+        from deepspeed.runtime.zero.leaf_module_config import DEFAULT_LEAF_MODULE_CLASSES
+    except ImportError:
+        return
+    leaf = ds_config.setdefault("zero_optimization", {}).setdefault("leaf_module", {})
+    classes = list(leaf.get("classes") or DEFAULT_LEAF_MODULE_CLASSES)
+    for cls in sorted({type(u.block) for u in handle.units}, key=lambda c: c.__qualname__):
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if name not in classes:
+            classes.append(name)
+    leaf["classes"] = classes
+
+
+def _require_engine_leaves(model: nn.Module, handle: SATHandle) -> None:
+    """Refuse a model wrapped by a ZeRO-3 engine that did not make every patched block a leaf
+    (DeepSpeed marks a leaf's parameters with ``ds_z3_leaf_module`` when it registers the model)."""
+    missing = [u.name for u in handle.units if not all(hasattr(p, "ds_z3_leaf_module") for p in u.block.parameters())]
+    if missing:
+        from .patch.model import remove_sat
+
+        remove_sat(model)
+        raise SATError(
+            "SATCallback cannot patch a model built by Trainer(model_init=...) under DeepSpeed ZeRO-3: the engine, "
+            f"built before any callback sees the model, did not make {', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''} ZeRO-3 leaf modules (add their classes to the DeepSpeed config's "
+            "zero_optimization.leaf_module.classes, DeepSpeed >= 0.18, or pass model=...)"
+        )

@@ -66,12 +66,26 @@ def out_major_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of the full weight, also where it is not in memory: a
+    DeepSpeed ZeRO-3 parameter outside its module's forward is an empty shard whose real shape is
+    ``ds_shape`` (a model built under ``zero.Init``, as ``from_pretrained`` does, is patched so)."""
+    shape = tuple(getattr(module.weight, "ds_shape", module.weight.shape))
+    return (shape[1], shape[0]) if isinstance(module, Conv1D) else (shape[0], shape[1])
+
+
+def weight_numel(module: nn.Module) -> int:
+    """Elements of the full weight (ZeRO-3 shards included, see :func:`weight_shape`)."""
+    out_f, in_f = weight_shape(module)
+    return out_f * in_f
+
+
 def out_features(module: nn.Module) -> int:
-    return out_major_weight(module).shape[0]
+    return weight_shape(module)[0]
 
 
 def in_features(module: nn.Module) -> int:
-    return out_major_weight(module).shape[1]
+    return weight_shape(module)[1]
 
 
 @dataclass

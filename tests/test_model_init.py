@@ -74,3 +74,20 @@ def test_apply_sat_accepts_a_mapping_and_refuses_other_things():
         apply_sat(model, 0.5)
     with pytest.raises(SATConfigError, match="unknown SAT config key 'rate'"):
         apply_sat(model, {"rate": 0.5})
+
+
+def test_zero3_model_init_refused_when_the_engine_made_no_leaves():
+    """The ZeRO-3 model_init check (the run itself is in test_stack_deepspeed): a model whose blocks
+    DeepSpeed did not register as leaves is unpatched again and refused, naming the blocks and the fix."""
+    from sat_trainer import apply_sat
+    from sat_trainer.callback import _require_engine_leaves
+    from sat_trainer.errors import SATError
+
+    model = build("llama")
+    handle = apply_sat(model, sat_config())
+    with pytest.raises(SATError, match=r"did not make model\.layers\.0\.self_attn, .* zero_optimization\.leaf_module\.classes"):
+        _require_engine_leaves(model, handle)
+    assert handle_of(model) is None
+    for p in model.parameters():
+        p.ds_z3_leaf_module = None  # what DeepSpeed sets on a registered leaf's parameters
+    _require_engine_leaves(model, apply_sat(model, sat_config()))

@@ -74,23 +74,3 @@ def test_fsdp2_sharded_step_matches_unsharded(tmp_path, metric):
     torch.testing.assert_close(sharded["loss"], loss, atol=1e-5, rtol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(sharded["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_zero3_marks_patched_blocks_as_leaf_modules(monkeypatch):
-    """DeepSpeed is not installed here: check the preparation with a stand-in for its API."""
-    import types
-
-    import transformers.integrations.deepspeed as hf_deepspeed
-    from tiny import build, sat_config
-
-    from sat_trainer import apply_sat
-
-    calls = []
-    fake_utils = types.SimpleNamespace(set_z3_leaf_modules=lambda model, classes: calls.append((model, classes)))
-    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(utils=fake_utils))
-    monkeypatch.setitem(sys.modules, "deepspeed.utils", fake_utils)
-    monkeypatch.setattr(hf_deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
-    model = build("llama")
-    apply_sat(model, sat_config())
-    assert len(calls) == 1 and calls[0][0] is model
-    assert [c.__name__ for c in calls[0][1]] == ["LlamaAttention", "LlamaMLP"]

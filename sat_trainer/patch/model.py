@@ -19,7 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..config import SATConfig, to_config
 from ..errors import SATError
-from ..ops import SLICEABLE, out_major_weight
+from ..ops import SLICEABLE, weight_numel
 from .registry import FAMILIES, BlockShape, no_attention_reason, supported_model_types
 from .units import BlockUnit
 
@@ -49,6 +49,7 @@ class SATHandle:
         self.token_mask: torch.Tensor | None = None  # 1 on real tokens, 0 on padding: scoring ignores pads
         self.token_split: tuple[torch.Tensor, torch.Tensor] | None = None  # sparse_tokens context: (dense rows, sparse rows)
         self._mask_hook = model.register_forward_pre_hook(self._read_token_mask, with_kwargs=True)
+        self._zero3_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def _read_token_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Keep the forward's 2-D ``attention_mask`` (flattened) so data-dependent scores skip padding
@@ -119,7 +120,7 @@ class SATHandle:
         model = self._model_ref()
         if model is None:
             raise SATError("the model this handle patched no longer exists")
-        dense = sum(out_major_weight(m).numel() for m in model.modules() if isinstance(m, SLICEABLE))
+        dense = sum(weight_numel(m) for m in model.modules() if isinstance(m, SLICEABLE))
         attention_core = _attention_core_flops(model, self.seq_len)
         per_layer_core = attention_core / max(_num_layers(model), 1)
         saved = 0.0
@@ -127,7 +128,7 @@ class SATHandle:
         sparse_share = self.token_split[1].numel() / max(self.token_split[0].numel() + self.token_split[1].numel(), 1) if self.token_split else 1.0
         for unit in self.units:
             omitted = (1.0 - unit.k() / unit.n) * (sparse_share if unit.kind == "mlp" else 1.0)
-            saved += omitted * sum(out_major_weight(m).numel() for m in unit.members())
+            saved += omitted * sum(weight_numel(m) for m in unit.members())
             if unit.kind == "attention":
                 saved += omitted * per_layer_core
         fraction = (dense + attention_core - saved) / (dense + attention_core)
@@ -219,6 +220,8 @@ def remove_sat(model: nn.Module) -> None:
     if handle is not None:
         handle._optimizer_hook.remove()
         handle._mask_hook.remove()
+        for hook in handle._zero3_hooks:
+            hook.remove()
         handle.clear_slices()
         for unit in handle.units:
             unit.unpatch()
@@ -233,7 +236,15 @@ def _mark_zero3_leaves(model: nn.Module, handle: SATHandle) -> None:
     """Under DeepSpeed ZeRO-3, make each patched block a leaf so all its projections are gathered
     at the block's forward: drawing a kept set reads every projection's weights (scores, slices)
     while the first one runs, and a not-yet-gathered parameter is an empty shard. Must happen
-    before the engine is built, which is why ``apply_sat`` (and so ``SATCallback.on_init_end``) does it."""
+    before the engine is built, which is why ``apply_sat`` (and so ``SATCallback.on_init_end``) does it.
+
+    A leaf's gradients are reduced by a full backward hook on the block, which fires once the
+    gradients of the block's *positional* tensor inputs exist. Decoder layers call attention with
+    keywords only (``self_attn(hidden_states=...)``): with no positional input the hook fires
+    before the block's own backward, reduces and frees its parameters, and the projections'
+    gradients then meet empty shards (DeepSpeed 0.19.8, even without SAT). So each leaf block gets
+    a first pre-hook that passes ``hidden_states`` positionally.
+    """
     from transformers.integrations import deepspeed as hf_deepspeed
 
     if not hf_deepspeed.is_deepspeed_zero3_enabled():
@@ -242,7 +253,17 @@ def _mark_zero3_leaves(model: nn.Module, handle: SATHandle) -> None:
 
     classes = sorted({type(u.block) for u in handle.units}, key=lambda c: c.__name__)
     set_z3_leaf_modules(model, classes)
+    for unit in handle.units:
+        handle._zero3_hooks.append(unit.block.register_forward_pre_hook(_hidden_states_positional, with_kwargs=True, prepend=True))
     logger.info("sat_trainer: ZeRO-3 leaf modules set: %s", ", ".join(c.__name__ for c in classes))
+
+
+def _hidden_states_positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: ``block(hidden_states=x, ...)`` -> ``block(x, ...)`` (see :func:`_mark_zero3_leaves`)."""
+    if not args and "hidden_states" in kwargs:
+        kwargs = dict(kwargs)
+        return (kwargs.pop("hidden_states"),), kwargs
+    return None
 
 
 def _clear_slices_after_every_optimizer_step(handle_ref: weakref.ref) -> torch.utils.hooks.RemovableHandle:
