@@ -59,13 +59,15 @@ class SATCallback(TrainerCallback, ExportableState):
         self._frozen: list = []  # (tensor, dim, omitted indices, saved values) for omitted_update: freeze
         self._hook = None
         self.calibration: dict | None = None  # layer_rates auto: the calibration table
+        self._saved_scores: dict | None = None  # resumed: the checkpoint's score state, loaded once the model is patched
 
     # ---- ExportableState ------------------------------------------------------------------
 
     def state(self) -> dict:
         rate = self.handle.rate if self.handle is not None else 0.0
+        scores = self.handle.score_state() if self.handle is not None else None
         return {"args": {"config": self.config.to_dict()},
-                "attributes": {"draw_id": self.draw_id, "last_rate": rate, "calibration": self.calibration}}
+                "attributes": {"draw_id": self.draw_id, "last_rate": rate, "calibration": self.calibration, "scores": scores}}
 
     # ---- Trainer events -------------------------------------------------------------------
 
@@ -80,6 +82,9 @@ class SATCallback(TrainerCallback, ExportableState):
             raise RuntimeError("SATCallback needs the Trainer to pass the model to its callbacks")
         self._restore(state)
         self._attach(model)
+        if self._saved_scores:  # resumed: the scores the uninterrupted run would draw from
+            self.handle.load_score_state(self._saved_scores)
+            self._saved_scores = None
         if self.config.layer_rates == "auto":
             self._calibrate(model, args, kwargs.get("train_dataloader"))
         embeddings = model.get_input_embeddings()
@@ -166,6 +171,7 @@ class SATCallback(TrainerCallback, ExportableState):
         if state.global_step > 0 and self.draw_id == 0 and saved:
             self.draw_id = int(saved["attributes"]["draw_id"])
             self.calibration = saved["attributes"].get("calibration")
+            self._saved_scores = saved["attributes"].get("scores")
             if saved["args"]["config"] != self.config.to_dict():
                 logger.warning("sat_trainer: resuming with SAT settings that differ from the checkpoint's")
 

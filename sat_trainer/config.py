@@ -169,12 +169,15 @@ class SATConfig:
                   "batch size."},
     )
     activation_scores: str = field(
-        default="forward",
-        metadata={"help": "activation, MLP blocks: forward: the channels a draw keeps are scored from the outputs the "
-                  "training forward computes anyway (no extra matmul), and each draw re-measures a rotating "
-                  "1/remeasure_every of all channels on the token subsample, so an omitted channel's score is at most "
-                  "remeasure_every draws old; subsample: every draw measures every channel on the subsample (costs "
-                  "a subsample-sized forward of gate/up per block and draw). Attention is always scored on the subsample."},
+        default="subsample",
+        metadata={"help": "activation, MLP blocks: subsample: every draw measures every channel on a token subsample of "
+                  "the micro-batch about to run (a subsample-sized gate/up forward per block and draw), so the kept set "
+                  "follows the current input; forward: the kept channels are scored from the outputs the previous "
+                  "training forward computed (no extra matmul) and each draw re-measures only a rotating "
+                  "1/remeasure_every of the channels on the subsample. forward is cheaper but its scores are a batch "
+                  "or more old: on SmolLM2-135M CPT it cost +1.4-1.7% held-out loss where subsample cost +0.8% "
+                  "(docs/benchmarks.md). With omit_in backward the dense forward measures every channel and the draws "
+                  "score from it (issue 14's measured recipe). Attention is always scored on the subsample."},
     )
     remeasure_every: int = field(
         default=8,

@@ -64,19 +64,26 @@ def wanda(x: torch.Tensor, in_weights: list[torch.Tensor], n: int) -> torch.Tens
 
 
 def subsample_tokens(x: torch.Tensor, tokens: int, generator: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``tokens`` rows drawn without replacement from x's flattened tokens (all if fewer).
-
-    With a padding ``mask`` (1 real, 0 pad; flattened), real tokens are drawn first: the top
-    ``tokens`` of uniform noise plus the mask, so no data-dependent shape and no host sync."""
+    """``tokens`` rows drawn without replacement from x's flattened tokens (all if fewer); see :func:`sample_rows`."""
     flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] > tokens:
-        if mask is None:
-            rows = torch.randperm(flat.shape[0], generator=generator, device=flat.device)[:tokens]
-        else:
-            noise = torch.rand(flat.shape[0], generator=generator, device=flat.device)
-            rows = torch.topk(noise + mask.float(), tokens, sorted=False).indices
-        flat = flat.index_select(0, rows)
-    return flat
+    rows = sample_rows(flat.shape[0], tokens, generator, mask, flat.device)
+    return flat if rows is None else flat.index_select(0, rows)
+
+
+def sample_rows(
+    total: int, tokens: int, generator: torch.Generator, mask: torch.Tensor | None = None, device: torch.device | None = None
+) -> torch.Tensor | None:
+    """Indices of ``tokens`` of ``total`` flattened token rows, drawn without replacement (None: all,
+    when there are no more than ``tokens``). With a padding ``mask`` (1 real, 0 pad; flattened),
+    real tokens are drawn first: the top ``tokens`` of uniform noise plus the mask, so no
+    data-dependent shape and no host sync."""
+    if total <= tokens:
+        return None
+    device = device if device is not None else (mask.device if mask is not None else generator.device)
+    if mask is None:
+        return torch.randperm(total, generator=generator, device=device)[:tokens]
+    noise = torch.rand(total, generator=generator, device=device)
+    return torch.topk(noise + mask.float(), tokens, sorted=False).indices
 
 
 def maxip(

@@ -17,6 +17,7 @@ Examples:
     python scripts/benchmark.py --shape smollm2 --batch 4 --rates 0.5 0.75 --omit-in backward
     python scripts/benchmark.py --shape realistic --ladder-steps 40
     python scripts/benchmark.py --shape 1b --device cuda --precision bf16 --kernels liger --compile
+    python scripts/benchmark.py --table cpu --rates 0.25 0.5 --targets mlp both --warmup 1 --steps 5 --json docs/bench/issue15_cpu.jsonl
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
 }
 TARGETS = {"mlp": ["mlp"], "attention": ["attention"], "both": ["mlp", "attention"]}
+# --table cpu: every (shape, batch x seq) configuration of the CPU table, each at --rates x --targets
+TABLES = {"cpu": [(shape, batch, 256) for shape in ("smollm2", "realistic") for batch in (2, 4, 16)]}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "autocast": torch.float32}  # autocast: fp32 weights, bf16 compute
 DEFAULT_TARGETS = next(name for name, blocks in TARGETS.items() if blocks == SATConfig().targets)
 
@@ -307,7 +310,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--ladder-steps", type=int, default=0, help="also time a whole ladder run of this many steps")
     p.add_argument("--memory", action="store_true", help="also measure peak memory per variant (separate processes)")
-    p.add_argument("--json", help="append result rows to this JSON-lines file")
+    p.add_argument("--table", choices=sorted(TABLES), help="cpu: SmolLM2-135M's and the realistic shape at 512, 1024 and 4096 "
+                   "tokens per step (batch 2, 4, 16 x 256), each at --rates x --targets (overrides --shape/--batch/--seq)")
+    p.add_argument("--json", help="append result rows to this JSON-lines file (each row as it finishes)")
     p.add_argument("--plot", help="write a PNG of measured and ideal speedup against omission rate, per target")
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     return p
@@ -340,33 +345,41 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_child:
         return memory_child(args, json.loads(args.memory_child))
 
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {describe(args)}, fused AdamW")
-    print(TABLE_HEAD)
+    configurations = TABLES[args.table] if args.table else [(args.shape, args.batch, args.seq)]
     results = []
-    for targets in args.targets:
-        for rate in args.rates:
-            row = compare(args, targets, rate)
-            results.append(asdict(row))
-            print(format_row(row), flush=True)
-            if args.memory:
-                dense_mb, sat_mb = peak_memory(args, targets, None), peak_memory(args, targets, rate)
-                results[-1].update(dense_peak_mib=dense_mb, sat_peak_mib=sat_mb)
-                print(f"|   peak memory | | dense {dense_mb:.0f} MiB | SAT {sat_mb:.0f} MiB | | | | | |", flush=True)
-        if args.ladder_steps:
-            lad = ladder(args, targets)
-            results.append(lad)
-            print(format_ladder(lad), flush=True)
+    for args.shape, args.batch, args.seq in configurations:
+        print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {describe(args)}, fused AdamW")
+        print(TABLE_HEAD)
+        for targets in args.targets:
+            for rate in args.rates:
+                measured = compare(args, targets, rate)
+                print(format_row(measured), flush=True)
+                row = asdict(measured)
+                if args.memory:
+                    dense_mb, sat_mb = peak_memory(args, targets, None), peak_memory(args, targets, rate)
+                    row.update(dense_peak_mib=dense_mb, sat_peak_mib=sat_mb)
+                    print(f"|   peak memory | | dense {dense_mb:.0f} MiB | SAT {sat_mb:.0f} MiB | | | | | |", flush=True)
+                results.append(row)
+                write_row(args, row)
+            if args.ladder_steps:
+                lad = ladder(args, targets)
+                results.append(lad)
+                write_row(args, lad)
+                print(format_ladder(lad), flush=True)
     if args.plot:
         plot([r for r in results if "rate" in r], args)
+
+
+def write_row(args, row: dict) -> None:
+    """Append one result to ``--json`` as soon as it is measured: a long table keeps what it finished."""
     if args.json:
         with open(args.json, "a") as f:
-            for r in results:
-                f.write(json.dumps({**r, **context(args)}) + "\n")
+            f.write(json.dumps({**row, **context(args)}) + "\n")
 
 
 def context(args) -> dict:
     """What a JSON row needs besides its numbers to be reproduced."""
-    return {"device": args.device, "precision": args.precision, "kernels": args.kernels, "compile": args.compile,
+    return {"shape": args.shape, "device": args.device, "precision": args.precision, "kernels": args.kernels, "compile": args.compile,
             "batch": args.batch, "seq": args.seq, "metric": args.metric, "selection": args.selection, "dense_layers": args.dense_layers}
 
 

@@ -111,7 +111,7 @@ def test_forward_scores_refresh_the_kept_channels_and_remeasure_a_window(monkeyp
     real = importance.mlp_hidden
     monkeypatch.setattr(importance, "mlp_hidden", lambda t, w, *a: rows.append(w[0].shape[0]) or real(t, w, *a))
     model = build("llama")  # 96 MLP channels, 2 layers
-    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], remeasure_every=4))
+    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_scores="forward", remeasure_every=4))
     model.train()
     handle.set_rate(0.5)
     unit = handle.units[0]
@@ -132,7 +132,7 @@ def test_forward_scores_are_what_the_next_draw_keeps():
     RMS is that forward's own for the channels it kept, freshly measured for the first window
     (here on all tokens), and stored for the rest."""
     model = build("llama")
-    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_tokens=1000))
+    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_scores="forward", activation_tokens=1000))
     model.train()
     handle.set_rate(0.5)
     unit = handle.units[0]
@@ -158,7 +158,7 @@ def test_subsample_scores_measure_every_channel_each_draw(monkeypatch):
     real = importance.mlp_hidden
     monkeypatch.setattr(importance, "mlp_hidden", lambda t, w, *a: rows.append(w[0].shape[0]) or real(t, w, *a))
     model = build("llama")
-    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_scores="subsample"))
+    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"]))  # activation_scores subsample, the default
     model.train()
     handle.set_rate(0.5)
     for step in range(3):
@@ -312,3 +312,30 @@ def _masked_loss(model, handle, ids):
 def test_mean_compensation_needs_a_sparse_forward_and_the_activation_metric(bad):
     with pytest.raises(SATError, match="compensation"):
         SATConfig(compensation="mean", **bad)
+
+
+def test_score_state_survives_a_checkpoint_round_trip():
+    """A resumed run must draw what the uninterrupted one draws: the scores carried between draws
+    (forward-measured RMS, the window position) go through the trainer state's JSON and back."""
+    import json
+
+    model = build("llama")
+    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_scores="forward", remeasure_every=3))
+    model.train()
+    handle.set_rate(0.5)
+    with torch.no_grad():
+        for step in range(2):
+            handle.new_step()
+            model(batch(seed=step))
+        state = json.loads(json.dumps(handle.score_state()))
+        draw = handle.draw_id
+        handle.new_step()
+        model(batch(seed=2))
+        uninterrupted = handle.kept()
+        handle.reset_draws()  # what a fresh process has
+        handle.load_score_state(state)
+        handle.draw_id = draw
+        handle.new_step()
+        model(batch(seed=2))
+    assert all(torch.equal(handle.kept()[name], kept) for name, kept in uninterrupted.items())
+    assert handle.units[0]._window == state["model.layers.0.mlp"]["window"] + 1

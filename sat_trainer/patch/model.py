@@ -89,6 +89,16 @@ class SATHandle:
         for unit in self.units:
             unit.reset_draws()
 
+    def score_state(self) -> dict[str, dict]:
+        """{block name: what its scores carry between draws} (see ``BlockUnit.score_state``)."""
+        return {u.name: u.score_state() for u in self.units}
+
+    def load_score_state(self, state: dict[str, dict]) -> None:
+        """Put back a :meth:`score_state` (a resumed run); blocks it does not name keep theirs."""
+        for unit in self.units:
+            if unit.name in state:
+                unit.load_score_state(state[unit.name])
+
     def new_step(self) -> None:
         """The next forward draws a new kept set; until then every forward reuses the current one."""
         self.draw_id += 1
