@@ -80,6 +80,12 @@ class SATCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs):
         if model is None:
             raise RuntimeError("SATCallback needs the Trainer to pass the model to its callbacks")
+        if self.config.omitted_update == "freeze" and getattr(args, "deepspeed", None):
+            raise SATError(
+                "omitted_update 'freeze' cannot run under DeepSpeed: accelerate runs the DeepSpeed engine's optimizer "
+                "step inside backward, before on_pre_optimizer_step could save the omitted weights (and under ZeRO-3 "
+                "they are empty shards outside forward); use omitted_update 'optimizer'"
+            )
         self._restore(state)
         self._attach(model)
         if self._saved_scores:  # resumed: the scores the uninterrupted run would draw from

@@ -158,3 +158,16 @@ def test_omitted_update_modes(tmp_path, mode):
         frozen = torch.equal(gate1[omitted], gate0[omitted]) and torch.equal(o1[:, head_cols], o0[:, head_cols])
         # with "optimizer", weight decay (and momentum from step 2 on) moves omitted rows too
         assert frozen == (mode == "freeze"), (step, mode)
+
+
+def test_omitted_update_freeze_is_refused_under_deepspeed():
+    """accelerate steps a DeepSpeed engine inside backward, before on_pre_optimizer_step: freeze
+    would save weights that already moved, so it is refused by name instead of doing nothing."""
+    from types import SimpleNamespace
+
+    from sat_trainer import SATError
+
+    callback = SATCallback(sat_config(omitted_update="freeze"))
+    args = SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}})
+    with pytest.raises(SATError, match="omitted_update 'freeze' cannot run under DeepSpeed"):
+        callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(), model=build("llama"))
