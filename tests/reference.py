@@ -83,14 +83,39 @@ def _weight_gradient_hooks(modules: dict, unit, target: nn.Module, mask: torch.T
             features = in_features(layer) if side == "columns" else out_major_weight(layer).shape[0]
             if features % unit.n or (side == "columns" and features != mask.numel()):
                 continue
-            parts = unit.shape.fused_parts if side == "rows" else 1  # a fused input: [gate | up], each part per unit
-            m = per_unit.repeat_interleave(features // (unit.n * parts)).repeat(parts)
+            m = _row_mask(unit, modules, per_unit, features) if side == "rows" else per_unit.repeat_interleave(features // unit.n)
             along_in = side == "columns"
             shaped = m if along_in != isinstance(layer, Conv1D) else m.unsqueeze(1)  # Conv1D stores (in, out)
             hooks.append(layer.weight.register_hook(lambda grad, s=shaped: grad * s))
             if side == "rows" and layer.bias is not None:
                 hooks.append(layer.bias.register_hook(lambda grad, s=m: grad * s))
     return hooks
+
+
+def _row_mask(unit, modules: dict, per_unit: torch.Tensor, features: int) -> torch.Tensor:
+    """The kept-row mask of an input projection with ``features`` rows: per unit, over each of its
+    segments (a fused input: [gate | up], or [q | k | v] sized by the reference block's own head
+    counts). query_head units omit query heads only: a fused k and v are kept whole."""
+    segments = unit.shape.fused
+    if not segments:
+        sizes = [features]
+    elif segments[0].heads is None:
+        sizes = [features // len(segments)] * len(segments)
+    else:
+        (block,) = [m for n, m in modules.items() if n == unit.name or n.endswith("." + unit.name)]  # unpatched: dense counts
+        sizes = [_attribute(block, s.heads) * block.head_dim for s in segments]
+    assert sum(sizes) == features, (unit.name, sizes, features)
+    masks = [
+        per_unit.repeat_interleave(size // unit.n) if i == 0 or not unit.query_heads else torch.ones(size)
+        for i, size in enumerate(sizes)
+    ]
+    return torch.cat(masks)
+
+
+def _attribute(obj, path: str) -> int:
+    for attr in path.split("."):
+        obj = getattr(obj, attr)
+    return int(obj)
 
 
 def _mask_of(unit, handle) -> tuple[torch.Tensor, bool]:

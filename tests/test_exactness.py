@@ -14,9 +14,11 @@ from tiny import ALL_FAMILY_CONFIGS, FAMILY_CONFIGS, LLAMA_STYLE_ATTENTION, MORE
 from sat_trainer import apply_sat, remove_sat
 from sat_trainer.patch.registry import FAMILIES, supported_model_types
 
-# The first nine families and Phi-3's fused gate_up_proj run every metric and omit_in mode;
+# The first nine families and Phi-3 (fused gate_up_proj and qkv_proj) run every metric and omit_in mode;
 # every registry entry runs test_every_registered_family_matches_masked_reference.
-CASES = [(f, "eager") for f in [*FAMILY_CONFIGS, "phi3"]] + [(f, "sdpa") for f in LLAMA_STYLE_ATTENTION if f not in NO_SDPA]
+CASES = [(f, "eager") for f in [*FAMILY_CONFIGS, "phi3"]] + [
+    (f, "sdpa") for f in [*LLAMA_STYLE_ATTENTION, "phi3"] if f not in NO_SDPA
+]
 
 
 @pytest.mark.parametrize("family,attn", CASES, ids=[f"{f}-{a}" for f, a in CASES])
@@ -25,7 +27,8 @@ def test_sliced_equals_masked_dense(family, attn, metric):
     model = build(family, attn)
     handle = _assert_matches_masked_reference(model, metric=metric)
     kinds = {u.kind for u in handle.units}
-    assert kinds == ({"mlp", "attention"} if family in LLAMA_STYLE_ATTENTION else {"mlp"})
+    assert kinds == {s.kind for s in FAMILIES[family]}
+    assert ("attention" in kinds) == (family in [*LLAMA_STYLE_ATTENTION, "phi3"])
     assert all(u.k() < u.n for u in handle.units)
     remove_sat(model)
 
@@ -174,6 +177,24 @@ def test_query_head_unit_equals_masked_dense_and_keeps_kv_dense(family, attn):
     assert all(u.block.num_key_value_groups == 2 for u in attention)
     remove_sat(model)
     assert all(u.block.num_key_value_groups == 2 for u in attention)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_phi3_fused_qkv_query_head_unit_slices_q_only_and_keeps_kv_whole(attn):
+    """Phi-3 with ``attention_unit: query_head``: the fused qkv_proj computes the kept query heads'
+    rows and every k and v row ([q_kept | k | v]); exact against the masked reference, and while
+    sparse the block reads the kept query-head count and its own KV-head count."""
+    model = build("phi3", attn)
+    handle = _assert_matches_masked_reference(model, metric="activation", attention_unit="query_head")
+    for unit in (u for u in handle.units if u.kind == "attention"):
+        heads = unit.kept_query_or_channels()  # one of the 2 query heads of each of the 4 KV groups
+        assert torch.equal(heads.div(2, rounding_mode="floor"), torch.arange(4)), unit.name
+        block = unit.block
+        assert (block.config.num_attention_heads, block.num_key_value_heads, block.num_key_value_groups) == (4, 4, 1)
+        kv_rows = block.qkv_proj.weight.grad[8 * 16 :]  # after the 8 query heads of head_dim 16: every k and v row
+        assert torch.count_nonzero(kv_rows.abs().sum(1)) == 2 * 4 * 16
+    assert model.config.num_attention_heads == 8 and model.config.num_key_value_heads == 4
+    remove_sat(model)
 
 
 def _sft_batch(size: int = 2, length: int = 16):

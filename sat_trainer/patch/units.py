@@ -13,13 +13,21 @@ see :func:`sat_trainer.patch.model.apply_sat`, since a draw reads all its projec
 The kept set is drawn once per draw number (see :class:`sat_trainer.patch.model.SATHandle`) by
 whichever input projection runs first, and reused by every later call with the same number:
 the output projection, the other micro-batches of the step and gradient-checkpoint recompute.
+
+A fused input projection (registry ``BlockShape.fused``) is laid out in *parts*, one per segment
+(gate, up; q, k, v), each sliced per unit like an unfused input, so its kept output is each
+segment's kept rows, segment after segment. A fused attention block splits that output at
+offsets it computes from head-count attributes (Phi-3: ``config.num_attention_heads`` and
+``num_key_value_heads``); while sparse those read the kept counts (:class:`_HeadCounts`).
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import functools
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -77,6 +85,7 @@ class BlockUnit:
         self._mean_hidden: torch.Tensor | None = None
         self.compensation: torch.Tensor | None = None
         self._kv_groups_attr = getattr(block, "num_key_value_groups", None)  # query_head units change it while sparse
+        self._head_counts = _HeadCounts(name, block, shape)  # a fused attention block's split counts, kept ones while sparse
         self._saved_forwards: list[tuple[nn.Module, Callable | None]] = []
         self._drawn_for: tuple[int, int] | None = None
         self._scores_cache: torch.Tensor | None = None  # reused for score_every draws
@@ -100,17 +109,31 @@ class BlockUnit:
         out = projections[self.shape.output]
         self.inputs = [p.base for p in ins]
         self.output = out.base
-        self.values = projections[self.shape.inputs[2]].base if self.kind == "attention" else None
         self._in_members = self.inputs + [m for p in ins for m in p.lora_out]
         self._out_members = [out.base, *out.lora_in]
         self.n, self.heads_per_unit, self.groups = 0, 1, 1
+        self._logical: list[tuple[nn.Module, _Part]] = []
+        self._parts: tuple[_Part, ...] = ()
         if self.fallback is None:
-            all_inputs = [projections[a].base for a in self.shape.inputs]
-            self.n, self.heads_per_unit, self.groups = _unit_layout(self.name, self.shape, self.block, all_inputs, self.query_heads)
-            for member in self._in_members:
-                _check_divisible(self.name, member, out_features(member), self.n * self.shape.fused_parts)
-            for member in self._out_members:
-                _check_divisible(self.name, member, in_features(member), self.n)
+            self._logical = self._split_logical_inputs([projections[a].base for a in self.shape.inputs])
+            sizes = [part.size for _, part in self._logical]
+            self.n, self.heads_per_unit, self.groups = _unit_layout(self.name, self.shape, self.block, sizes, self.query_heads)
+            # a fused input's parts: its segments; query_head units slice q only, so k and v stay whole
+            self._parts = tuple(_Part(p.start, p.size, i == 0 or not self.query_heads) for i, (_, p) in enumerate(self._logical))
+            for member, side in self._members_with_side():
+                for part in self._layout(member, side)[1]:
+                    if part.sliced:
+                        _check_divisible(self.name, member, part.size, self.n)
+
+    def _split_logical_inputs(self, bases: list[nn.Module]) -> list[tuple[nn.Module, _Part]]:
+        """The block's logical input projections (gate, up; q, k, v) as (base layer, its rows):
+        each unfused input whole, or each segment of the fused one."""
+        if not self.shape.fused:
+            return [(base, _Part(0, out_features(base))) for base in bases]
+        (base,) = bases
+        sizes = self._head_counts.segment_sizes(out_features(base))
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [(base, _Part(start, size)) for start, size in zip(starts, sizes)]
 
     def members(self) -> list[nn.Module]:
         return self._in_members + self._out_members
@@ -128,6 +151,7 @@ class BlockUnit:
 
     def unpatch(self) -> None:
         self._set_query_heads_per_group(None)
+        self._head_counts.set(None)
         for proj, previous in reversed(self._saved_forwards):
             del proj.forward
             if previous is not None:
@@ -201,11 +225,18 @@ class BlockUnit:
             self._drawer = member
         sparse = self.is_sparse()
         # omit_in backward/weight_gradient: the forward is dense, so the block keeps its own GQA repeat count
-        self._set_query_heads_per_group(self.k() // self.groups if sparse and not self.backward_only else None)
+        # and head counts
+        sliced_forward = sparse and not self.backward_only
+        self._set_query_heads_per_group(self.k() // self.groups if sliced_forward else None)
+        self._head_counts.set(self._kept_rows() if sliced_forward else None)
         if sparse:
             key = (self._handle.draw_id, self.k())
             if self._drawn_for != key:
                 self._draw(x, key)
+
+    def _kept_rows(self) -> list[int]:
+        """Rows of each fused segment the sliced forward computes at the current kept count."""
+        return [part.size // self.n * self.k() if part.sliced else part.size for part in self._parts]
 
     def output_index(self, member: nn.Module) -> torch.Tensor | None:
         """Kept input features of output-side ``member`` (drawn by the input side)."""
@@ -224,6 +255,7 @@ class BlockUnit:
         self._rms = self._out_norms = self._mean_hidden = None
         self._window = 0
         self.slices.clear()
+        self._head_counts.forget_copies()
 
     # ---- what a resumed run needs to draw what the uninterrupted one would -------------------
 
@@ -253,12 +285,14 @@ class BlockUnit:
         members with their bias entries, its columns of the output members), in float32."""
         total = torch.zeros(self.n, device=self.inputs[0].weight.device)
         for member, input_side in self._members_with_side():
-            dim, _, parts = self._layout(member, input_side)
+            dim, parts = self._layout(member, input_side)
             grads = [(member.weight.grad, dim)] + ([(member.bias.grad, 0)] if input_side and member.bias is not None else [])
             for grad, d in grads:
                 if grad is not None:
                     per_feature = grad.float().square().sum(dim=1 - d) if grad.dim() == 2 else grad.float().square()
-                    total += per_feature.reshape(parts, self.n, -1).sum((0, 2))
+                    for part in parts:
+                        if part.sliced:
+                            total += per_feature[part.start : part.start + part.size].reshape(self.n, -1).sum(1)
         return total
 
     def omitted_parameters(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
@@ -272,8 +306,8 @@ class BlockUnit:
         omitted_units = mask.nonzero().squeeze(1)
         out = []
         for member, input_side in self._members_with_side():
-            dim, chunk, parts = self._layout(member, input_side)
-            idx = _expand(omitted_units, chunk, parts, self.n).to(member.weight.device)
+            dim, parts = self._layout(member, input_side)
+            idx = _feature_index(omitted_units, parts, self.n, whole_unsliced=False).to(member.weight.device)
             if member.weight.requires_grad:
                 out.append((member.weight, dim, idx))
             if input_side and member.bias is not None and member.bias.requires_grad:
@@ -283,12 +317,13 @@ class BlockUnit:
     def _members_with_side(self) -> list[tuple[nn.Module, bool]]:
         return [(m, True) for m in self._in_members] + [(m, False) for m in self._out_members]
 
-    def _layout(self, member: nn.Module, input_side: bool) -> tuple[int, int, int]:
-        """(sliced weight dim, features each unit owns per part, parts) of ``member``: a fused
-        input projection (and its ``lora_B``) holds ``fused_parts`` parts, the output side one."""
-        parts = self.shape.fused_parts if input_side else 1
-        dim, chunk = _sliced_dim_and_chunk(member, input_side, self.n * parts)
-        return dim, chunk, parts
+    def _layout(self, member: nn.Module, input_side: bool) -> tuple[int, tuple[_Part, ...]]:
+        """(sliced weight dim, parts of that dim) of ``member``: a fused input projection (and its
+        ``lora_B``, which writes the same rows) holds its segments, any other member one part."""
+        dim = _sliced_dim(member, input_side)
+        if input_side and self.shape.fused:
+            return dim, self._parts
+        return dim, (_Part(0, out_features(member) if input_side else in_features(member)),)
 
     def kept_query_or_channels(self) -> torch.Tensor:
         """Kept MLP channel indices, or kept query-head indices for attention (on the CPU: a host
@@ -318,8 +353,7 @@ class BlockUnit:
         self.slices.clear()
         self._index = {}
         for member, side in self._members_with_side():
-            _, chunk, parts = self._layout(member, side)
-            self._index[member] = _expand(kept, chunk, parts, self.n)
+            self._index[member] = _feature_index(kept, self._layout(member, side)[1], self.n)
 
     def observe(self, h: torch.Tensor) -> None:
         """Refresh the RMS (and, with compensation, the mean) of the channels whose outputs ``h`` the
@@ -383,9 +417,9 @@ class BlockUnit:
         if self.kind == "mlp":
             return self._activation_mlp_scores(x, mask, size, generator)
         sample = importance.subsample_tokens(x, size, generator, mask)
-        values = out_major_weight(self.values)
+        values, value_bias = self._logical_weight(2)  # v_proj, or the v segment of a fused qkv_proj
         kv_groups = self.groups if self.query_heads else self.n
-        return importance.activation_attention(sample, values, self.values.bias, out_major_weight(self.output), kv_groups, self.query_heads)
+        return importance.activation_attention(sample, values, value_bias, out_major_weight(self.output), kv_groups, self.query_heads)
 
     def _activation_mlp_scores(self, x: torch.Tensor, mask: torch.Tensor | None, size: int, generator: torch.Generator | None) -> torch.Tensor:
         """The activation scores of every channel: its output RMS times its down column's norm.
@@ -424,14 +458,17 @@ class BlockUnit:
         return slice(start, min(start + size, self.n))
 
     def _logical_inputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Out-major weights and biases of the unfused inputs: a fused projection's parts are
-        views of its weight (gate, then up), so every metric scores it like separate projections."""
-        parts = self.shape.fused_parts
-        weights, biases = [], []
-        for p in self.inputs:
-            weights += out_major_weight(p).chunk(parts, 0)
-            biases += [None] * parts if p.bias is None else p.bias.chunk(parts, 0)
-        return weights, biases
+        """Out-major weights and biases of the sliced logical inputs (gate, up; q, k, v; query_head
+        units: q only): a fused projection's segments are views of its weight, so every metric
+        scores it like separate projections."""
+        pairs = [self._logical_weight(i) for i in range(1 if self.query_heads else len(self._logical))]
+        return [w for w, _ in pairs], [b for _, b in pairs]
+
+    def _logical_weight(self, position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Out-major weight rows and bias entries (views) of logical input ``position`` (q, k, v: 0, 1, 2)."""
+        base, part = self._logical[position]
+        rows = slice(part.start, part.start + part.size)
+        return out_major_weight(base)[rows], None if base.bias is None else base.bias[rows]
 
 
 def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -485,37 +522,60 @@ def _draws_random(cfg) -> bool:
     return cfg.metric in ("uniform", "maxip", "activation") or cfg.selection == "sampling"
 
 
-def _expand(kept: torch.Tensor, chunk: int, parts: int = 1, n: int = 0) -> torch.Tensor:
-    """Unit indices -> feature indices, each unit owning ``chunk`` contiguous features of each of
-    ``parts`` parts of ``n * chunk`` features (a fused projection): part after part, so the
-    kept features of each part stay contiguous (``[gate_kept | up_kept]``) for the block's split."""
-    idx = kept if chunk == 1 else (kept.unsqueeze(1) * chunk + torch.arange(chunk, device=kept.device)).reshape(-1)
-    if parts == 1:
-        return idx
-    return torch.cat([idx + part * n * chunk for part in range(parts)])
+@dataclass(frozen=True)
+class _Part:
+    """``size`` features of a member's sliced dim from ``start`` (one segment of a fused input, or
+    all of them): each of the ``n`` units owns ``size // n`` contiguous ones, or, not ``sliced``
+    (a fused qkv's k and v under query_head units), the part is kept whole."""
+
+    start: int
+    size: int
+    sliced: bool = True
 
 
-def _sliced_dim_and_chunk(member: nn.Module, input_side: bool, n: int) -> tuple[int, int]:
-    """The weight dim SAT slices (outputs on the input side, inputs on the output side; Conv1D
-    stores ``(in, out)``) and how many features of it each of the ``n`` units owns."""
+def _expand(kept: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Unit indices -> feature indices, each unit owning ``chunk`` contiguous features."""
+    return kept if chunk == 1 else (kept.unsqueeze(1) * chunk + torch.arange(chunk, device=kept.device)).reshape(-1)
+
+
+def _feature_index(units: torch.Tensor, parts: tuple[_Part, ...], n: int, whole_unsliced: bool = True) -> torch.Tensor:
+    """Unit indices -> feature indices of a member laid out in ``parts``: part after part, so each
+    segment's kept features stay contiguous (``[gate_kept | up_kept]``, ``[q_kept | k_kept | v_kept]``)
+    for the block's own split; an unsliced part whole (kept features) or not at all (omitted ones)."""
+    pieces = []
+    for part in parts:
+        if part.sliced:
+            idx = _expand(units, part.size // n)
+            pieces.append(idx + part.start if part.start else idx)
+        elif whole_unsliced:
+            pieces.append(torch.arange(part.start, part.start + part.size, device=units.device))
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat(pieces) if pieces else units.new_empty(0)
+
+
+def _sliced_dim(member: nn.Module, input_side: bool) -> int:
+    """The weight dim SAT slices: outputs on the input side, inputs on the output side (Conv1D stores ``(in, out)``)."""
     conv = isinstance(member, Conv1D)
-    if input_side:
-        return (1 if conv else 0), out_features(member) // n
-    return (0 if conv else 1), in_features(member) // n
+    return (1 if conv else 0) if input_side else (0 if conv else 1)
 
 
-def _unit_layout(
-    name: str, shape: BlockShape, block: nn.Module, inputs: list[nn.Module], query_heads: bool
-) -> tuple[int, int, int]:
-    """(number of units, query heads per unit, groups the units split into evenly): channels for
-    MLPs; KV groups for attention, or query heads in KV groups for ``attention_unit: query_head``."""
-    if shape.kind == "mlp":
-        return out_features(inputs[0]) // shape.fused_parts, 1, 1
+def _head_dim(name: str, block: nn.Module) -> int:
     head_dim = getattr(block, "head_dim", None)
     if not isinstance(head_dim, int) or head_dim <= 0:
         raise SATError(f"{name}: attention module has no integer 'head_dim' attribute; cannot find its heads")
-    q_heads = out_features(inputs[0]) // head_dim
-    kv_heads = out_features(inputs[1]) // head_dim
+    return head_dim
+
+
+def _unit_layout(name: str, shape: BlockShape, block: nn.Module, sizes: list[int], query_heads: bool) -> tuple[int, int, int]:
+    """(number of units, query heads per unit, groups the units split into evenly) from the logical
+    inputs' output sizes: channels for MLPs; KV groups for attention (q, k, v), or query heads in
+    KV groups for ``attention_unit: query_head``."""
+    if shape.kind == "mlp":
+        return sizes[0], 1, 1
+    head_dim = _head_dim(name, block)
+    q_heads = sizes[0] // head_dim
+    kv_heads = sizes[1] // head_dim
     if kv_heads == 0 or q_heads % kv_heads:
         raise SATError(f"{name}: {q_heads} query heads do not split into {kv_heads} KV groups")
     return (q_heads, 1, kv_heads) if query_heads else (kv_heads, q_heads // kv_heads, 1)
@@ -524,3 +584,92 @@ def _unit_layout(
 def _check_divisible(name: str, proj: nn.Module, features: int, n: int) -> None:
     if features % n:
         raise SATError(f"{name}: projection {type(proj).__name__} has {features} features, not a multiple of {n} units")
+
+
+class _HeadCounts:
+    """The head-count attributes a fused attention block's forward splits its fused output by
+    (registry ``Segment.heads``; Phi-3: ``config.num_attention_heads``, ``num_key_value_heads``).
+
+    Their dense values size the segments. While the block runs sliced they must read the kept
+    counts, or the block would split ``[q_kept | k_kept | v_kept]`` at the dense offsets; they are
+    set on this block instance only: a plain attribute directly, a dotted one (``config.x``) on a
+    shallow copy of the object it lives in, so the model's shared config (read by every other
+    layer, saved with the model) is never written. ``set(None)`` puts the block's own objects back.
+    Copies are made once per kept count (a new object per step would make ``torch.compile`` guard
+    on a new config each step) and dropped with the block's draws (``reset_draws``)."""
+
+    def __init__(self, name: str, block: nn.Module, shape: BlockShape):
+        self.name, self.block, self.shape = name, block, shape
+        self.paths = list(dict.fromkeys(s.heads for s in shape.fused if s.heads is not None))
+        self.dense = {p: _read_path(name, block, p) for p in self.paths}
+        self._originals = {root: getattr(block, root) for root in {p.split(".")[0] for p in self.paths}}
+        self._copies: dict[tuple[int, ...], dict[str, object]] = {}
+
+    def segment_sizes(self, features: int) -> list[int]:
+        """Output rows of each segment of the fused input projection, which has ``features``."""
+        segments = self.shape.fused
+        if not self.paths:  # equal shares ([gate | up])
+            if features % len(segments):
+                raise SATError(f"{self.name}: fused {self.shape.inputs[0]} has {features} output features, not {len(segments)} equal parts")
+            return [features // len(segments)] * len(segments)
+        head_dim = _head_dim(self.name, self.block)
+        sizes = [self.dense[s.heads] * head_dim for s in segments]
+        if sum(sizes) != features:
+            described = " + ".join(f"{s.name}: {s.heads}={self.dense[s.heads]} x head_dim {head_dim}" for s in segments)
+            raise SATError(f"{self.name}: fused {self.shape.inputs[0]} has {features} output features, but its segments ({described}) sum to {sum(sizes)}")
+        return sizes
+
+    def set(self, kept_rows: list[int] | None) -> None:
+        """While sliced, each segment's attribute reads its kept rows' head count; None: the dense values."""
+        if not self.paths:
+            return
+        if kept_rows is None:
+            for root, original in self._originals.items():
+                if self.block.__dict__.get(root) is not original:
+                    setattr(self.block, root, original)
+            return
+        counts = self._kept_counts(kept_rows)
+        key = tuple(counts[p] for p in self.paths)
+        if key not in self._copies:
+            self._copies[key] = self._replaced_roots(counts)
+        for root, value in self._copies[key].items():
+            setattr(self.block, root, value)
+
+    def forget_copies(self) -> None:
+        self._copies.clear()
+
+    def _kept_counts(self, kept_rows: list[int]) -> dict[str, int]:
+        head_dim = _head_dim(self.name, self.block)
+        counts: dict[str, int] = {}
+        for segment, rows in zip(self.shape.fused, kept_rows):
+            if counts.setdefault(segment.heads, rows // head_dim) != rows // head_dim:
+                raise SATError(f"{self.name}: segments sharing {segment.heads!r} would keep different head counts")
+        return counts
+
+    def _replaced_roots(self, counts: dict[str, int]) -> dict[str, object]:
+        """{root attribute: its value with the kept counts}: an int, or a shallow copy of the original object."""
+        roots: dict[str, object] = dict(self._originals)
+        for path, count in counts.items():
+            root, *rest = path.split(".")
+            roots[root] = _with_attribute(roots[root], rest, count) if rest else count
+        return roots
+
+
+def _read_path(name: str, block: nn.Module, path: str) -> int:
+    """The head count at attribute ``path`` of ``block``; raises naming the block if it has none."""
+    value: object = block
+    for attr in path.split("."):
+        if not hasattr(value, attr):
+            raise SATError(f"{name}: {type(block).__name__} has no {path!r}, the head count its fused input is split by")
+        value = getattr(value, attr)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SATError(f"{name}: {type(block).__name__}.{path} is {value!r}, not a head count")
+    return value
+
+
+def _with_attribute(obj: object, path: list[str], value: int) -> object:
+    """A shallow copy of ``obj`` whose attribute ``path`` is ``value`` (objects on the path copied too)."""
+    new = copy.copy(obj)
+    head, *rest = path
+    setattr(new, head, _with_attribute(getattr(obj, head), rest, value) if rest else value)
+    return new
