@@ -66,6 +66,24 @@ def test_activation_attention_is_value_through_output_norm_per_kv_group():
     torch.testing.assert_close(unit._scores(x, torch.Generator().manual_seed(0)), torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_activation_attention_of_a_fused_qkv_reads_its_value_rows():
+    """Phi-3's qkv_proj holds [q | k | v] (8, 4, 4 heads of head_dim 16): a KV group is scored by
+    its value rows (the last 64) through o_proj, as v_proj would be."""
+    model = build("phi3")
+    attn = model.model.layers[0].self_attn
+    x = _block_inputs(model, ["model.layers.0.self_attn.qkv_proj"])["model.layers.0.self_attn.qkv_proj"]
+    tokens = x.reshape(-1, x.shape[-1])
+    with torch.no_grad():
+        values = attn.qkv_proj(tokens)[:, (8 + 4) * 16 :].reshape(-1, 4, 16)
+        expected = []
+        for g in range(4):
+            written = [values[:, g] @ attn.o_proj.weight[:, h * 16 : (h + 1) * 16].t() for h in (2 * g, 2 * g + 1)]
+            expected.append(torch.cat(written, 1).norm())
+    handle = apply_sat(model, sat_config(metric="activation", targets=["attention"], activation_tokens=1000))
+    unit = next(u for u in handle.units if u.name == "model.layers.0.self_attn")
+    torch.testing.assert_close(unit._scores(x, torch.Generator().manual_seed(0)), torch.stack(expected), rtol=1e-5, atol=1e-6)
+
+
 def test_activation_metric_omits_a_channel_that_writes_nothing():
     model = build("llama")
     with torch.no_grad():

@@ -162,3 +162,23 @@ def test_lora_on_phi3_fused_gate_up_projection_is_exact(omit_in):
     assert lora_b.shape[0] == 2 * 96
     for half in (lora_b[:96], lora_b[96:]):  # gate rows, then up rows
         assert torch.count_nonzero(half[omitted]) == 0 and torch.count_nonzero(half[~omitted]) > 0
+
+
+@pytest.mark.parametrize("omit_in", ["forward_backward", "backward", "weight_gradient"])
+def test_lora_on_phi3_fused_qkv_projection_is_exact(omit_in):
+    """Phi-3's qkv_proj under LoRA: the base rows and lora_B rows of each kept KV group in each of
+    the three unequal segments ([q | k | v]: 8, 4, 4 heads of head_dim 16) are kept together;
+    omitted groups' lora_B rows get no gradient in any segment."""
+    model = _lora(build("phi3"), ["gate_up_proj", "down_proj", "qkv_proj", "o_proj"])
+    reference = copy.deepcopy(model)
+    handle = sparse(model, omit_in=omit_in)
+    grads = _assert_exact(model, reference, handle, batch())
+    name = "base_model.model.model.layers.0.self_attn"
+    omitted = torch.ones(4, dtype=torch.bool)
+    omitted[handle.kept()[name].div(2, rounding_mode="floor")] = False  # query heads -> their KV groups
+    assert int(omitted.sum()) == 2
+    lora_b = grads[f"{name}.qkv_proj.lora_B.default.weight"]
+    assert lora_b.shape[0] == (8 + 4 + 4) * 16
+    q, k, v = lora_b[:128].reshape(4, 32, -1), lora_b[128:192].reshape(4, 16, -1), lora_b[192:].reshape(4, 16, -1)
+    for segment in (q, k, v):
+        assert torch.count_nonzero(segment[omitted]) == 0 and torch.count_nonzero(segment[~omitted]) > 0

@@ -21,7 +21,7 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "phi3"])
 def test_rate_zero_eval_and_remove_are_bit_identical(family):
     model = build(family)
     plain = copy.deepcopy(model)
@@ -89,12 +89,13 @@ def test_set_rate_changes_k_at_next_forward():
 
 
 @pytest.mark.parametrize(
-    "metric,reentrant,omit_in",
-    [("wanda", False, "forward_backward"), ("uniform", False, "forward_backward"), ("wanda", True, "forward_backward"),
-     ("activation", False, "backward"), ("activation", True, "backward")],
+    "metric,reentrant,omit_in,family",
+    [("wanda", False, "forward_backward", "llama"), ("uniform", False, "forward_backward", "llama"),
+     ("wanda", True, "forward_backward", "llama"), ("activation", False, "backward", "llama"),
+     ("activation", True, "backward", "llama"), ("activation", True, "forward_backward", "phi3")],
 )
-def test_gradient_checkpointing_reuses_the_kept_set(metric, reentrant, omit_in):
-    base = build("llama")
+def test_gradient_checkpointing_reuses_the_kept_set(metric, reentrant, omit_in, family):
+    base = build(family)
     checkpointed = copy.deepcopy(base)
     checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     results, calls = [], []
@@ -119,6 +120,47 @@ def test_gradient_checkpointing_reuses_the_kept_set(metric, reentrant, omit_in):
     torch.testing.assert_close(loss_a, loss_b, atol=0, rtol=0)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("omit_in", ["forward_backward", "backward"])
+def test_fused_qkv_head_counts_change_on_the_block_only(omit_in):
+    """Phi-3 splits qkv_proj by ``config.num_attention_heads`` and ``num_key_value_heads``: while its
+    forward is sliced the block reads the kept counts, from its own shallow copy of the config; the
+    model's shared config is never written, and rate 0, eval and remove_sat give the block its own
+    objects back. A dense forward (omit_in backward) never changes them."""
+    model = build("phi3")
+    shared = model.config
+    before = shared.to_dict()
+    handle = apply_sat(model, sat_config(omit_in=omit_in))
+    blocks = [u.block for u in handle.units if u.kind == "attention"]
+    assert len(blocks) == 2
+
+    def own_counts() -> bool:
+        return all(b.config is shared and b.num_key_value_heads == 4 for b in blocks)
+
+    model.train()
+    handle.set_rate(0.5)
+    handle.new_step()
+    loss_and_grads(model, batch())
+    if omit_in == "forward_backward":
+        for block in blocks:  # 2 of 4 KV groups kept, 2 query heads each
+            assert block.config is not shared and (block.config.num_attention_heads, block.num_key_value_heads) == (4, 2)
+            assert block.config._attn_implementation == shared._attn_implementation
+    else:
+        assert own_counts()
+    assert model.config is shared and shared.num_attention_heads == 8 and shared.to_dict() == before
+    handle.set_rate(0.0)
+    _logits(model, batch())
+    assert own_counts()
+    handle.set_rate(0.5)
+    _logits(model, batch())
+    model.eval()
+    _logits(model, batch())
+    assert own_counts()
+    model.train()
+    _logits(model, batch())
+    remove_sat(model)
+    assert own_counts() and shared.num_attention_heads == 8 and shared.to_dict() == before
 
 
 def test_unsupported_model_type_names_it_and_the_supported_list():
