@@ -163,6 +163,34 @@ def test_fused_qkv_head_counts_change_on_the_block_only(omit_in):
     assert own_counts() and shared.num_attention_heads == 8 and shared.to_dict() == before
 
 
+@pytest.mark.parametrize("attention_unit", ["kv_group", "query_head"])
+def test_fused_qkv_unit_gradients_and_omitted_rows_follow_its_segments(attention_unit):
+    """Phi-3's qkv_proj rows [q | k | v] (8, 4, 4 heads of head_dim 16): a KV group owns 32 q rows,
+    16 k and 16 v rows (a query head: its 16 q rows; k and v belong to no unit), which is what
+    layer_rates' gradient costs (unit_gradient_square) and omitted_update (omitted_parameters) read."""
+    model = build("phi3")
+    handle = apply_sat(model, sat_config(attention_unit=attention_unit))
+    model.train()
+    handle.set_rate(0.5)
+    handle.new_step()
+    loss_and_grads(model, batch())
+    unit = next(u for u in handle.units if u.kind == "attention")
+    rows = unit.block.qkv_proj.weight.grad.square().sum(1)
+    columns = unit.block.o_proj.weight.grad.square().sum(0)
+    if attention_unit == "kv_group":
+        owned = [[*range(32 * g, 32 * g + 32), *range(128 + 16 * g, 144 + 16 * g), *range(192 + 16 * g, 208 + 16 * g)] for g in range(4)]
+        per_column = 32
+    else:
+        owned = [list(range(16 * h, 16 * h + 16)) for h in range(8)]
+        per_column = 16
+    expected = torch.stack([rows[o].sum() + columns[per_column * u : per_column * (u + 1)].sum() for u, o in enumerate(owned)])
+    torch.testing.assert_close(unit.unit_gradient_square(), expected)
+    (weight, dim, omitted), _ = unit.omitted_parameters()
+    assert weight is unit.block.qkv_proj.weight and dim == 0
+    kept_units = set(unit.kept_units.tolist())
+    assert sorted(omitted.tolist()) == sorted(r for u, o in enumerate(owned) if u not in kept_units for r in o)
+
+
 def test_unsupported_model_type_names_it_and_the_supported_list():
     config = transformers.GPTNeoXConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
