@@ -176,8 +176,8 @@ class SATConfig:
                   "training forward computed (no extra matmul) and each draw re-measures only a rotating "
                   "1/remeasure_every of the channels on the subsample. forward is cheaper but its scores are a batch "
                   "or more old: on SmolLM2-135M CPT it cost +1.4-1.7% held-out loss where subsample cost +0.8% "
-                  "(docs/benchmarks.md). With omit_in backward the dense forward measures every channel and the draws "
-                  "score from it (issue 14's measured recipe). Attention is always scored on the subsample."},
+                  "(docs/benchmarks.md). With omit_in backward, forward means the dense forward's measurement of every "
+                  "channel (no window needed). Attention is always scored on the subsample."},
     )
     remeasure_every: int = field(
         default=8,

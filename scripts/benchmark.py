@@ -39,6 +39,7 @@ import transformers
 
 from sat_trainer import SATConfig, apply_sat
 from sat_trainer.schedule import kept_count, omission_rate_at
+from sat_trainer.yaml_io import parse_value
 
 SHAPES = {
     # the embedded demo base (sat-train pretrain-base)
@@ -121,8 +122,17 @@ def build_pruned(args, targets: str, rate: float) -> torch.nn.Module:
 
 def sat_config(args, targets: str, rate: float) -> SATConfig:
     """The SAT settings every measurement of one configuration uses: timing, ladder and memory alike."""
-    return SATConfig(omission_rate=rate, targets=TARGETS[targets], metric=args.metric, selection=args.selection, omit_in=args.omit_in,
-                     dense_layers=args.dense_layers)
+    extra = dict(sat_setting(item) for item in args.sat)
+    return SATConfig(**{"omission_rate": rate, "targets": TARGETS[targets], "metric": args.metric, "selection": args.selection,
+                        "omit_in": args.omit_in, "dense_layers": args.dense_layers, **extra})
+
+
+def sat_setting(item: str) -> tuple[str, object]:
+    """``--sat key=value``: one more SATConfig setting, the value parsed as YAML (SATConfig checks it)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise SystemExit(f"--sat {item!r}: expected key=value, e.g. score_every=1000")
+    return key.strip(), parse_value(value, f"--sat {item!r}")
 
 
 def make_step(model, args):
@@ -224,7 +234,8 @@ def ladder(args, targets: str) -> dict:
 
 def peak_memory(args, targets: str, rate: float | None) -> float:
     """Peak memory (MiB) of a few training steps of one variant, in a fresh process."""
-    cmd = [sys.executable, __file__, "--_memory-child", json.dumps({"targets": targets, "rate": rate}), *sys.argv[1:]]
+    spec = {"targets": targets, "rate": rate, "shape": args.shape, "batch": args.batch, "seq": args.seq}  # --table moves these
+    cmd = [sys.executable, __file__, "--_memory-child", json.dumps(spec), *sys.argv[1:]]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     return float(out)
 
@@ -232,6 +243,7 @@ def peak_memory(args, targets: str, rate: float | None) -> float:
 def memory_child(args, spec: dict) -> None:
     """Peak over 3 steps: CUDA peak allocated, or on CPU the peak RSS (sampled every 2 ms) above
     the RSS before the first step (weights are resident by then; grads and Adam state are not)."""
+    args.shape, args.batch, args.seq = spec["shape"], spec["batch"], spec["seq"]
     model = build(args)
     if spec["rate"] is not None:
         handle = apply_sat(model, sat_config(args, spec["targets"], spec["rate"]))
@@ -300,6 +312,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--selection", default=SATConfig.selection)
     p.add_argument("--omit-in", dest="omit_in", choices=["forward_backward", "backward", "weight_gradient"], default=SATConfig.omit_in, help="SATConfig.omit_in; backward: the bound is a dense forward plus a pruned backward (weight_gradient: no bound)")
     p.add_argument("--dense-layers", dest="dense_layers", type=int, nargs="*", default=[], help="SATConfig.dense_layers (no bound is timed then)")
+    p.add_argument("--sat", action="append", default=[], metavar="KEY=VALUE", help="any other SATConfig setting, e.g. "
+                   "score_every=1000 or activation_scores=forward (values parsed as YAML; repeatable)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast: fp32 weights, bf16 autocast (Trainer's bf16=True)")
     p.add_argument("--kernels", choices=["hf", "liger"], default="hf", help="liger: Liger-Kernel's Llama patch (rope, rms_norm, swiglu, fused linear cross-entropy)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (dense, SAT, pruned)")
@@ -320,7 +334,8 @@ def parser() -> argparse.ArgumentParser:
 
 def describe(args) -> str:
     return (f"{args.shape}, batch {args.batch} x {args.seq}, omit_in {args.omit_in}, {args.precision}, kernels {args.kernels}"
-            f"{', compiled' if args.compile else ''}{', LoRA r16' if args.lora else ''}, device {args.device}")
+            f"{', compiled' if args.compile else ''}{', LoRA r16' if args.lora else ''}, device {args.device}"
+            f"{''.join(', ' + item for item in args.sat)}")
 
 
 def format_row(row: Row) -> str:
@@ -380,7 +395,8 @@ def write_row(args, row: dict) -> None:
 def context(args) -> dict:
     """What a JSON row needs besides its numbers to be reproduced."""
     return {"shape": args.shape, "device": args.device, "precision": args.precision, "kernels": args.kernels, "compile": args.compile,
-            "batch": args.batch, "seq": args.seq, "metric": args.metric, "selection": args.selection, "dense_layers": args.dense_layers}
+            "batch": args.batch, "seq": args.seq, "metric": args.metric, "selection": args.selection, "dense_layers": args.dense_layers,
+            "sat": args.sat}
 
 
 if __name__ == "__main__":

@@ -252,14 +252,14 @@ def test_activation_metric_reads_the_config_when_the_mlp_kernels_were_swapped():
 
 
 def test_backward_only_scores_come_from_the_dense_forward(monkeypatch):
-    """omit_in backward + activation: after the first draw, no subsample goes through gate/up
+    """omit_in backward + activation_scores forward: after the first draw, no subsample goes through gate/up
     again; each draw keeps the top channels of the previous forward's own outputs (all real
     tokens, pads zeroed), ||h_j|| * ||W_down[:, j]||."""
     subsamples = []
     real = importance.mlp_hidden
     monkeypatch.setattr(importance, "mlp_hidden", lambda t, *a: subsamples.append(t.shape[0]) or real(t, *a))
     model = build("llama")
-    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], omit_in="backward"))
+    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], omit_in="backward", activation_scores="forward"))
     model.train()
     handle.set_rate(0.5)
     mlp = model.model.layers[0].mlp

@@ -69,9 +69,7 @@ class BlockUnit:
         # (the score is their product). With activation_scores forward, the training forward refreshes the channels
         # it computes (observe(): the kept ones, or all of them when the forward is dense) and each draw re-measures
         # a rotating window of the channels on the token subsample (_activation_mlp_scores)
-        # (a dense forward, omit_in backward, measures every channel of the current weights: always used)
-        self._observes = shape.kind == "mlp" and handle.config.metric == "activation" and (
-            self.backward_only or handle.config.activation_scores == "forward")
+        self._observes = shape.kind == "mlp" and handle.config.metric == "activation" and handle.config.activation_scores == "forward"
         self._rms: torch.Tensor | None = None
         self._out_norms: torch.Tensor | None = None
         self._window = 0  # the next window _activation_mlp_scores re-measures
