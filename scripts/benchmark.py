@@ -92,9 +92,12 @@ def apply_kernels(args) -> None:
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True)
 
 
-def build(args, **overrides) -> torch.nn.Module:
-    """The benchmark model, created on the device; ``overrides`` change the config (pruned sizes)."""
+def build(args, after: dict | None = None, **overrides) -> torch.nn.Module:
+    """The benchmark model, created on the device; ``overrides`` change the config (pruned sizes), ``after``
+    sets config fields once it is built."""
     cfg = transformers.LlamaConfig(**{**SHAPES[args.shape], **overrides}, max_position_embeddings=max(args.seq, 64))
+    for key, value in (after or {}).items():
+        setattr(cfg, key, value)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=PRECISIONS[args.precision])
@@ -115,8 +118,11 @@ def build_pruned(args, targets: str, rate: float) -> torch.nn.Module:
         over["intermediate_size"] = kept_count(shape["intermediate_size"], rate)
     if "attention" in TARGETS[targets]:
         kv = kept_count(shape["num_key_value_heads"], rate)
-        over.update(num_key_value_heads=kv, head_dim=shape["hidden_size"] // shape["num_attention_heads"],
-                    num_attention_heads=kv * (shape["num_attention_heads"] // shape["num_key_value_heads"]))
+        over["head_dim"] = shape["hidden_size"] // shape["num_attention_heads"]
+        # set after the config is built: its validator refuses a hidden size that is not a multiple of the
+        # head count (1024 and 12 kept heads), though an explicit head_dim makes the model well defined
+        heads = {"num_key_value_heads": kv, "num_attention_heads": kv * (shape["num_attention_heads"] // shape["num_key_value_heads"])}
+        return build(args, after=heads, **over)
     return build(args, **over)
 
 
