@@ -57,7 +57,7 @@ def test_kept_op_with_merged_disabled_and_multiple_adapters(kept_op):
 
 def test_kept_op_with_checkpointing(kept_op):
     test_lora.test_gradient_checkpointing_with_lora_gives_same_loss_and_grads("forward_backward")
-    test_patching.test_gradient_checkpointing_reuses_the_kept_set("wanda", True, "forward_backward")
+    test_patching.test_gradient_checkpointing_reuses_the_kept_set("wanda", True, "forward_backward", "llama")
 
 
 def test_kept_op_with_bf16_and_compile(kept_op):
