@@ -70,16 +70,13 @@ def subsample_tokens(x: torch.Tensor, tokens: int, generator: torch.Generator, m
     return flat if rows is None else flat.index_select(0, rows)
 
 
-def sample_rows(
-    total: int, tokens: int, generator: torch.Generator, mask: torch.Tensor | None = None, device: torch.device | None = None
-) -> torch.Tensor | None:
+def sample_rows(total: int, tokens: int, generator: torch.Generator, mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     """Indices of ``tokens`` of ``total`` flattened token rows, drawn without replacement (None: all,
     when there are no more than ``tokens``). With a padding ``mask`` (1 real, 0 pad; flattened),
     real tokens are drawn first: the top ``tokens`` of uniform noise plus the mask, so no
     data-dependent shape and no host sync."""
     if total <= tokens:
         return None
-    device = device if device is not None else (mask.device if mask is not None else generator.device)
     if mask is None:
         return torch.randperm(total, generator=generator, device=device)[:tokens]
     noise = torch.rand(total, generator=generator, device=device)
@@ -101,7 +98,7 @@ def mlp_hidden(
     """The MLP channels' outputs on ``tokens`` (the down projection's input): ``act(t W_0 + b_0) * (t W_1 + b_1)``,
     the second factor only for gated MLPs. ``in_weights`` are out-major; the products run in the
     weights' dtype (no float copy of any weight). The ``activation`` score of an MLP channel is
-    :func:`activation_from_hidden` of these."""
+    :func:`channel_rms` of these times :func:`output_column_norms`."""
     hidden = act(F.linear(tokens, in_weights[0], in_biases[0]))
     if len(in_weights) > 1:
         hidden = hidden * F.linear(tokens, in_weights[1], in_biases[1])
@@ -134,12 +131,6 @@ def channel_rms(hidden: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor
     if real is None:
         return norms / math.sqrt(max(hidden.shape[0], 1))
     return norms / real.sum().clamp_min(1).float().sqrt()
-
-
-def activation_from_hidden(hidden: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
-    """The ``activation`` score from the channels' outputs ``hidden`` (tokens x channels, the output
-    projection's input): ``||hidden[:, j]|| * ||W_out[:, j]||``."""
-    return _norm32(hidden, 0) * output_column_norms(out_weight)
 
 
 def output_column_norms(out_weight: torch.Tensor) -> torch.Tensor:

@@ -26,14 +26,12 @@ def test_activation_mlp_is_each_channels_output_norm_times_its_down_column():
     mlp = model.model.layers[0].mlp
     x = _block_inputs(model, ["model.layers.0.mlp.gate_proj"])["model.layers.0.mlp.gate_proj"]
     tokens = x.reshape(-1, x.shape[-1])
-    got = importance.activation_from_hidden(
-        importance.mlp_hidden(tokens, [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias], mlp.act_fn),
-        mlp.down_proj.weight,
-    )
+    computed = importance.mlp_hidden(tokens, [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias], mlp.act_fn)
+    got = importance.channel_rms(computed, None) * importance.output_column_norms(mlp.down_proj.weight)
     hidden = mlp.act_fn(mlp.gate_proj(tokens)) * mlp.up_proj(tokens)
     # channel j's term in the down projection, token by token: hidden[:, j] outer W_down[:, j]
     expected = torch.stack([(hidden[:, j : j + 1] * mlp.down_proj.weight[:, j]).norm() for j in range(hidden.shape[1])])
-    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, expected.detach() / tokens.shape[0] ** 0.5, rtol=1e-5, atol=1e-6)  # per token: RMS
 
 
 def test_activation_plain_mlp_uses_the_activation_and_transposed_conv1d():

@@ -333,7 +333,9 @@ class BlockUnit:
         generator = selection.generator_for(cfg.seed, key[0], self.index, x.device) if _draws_random(cfg) else None
         with torch.no_grad():
             if self._scores_cache is None or key[0] - self._scored_at >= cfg.score_every:
-                self._scores_cache = self._handle.sync_scores(self._scores(x.detach(), generator))
+                scores = self._scores(x.detach(), generator)
+                # MLP activation scores are built from statistics averaged over ranks as they were stored (_store)
+                self._scores_cache = scores if self._stores_statistics() else self._handle.sync_scores(scores)
                 self._scored_at = key[0]
             scores = self._scores_cache
             k = key[1]
@@ -448,6 +450,9 @@ class BlockUnit:
             if self._compensates:
                 self._store(self._mean_hidden, window, importance.real_token_mean(hidden, real))
         return self._rms * self._out_norms
+
+    def _stores_statistics(self) -> bool:
+        return self.kind == "mlp" and self._handle.config.metric == "activation"
 
     def _next_window(self, remeasure_every: int) -> slice:
         size = -(-self.n // remeasure_every)
