@@ -18,7 +18,7 @@ from .errors import SATConfigError
 from .yaml_io import load_yaml_file
 
 METRICS = ("uniform", "magnitude", "wanda", "maxip", "activation")
-SELECTIONS = ("topk", "sampling", "unbiased")
+SELECTIONS = ("topk", "sampling")
 SCHEDULES = ("ladder", "constant", "linear", "cosine")
 TARGETS = ("mlp", "attention")
 DRAW_EVERY = ("step", "micro_batch")
@@ -83,16 +83,8 @@ class SATConfig:
     )
     selection: str = field(
         default="topk",
-        metadata={"help": "topk keeps the highest scores; sampling draws kept units with p ~ score^(1/temperature); "
-                  "unbiased (omit_in backward only) keeps the top topk_fraction of the budget by score and draws the "
-                  "rest uniformly from the other units, scaling their backward by 1/p (p: the chance a unit is drawn), "
-                  "so each step's gradient is an unbiased estimate of dense's and no weight misses every update of the "
-                  "sparse phase. Default topk: best held-out loss and least forgetting in docs/benchmarks.md."},
-    )
-    topk_fraction: float = field(
-        default=0.5,
-        metadata={"help": "selection unbiased: the share of the kept units taken by score, in [0, 1] (0: all drawn "
-                  "uniformly and scaled by 1/(1 - rate); 1: topk)."},
+        metadata={"help": "topk keeps the highest scores; sampling draws kept units with p ~ score^(1/temperature). "
+                  "Default topk: best held-out loss and least forgetting in docs/benchmarks.md."},
     )
     temperature: float = field(
         default=1.0,
@@ -270,7 +262,6 @@ def _check_types(cfg: SATConfig) -> None:
     expected: dict[str, tuple[type, ...]] = {
         "omission_rate": (int, float),
         "temperature": (int, float),
-        "topk_fraction": (int, float),
         "ladder_sparse_fraction": (int, float),
         "ladder_num_rungs": (int,),
         "seed": (int,),
@@ -334,11 +325,6 @@ def _check_values(cfg: SATConfig) -> None:
         _fail("calibration_batches", cfg.calibration_batches, "an integer >= 1")
     if cfg.layer_rates == "auto" and cfg.omission_rate == 0:
         _fail("layer_rates", cfg.layer_rates, "uniform, or auto with omission_rate > 0 (the schedule scales each block's peak rate by rate(t) / omission_rate)")
-    if cfg.selection == "unbiased" and cfg.omit_in != "backward":
-        _fail("selection", cfg.selection, "topk or sampling, or unbiased with omit_in backward (its 1/p scaling makes the "
-              "gradient unbiased only where the forward is dense and every backward path is scaled)")
-    if not 0.0 <= cfg.topk_fraction <= 1.0:
-        _fail("topk_fraction", cfg.topk_fraction, "a number in [0, 1]")
     if not cfg.temperature > 0:
         _fail("temperature", cfg.temperature, "a number > 0")
     if not 0.0 < cfg.ladder_sparse_fraction < 1.0:

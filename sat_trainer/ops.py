@@ -209,9 +209,7 @@ def _out_major(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
     return tensor.t() if transposed else tensor
 
 
-def backward_kept_linear(
-    module: nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int, full_input_grad: bool = False, grad_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+def backward_kept_linear(module: nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int, full_input_grad: bool = False) -> torch.Tensor:
     """``module(x)`` with the full weight forward, and a backward through kept features ``idx`` only.
 
     ``dim=KEEP_OUTPUTS`` (input projections): only the kept outputs' gradient is read; the kept
@@ -221,9 +219,7 @@ def backward_kept_linear(
     are not kept alive). The backward's matmuls are the kept-size ones, about 2/3 of what
     forward-and-backward omission saves at the same rate. With ``full_input_grad`` (``omit_in:
     weight_gradient``) ``dX`` is the dense one and only the weight gradient is restricted to the
-    kept slice (1/3 of the saving). ``grad_scale`` (output projections, ``selection: unbiased``): one
-    factor per kept input feature, multiplying both its input gradient and its weight column's
-    gradient, so that every path back through a kept unit is scaled once. Under autocast the operands are cast
+    kept slice (1/3 of the saving). Under autocast the operands are cast
     outside the op (a differentiable cast), so one path serves every dtype, distributed wrapper
     and ``torch.compile``: the full-size weight gradient goes back to autograd, zero outside the
     kept slice.
@@ -231,20 +227,16 @@ def backward_kept_linear(
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else module.weight.dtype
     bias = None if module.bias is None else _as(module.bias, dtype)
-    return _BackwardKeptLinear.apply(_as(x, dtype), _as(out_major_weight(module), dtype), bias, idx, dim, full_input_grad, grad_scale)
+    return _BackwardKeptLinear.apply(_as(x, dtype), _as(out_major_weight(module), dtype), bias, idx, dim, full_input_grad)
 
 
 class _BackwardKeptLinear(torch.autograd.Function):
     """``F.linear(x, w, b)`` forward; backward restricted to the kept slice ``idx`` along ``dim``."""
 
     @staticmethod
-    def forward(ctx, x, w, b, idx, dim, full_input_grad, grad_scale):
+    def forward(ctx, x, w, b, idx, dim, full_input_grad):
         ctx.dim, ctx.x_shape, ctx.has_bias, ctx.full_input_grad = dim, x.shape, b is not None, full_input_grad
         saved_x = x if dim == KEEP_OUTPUTS else x.index_select(-1, idx)
-        ctx.scale = None
-        if grad_scale is not None:  # the kept columns' weight gradient is g^T (x * scale)
-            ctx.scale = grad_scale.to(x.dtype)
-            saved_x = saved_x * ctx.scale
         ctx.save_for_backward(saved_x, w, idx)
         return F.linear(x, w, b)
 
@@ -266,19 +258,18 @@ class _BackwardKeptLinear(torch.autograd.Function):
                 grad_b = g2.new_zeros(w.shape[0]).index_copy_(0, idx, g_kept.sum(0))
         else:
             if ctx.needs_input_grad[0] and not ctx.full_input_grad:
-                kept_x = g2 @ w.index_select(1, idx)
-                grad_x = g2.new_zeros(g2.shape[0], w.shape[1]).index_copy_(1, idx, kept_x if ctx.scale is None else kept_x * ctx.scale)
+                grad_x = g2.new_zeros(g2.shape[0], w.shape[1]).index_copy_(1, idx, g2 @ w.index_select(1, idx))
                 grad_x = grad_x.reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
                 grad_w = w.new_zeros(w.shape).index_copy_(1, idx, g2.t() @ x2)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def split_rows_linear(
     module: nn.Module, dense_forward, x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, dim: int,
-    backward_only: bool, cache: SliceCache | None, full_input_grad: bool = False, grad_scale: torch.Tensor | None = None,
+    backward_only: bool, cache: SliceCache | None, full_input_grad: bool = False,
 ) -> torch.Tensor:
     """``sparse_tokens: context``: the flattened token rows ``rows[0]`` through the whole projection
     (``dense_forward``, the module's own forward), the rows ``rows[1]`` through the kept slice only,
@@ -287,15 +278,14 @@ def split_rows_linear(
     Input projections (``KEEP_OUTPUTS``) return every output feature, zero on the omitted ones of
     the sparse rows (the MLP's elementwise activation keeps them zero); the output projection
     (``KEEP_INPUTS``) reads all features of the dense rows and the kept ones of the sparse rows.
-    With ``backward_only`` the sparse rows' forward is dense too and only their backward is sliced
-    (scaled by ``grad_scale``, see :func:`backward_kept_linear`).
+    With ``backward_only`` the sparse rows' forward is dense too and only their backward is sliced.
     """
     flat = x.reshape(-1, x.shape[-1])
     dense_rows, sparse_rows = rows
     full = dense_forward(flat.index_select(0, dense_rows))
     part = flat.index_select(0, sparse_rows)
     if backward_only:
-        sparse = backward_kept_linear(module, part, idx, dim, full_input_grad, grad_scale)
+        sparse = backward_kept_linear(module, part, idx, dim, full_input_grad)
     elif dim == KEEP_OUTPUTS:
         kept = kept_linear(module, part, idx, dim, cache)
         sparse = kept.new_zeros(kept.shape[0], full.shape[1]).index_copy(1, idx, kept)

@@ -48,28 +48,3 @@ def sampling(scores: torch.Tensor, k: int, temperature: float, generator: torch.
     logits = scores.float().clamp_min(1e-30).log() / temperature
     uniform = torch.rand(scores.shape, generator=generator, device=scores.device).clamp_(1e-20, 1.0 - 1e-7)
     return topk(logits - (-uniform.log()).log(), k, groups)
-
-
-def unbiased(scores: torch.Tensor, k: int, topk_fraction: float, generator: torch.Generator, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """k kept units and each one's backward scale: an unbiased estimate of the dense gradient.
-
-    Per group, the ``round(topk_fraction * k/groups)`` highest-scoring units are kept for sure
-    (scale 1); the rest of the budget is drawn uniformly from the other units, each kept with
-    probability ``p = (k_g - e) / (n_g - e)`` and scaled by ``1 / p``. With ``omit_in: backward``
-    (a dense forward) every unit's backward path then has expectation its dense one, so no
-    weight misses its updates for the whole sparse phase as it does under ``topk`` on stable
-    scores. Returns (ascending kept indices, their scales in the same order).
-    """
-    n_g, k_g = scores.numel() // groups, k // groups
-    exact = min(k_g, round(topk_fraction * k_g))
-    per_group = scores.reshape(groups, n_g).float()
-    picked = torch.topk(per_group, exact, dim=1, sorted=False).indices
-    scale = torch.ones(groups, k_g, device=scores.device)
-    if exact < k_g:
-        noise = torch.rand(per_group.shape, generator=generator, device=scores.device).scatter_(1, picked, -1.0)
-        drawn = torch.topk(noise, k_g - exact, dim=1, sorted=False).indices  # uniform, without the exact ones
-        picked = torch.cat([picked, drawn], dim=1)
-        scale[:, exact:] = (n_g - exact) / (k_g - exact)
-    offsets = torch.arange(groups, device=scores.device).unsqueeze(1) * n_g
-    kept, order = (picked + offsets).reshape(-1).sort()
-    return kept, scale.reshape(-1)[order]

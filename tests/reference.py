@@ -13,13 +13,9 @@ from sat_trainer.ops import SLICEABLE, Conv1D, in_features, out_major_weight
 
 
 def feature_mask(unit) -> torch.Tensor:
-    """1 on the output projection's kept input features of ``unit``'s current draw, else 0; with
-    ``selection: unbiased`` each kept feature's backward scale (its unit's 1/p) instead of 1: the
-    backward-only reference below then scales what it would otherwise pass unchanged."""
+    """1 on the output projection's kept input features of ``unit``'s current draw, else 0."""
     mask = torch.zeros(out_major_weight(unit.output).shape[1])
-    idx = unit.output_index(unit.output)
-    scale = unit.kept_scale
-    mask[idx] = 1.0 if scale is None else scale.repeat_interleave(idx.numel() // scale.numel()).float()
+    mask[unit.output_index(unit.output)] = 1.0
     return mask
 
 

@@ -52,18 +52,6 @@ def test_lora_exact_against_masked_dense(targets, omit_in):
         assert torch.count_nonzero(grads["base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight"][:, omitted]) == 0
 
 
-def test_lora_unbiased_backward_scales_lora_A_like_the_base_columns():
-    """selection unbiased under LoRA: lora_A's kept columns carry their unit's 1/p as the base
-    layer's do (the scaled reference), so the adapters' gradients are unbiased too."""
-    model = _lora(build("llama"), SUBSETS[0])
-    reference = copy.deepcopy(model)
-    handle = sparse(model, omit_in="backward", selection="unbiased", topk_fraction=0.0)
-    grads = _assert_exact(model, reference, handle, batch())
-    unit = next(u for u in handle.units if u.kind == "mlp")
-    assert torch.equal(unit.kept_scale, torch.full_like(unit.kept_scale, 2.0))  # rate 0.5, all drawn: p = 1/2
-    assert any(torch.count_nonzero(g) for n, g in grads.items() if "down_proj.lora_A" in n)
-
-
 def test_get_peft_model_after_apply_sat_matches_the_other_order():
     first = build("llama")
     second = copy.deepcopy(first)

@@ -89,13 +89,11 @@ class BlockUnit:
         self._scores_cache: torch.Tensor | None = None  # reused for score_every draws
         self._scored_at = 0
         self._index: dict[nn.Module, torch.Tensor] = {}
-        self.grad_scale: dict[nn.Module, torch.Tensor] = {}  # selection unbiased: output members' backward scales
         self._drawer: nn.Module | None = None  # the input member the block's forward calls first
         self.slices = SliceCache()
         self.rate_scale = 1.0  # layer_rates auto: this block's peak rate over omission_rate (sat_trainer.calibration)
         self._resolve()
         self.kept_units = torch.arange(self.n)
-        self.kept_scale: torch.Tensor | None = None  # selection unbiased: each kept unit's backward scale (1/p)
 
     def _resolve(self) -> None:
         """Read the block's projections (plain or LoRA-wrapped) and check they can be sliced."""
@@ -341,29 +339,21 @@ class BlockUnit:
                 self._scored_at = key[0]
             scores = self._scores_cache
             k = key[1]
-            unit_scale = None
             if cfg.selection == "topk":
                 kept = selection.topk(scores, k, self.groups)
-            elif cfg.selection == "sampling":
-                kept = selection.sampling(scores, k, cfg.temperature, generator, self.groups)
             else:
-                kept, unit_scale = selection.unbiased(scores, k, cfg.topk_fraction, generator, self.groups)
+                kept = selection.sampling(scores, k, cfg.temperature, generator, self.groups)
             if self._compensates:
                 self.compensation = _omitted_mean_output(self._mean_hidden, kept, out_major_weight(self.output))
         self.kept_units = kept  # stays on the device: reading it here would be a host sync per block
-        self.kept_scale = unit_scale
         self._index_members(kept)
         self._drawn_for = key
 
     def _index_members(self, kept: torch.Tensor) -> None:
-        """Each member's kept feature indices and, with ``selection: unbiased``, each output member's
-        backward scale per kept input feature (the unit's, repeated over the features it owns)."""
         self.slices.clear()
-        self._index, self.grad_scale = {}, {}
+        self._index = {}
         for member, side in self._members_with_side():
             self._index[member] = _feature_index(kept, self._layout(member, side)[1], self.n)
-            if self.kept_scale is not None and not side:
-                self.grad_scale[member] = self.kept_scale.to(kept.device).repeat_interleave(in_features(member) // self.n)
 
     def observe(self, h: torch.Tensor) -> None:
         """Refresh the RMS (and, with compensation, the mean) of the channels whose outputs ``h`` the
@@ -502,11 +492,10 @@ def _sliced(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor, 
     if idx is None:
         return dense(x)
     rows = unit.token_split_for(x)
-    scale = unit.grad_scale.get(proj)
     if rows is not None:
-        return split_rows_linear(proj, dense, x, rows, idx, dim, unit.backward_only, unit.slices, unit.full_input_grad, scale)
+        return split_rows_linear(proj, dense, x, rows, idx, dim, unit.backward_only, unit.slices, unit.full_input_grad)
     if unit.backward_only:
-        return backward_kept_linear(proj, x, idx, dim, unit.full_input_grad, scale)
+        return backward_kept_linear(proj, x, idx, dim, unit.full_input_grad)
     return kept_linear(proj, x, idx, dim, unit.slices)
 
 
@@ -533,7 +522,7 @@ def _activation(block: nn.Module, attr: str) -> Callable[[torch.Tensor], torch.T
 
 def _draws_random(cfg) -> bool:
     """Whether a draw uses random numbers (wanda or magnitude with topk do not: no generator)."""
-    return cfg.metric in ("uniform", "maxip", "activation") or cfg.selection != "topk"
+    return cfg.metric in ("uniform", "maxip", "activation") or cfg.selection == "sampling"
 
 
 @dataclass(frozen=True)
