@@ -278,18 +278,75 @@ def split_rows_linear(
     Input projections (``KEEP_OUTPUTS``) return every output feature, zero on the omitted ones of
     the sparse rows (the MLP's elementwise activation keeps them zero); the output projection
     (``KEEP_INPUTS``) reads all features of the dense rows and the kept ones of the sparse rows.
-    With ``backward_only`` the sparse rows' forward is dense too and only their backward is sliced.
+    With ``backward_only`` the forward is one dense matmul over every row (no gathers, no scatter:
+    it is the dense forward) and only the backward splits the rows, see :class:`_SplitBackwardLinear`.
     """
+    if backward_only:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else module.weight.dtype
+        bias = None if module.bias is None else _as(module.bias, dtype)
+        return _SplitBackwardLinear.apply(_as(x, dtype), _as(out_major_weight(module), dtype), bias, rows, idx, dim, full_input_grad)
     flat = x.reshape(-1, x.shape[-1])
     dense_rows, sparse_rows = rows
     full = dense_forward(flat.index_select(0, dense_rows))
     part = flat.index_select(0, sparse_rows)
-    if backward_only:
-        sparse = backward_kept_linear(module, part, idx, dim, full_input_grad)
-    elif dim == KEEP_OUTPUTS:
+    if dim == KEEP_OUTPUTS:
         kept = kept_linear(module, part, idx, dim, cache)
         sparse = kept.new_zeros(kept.shape[0], full.shape[1]).index_copy(1, idx, kept)
     else:
         sparse = kept_linear(module, part.index_select(1, idx), idx, dim, cache)
     out = full.new_zeros(flat.shape[0], full.shape[1]).index_copy(0, dense_rows, full)
     return out.index_copy(0, sparse_rows, sparse.to(full.dtype)).reshape(*x.shape[:-1], full.shape[1])
+
+
+class _SplitBackwardLinear(torch.autograd.Function):
+    """``F.linear(x, w, b)`` forward over all token rows; a backward in which the dense rows
+    pass their whole gradient and the sparse rows only their kept slice's (``backward`` and
+    ``weight_gradient`` under ``sparse_tokens: context``).
+
+    The rows are gathered once each in backward, where the kept-size matmuls save FLOPs; the
+    forward is the dense one. Before, each projection gathered both row sets, ran two matmuls and
+    scattered both into a zero-filled output in forward, and autograd did the reverse in backward:
+    on SmolLM2's SFT shape that cost more than the omitted FLOPs saved (docs/benchmarks.md).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, rows, idx, dim, full_input_grad):
+        ctx.dim, ctx.x_shape, ctx.has_bias, ctx.full_input_grad = dim, x.shape, b is not None, full_input_grad
+        ctx.save_for_backward(x, w, idx, *rows)
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, idx, dense_rows, sparse_rows = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        g_dense, x_dense = g2.index_select(0, dense_rows), x2.index_select(0, dense_rows)
+        g_sparse, x_sparse = g2.index_select(0, sparse_rows), x2.index_select(0, sparse_rows)
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        grad_x = grad_w = grad_b = None
+        if ctx.dim == KEEP_OUTPUTS:  # sparse rows: only the kept outputs' gradient is read
+            g_kept = g_sparse.index_select(1, idx)
+            if need_x and ctx.full_input_grad:
+                grad_x = (g2 @ w).reshape(ctx.x_shape)
+            elif need_x:
+                grad_x = g2.new_empty(g2.shape[0], w.shape[1])
+                grad_x.index_copy_(0, dense_rows, g_dense @ w).index_copy_(0, sparse_rows, g_kept @ w.index_select(0, idx))
+                grad_x = grad_x.reshape(ctx.x_shape)
+            if need_w:
+                grad_w = (g_dense.t() @ x_dense).index_add_(0, idx, g_kept.t() @ x_sparse)
+            if need_b:
+                grad_b = g_dense.sum(0).index_add_(0, idx, g_kept.sum(0))
+        else:  # sparse rows: only the kept inputs get (and pass on) gradient
+            if need_x and ctx.full_input_grad:
+                grad_x = (g2 @ w).reshape(ctx.x_shape)
+            elif need_x:
+                sparse_x = g_sparse.new_zeros(g_sparse.shape[0], w.shape[1]).index_copy_(1, idx, g_sparse @ w.index_select(1, idx))
+                grad_x = g2.new_empty(g2.shape[0], w.shape[1])
+                grad_x.index_copy_(0, dense_rows, g_dense @ w).index_copy_(0, sparse_rows, sparse_x)
+                grad_x = grad_x.reshape(ctx.x_shape)
+            if need_w:
+                grad_w = (g_dense.t() @ x_dense).index_add_(1, idx, g_sparse.t() @ x_sparse.index_select(1, idx))
+            if need_b:
+                grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None

@@ -145,6 +145,8 @@ def make_step(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq), device=args.device)
+    labels = ids.clone()
+    labels[:, : round(args.context_fraction * args.seq)] = -100  # SFT: a prompt that carries no loss
     forward = torch.compile(model) if args.compile else model
     device_type = torch.device(args.device).type
 
@@ -154,7 +156,7 @@ def make_step(model, args):
         start = time.perf_counter()
         amp = torch.autocast(device_type, dtype=torch.bfloat16) if args.precision == "autocast" else contextlib.nullcontext()
         with amp:
-            loss = forward(input_ids=ids, labels=ids).loss
+            loss = forward(input_ids=ids, labels=labels).loss
         sync(args.device)
         forward_s = time.perf_counter() - start
         loss.backward()
@@ -177,8 +179,9 @@ def compare(args, targets: str, rate: float) -> Row:
     handle = apply_sat(sat, sat_config(args, targets, rate))
     handle.set_rate(rate)
     steps = {"dense": make_step(dense, args), "sat": make_step(sat, args)}
-    # no pruned model times a dense input gradient, or layers of different widths
-    if args.bound and args.omit_in != "weight_gradient" and not args.dense_layers:
+    # no pruned model times a dense input gradient, layers of different widths, or tokens of different widths
+    split = handle.config.sparse_tokens == "context" and args.context_fraction > 0
+    if args.bound and args.omit_in != "weight_gradient" and not args.dense_layers and not split:
         steps["pruned"] = make_step(build_pruned(args, targets, rate), args)
     times = {name: [] for name in steps}
     for i in range(args.warmup + args.steps):
@@ -323,6 +326,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast: fp32 weights, bf16 autocast (Trainer's bf16=True)")
     p.add_argument("--kernels", choices=["hf", "liger"], default="hf", help="liger: Liger-Kernel's Llama patch (rope, rms_norm, swiglu, fused linear cross-entropy)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (dense, SAT, pruned)")
+    p.add_argument("--context-fraction", dest="context_fraction", type=float, default=0.0,
+                   help="label the first this fraction of each sequence -100, as an SFT prompt (with --sat sparse_tokens=context "
+                   "those tokens run sparse and the rest dense; no bound is timed then)")
     p.add_argument("--no-bound", dest="bound", action="store_false", help="skip the pruned-dense model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--lora", action="store_true")
@@ -402,7 +408,7 @@ def context(args) -> dict:
     """What a JSON row needs besides its numbers to be reproduced."""
     return {"shape": args.shape, "device": args.device, "precision": args.precision, "kernels": args.kernels, "compile": args.compile,
             "batch": args.batch, "seq": args.seq, "metric": args.metric, "selection": args.selection, "dense_layers": args.dense_layers,
-            "sat": args.sat}
+            "sat": args.sat, "context_fraction": args.context_fraction}
 
 
 if __name__ == "__main__":

@@ -241,6 +241,47 @@ def test_context_tokens_sparse_and_loss_tokens_dense(family, omit_in):
     remove_sat(model)
 
 
+def test_context_split_under_weight_gradient_cuts_only_the_sparse_rows_weight_gradients():
+    """sparse_tokens context with omit_in weight_gradient: dense logits and input gradients; each
+    MLP weight's gradient is dense's minus what the context rows would add to its omitted
+    rows/columns (the reference: the dense run's per-projection inputs and output gradients)."""
+    model = build("llama")
+    reference = copy.deepcopy(model).train()
+    handle = sparse(model, targets=["mlp"], sparse_tokens="context", omit_in="weight_gradient")
+    ids, labels = _sft_batch()
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    seen: dict = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            output.register_hook(lambda g: seen.__setitem__(name, (args[0].reshape(-1, args[0].shape[-1]), g.reshape(-1, g.shape[-1]))))
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in reference.named_modules() if n.endswith(("gate_proj", "up_proj", "down_proj"))]
+    ref = reference(ids, labels=labels)
+    ref.loss.backward()
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    sparse_rows = handle.token_split[1]
+    expected = {n: p.grad.clone() for n, p in reference.named_parameters()}
+    for unit in handle.units:
+        omitted = torch.ones(unit.n)
+        omitted[unit.kept_units] = 0.0
+        for attr in ("gate_proj", "up_proj", "down_proj"):
+            x, g = (t.index_select(0, sparse_rows) for t in seen[f"{unit.name}.{attr}"])
+            extra = g.t() @ x  # (out, in): what the context rows add
+            expected[f"{unit.name}.{attr}.weight"] -= extra * (omitted if attr == "down_proj" else omitted.unsqueeze(1))
+            if attr != "down_proj" and f"{unit.name}.{attr}.bias" in expected:
+                expected[f"{unit.name}.{attr}.bias"] -= g.sum(0) * omitted
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert sparse_rows.numel() and (unit.k() < unit.n)
+    remove_sat(model)
+
+
 def test_context_split_needs_mlp_only_targets():
     from sat_trainer import SATConfig, SATError
 
