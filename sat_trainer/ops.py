@@ -307,7 +307,8 @@ class _SplitBackwardLinear(torch.autograd.Function):
     The rows are gathered once each in backward, where the kept-size matmuls save FLOPs; the
     forward is the dense one. Before, each projection gathered both row sets, ran two matmuls and
     scattered both into a zero-filled output in forward, and autograd did the reverse in backward:
-    on SmolLM2's SFT shape that cost more than the omitted FLOPs saved (docs/benchmarks.md).
+    on SmolLM2's SFT shape that cost more than the omitted FLOPs saved (docs/benchmarks.md). The
+    input is saved whole, as the dense layer saves it (the dense rows need all of it).
     """
 
     @staticmethod
