@@ -224,10 +224,16 @@ def backward_kept_linear(module: nn.Module, x: torch.Tensor, idx: torch.Tensor, 
     and ``torch.compile``: the full-size weight gradient goes back to autograd, zero outside the
     kept slice.
     """
+    return _BackwardKeptLinear.apply(*_dense_operands(module, x), idx, dim, full_input_grad)
+
+
+def _dense_operands(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(x, out-major weight, bias)`` in the compute dtype (autocast's, else the weight's): the
+    operands of the ops whose forward is the dense one, cast outside them (differentiably)."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else module.weight.dtype
     bias = None if module.bias is None else _as(module.bias, dtype)
-    return _BackwardKeptLinear.apply(_as(x, dtype), _as(out_major_weight(module), dtype), bias, idx, dim, full_input_grad)
+    return _as(x, dtype), _as(out_major_weight(module), dtype), bias
 
 
 class _BackwardKeptLinear(torch.autograd.Function):
@@ -282,10 +288,7 @@ def split_rows_linear(
     it is the dense forward) and only the backward splits the rows, see :class:`_SplitBackwardLinear`.
     """
     if backward_only:
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else module.weight.dtype
-        bias = None if module.bias is None else _as(module.bias, dtype)
-        return _SplitBackwardLinear.apply(_as(x, dtype), _as(out_major_weight(module), dtype), bias, rows, idx, dim, full_input_grad)
+        return _SplitBackwardLinear.apply(*_dense_operands(module, x), rows, idx, dim, full_input_grad)
     flat = x.reshape(-1, x.shape[-1])
     dense_rows, sparse_rows = rows
     full = dense_forward(flat.index_select(0, dense_rows))
@@ -324,30 +327,26 @@ class _SplitBackwardLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         g_dense, x_dense = g2.index_select(0, dense_rows), x2.index_select(0, dense_rows)
         g_sparse, x_sparse = g2.index_select(0, sparse_rows), x2.index_select(0, sparse_rows)
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        grad_x = grad_w = grad_b = None
+        need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        split_x = ctx.needs_input_grad[0] and not ctx.full_input_grad
+        grad_x = (g2 @ w).reshape(ctx.x_shape) if ctx.needs_input_grad[0] and ctx.full_input_grad else None
+        grad_w = grad_b = sparse_x = None
         if ctx.dim == KEEP_OUTPUTS:  # sparse rows: only the kept outputs' gradient is read
             g_kept = g_sparse.index_select(1, idx)
-            if need_x and ctx.full_input_grad:
-                grad_x = (g2 @ w).reshape(ctx.x_shape)
-            elif need_x:
-                grad_x = g2.new_empty(g2.shape[0], w.shape[1])
-                grad_x.index_copy_(0, dense_rows, g_dense @ w).index_copy_(0, sparse_rows, g_kept @ w.index_select(0, idx))
-                grad_x = grad_x.reshape(ctx.x_shape)
+            if split_x:
+                sparse_x = g_kept @ w.index_select(0, idx)
             if need_w:
                 grad_w = (g_dense.t() @ x_dense).index_add_(0, idx, g_kept.t() @ x_sparse)
             if need_b:
                 grad_b = g_dense.sum(0).index_add_(0, idx, g_kept.sum(0))
         else:  # sparse rows: only the kept inputs get (and pass on) gradient
-            if need_x and ctx.full_input_grad:
-                grad_x = (g2 @ w).reshape(ctx.x_shape)
-            elif need_x:
+            if split_x:
                 sparse_x = g_sparse.new_zeros(g_sparse.shape[0], w.shape[1]).index_copy_(1, idx, g_sparse @ w.index_select(1, idx))
-                grad_x = g2.new_empty(g2.shape[0], w.shape[1])
-                grad_x.index_copy_(0, dense_rows, g_dense @ w).index_copy_(0, sparse_rows, sparse_x)
-                grad_x = grad_x.reshape(ctx.x_shape)
             if need_w:
                 grad_w = (g_dense.t() @ x_dense).index_add_(1, idx, g_sparse.t() @ x_sparse.index_select(1, idx))
             if need_b:
                 grad_b = g2.sum(0)
+        if split_x:
+            grad_x = g2.new_empty(g2.shape[0], w.shape[1])
+            grad_x = grad_x.index_copy_(0, dense_rows, g_dense @ w).index_copy_(0, sparse_rows, sparse_x).reshape(ctx.x_shape)
         return grad_x, grad_w, grad_b, None, None, None, None
