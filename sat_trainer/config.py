@@ -29,7 +29,7 @@ COMPENSATIONS = ("none", "mean")
 SPARSE_TOKENS = ("all", "context")
 LAYER_RATES = ("uniform", "auto")
 RATE_BUDGETS = ("flops", "loss")
-ACTIVATION_SCORES = ("forward", "subsample")
+ACTIVATION_SCORES = ("auto", "forward", "subsample")
 
 
 @dataclass
@@ -169,15 +169,17 @@ class SATConfig:
                   "batch size."},
     )
     activation_scores: str = field(
-        default="subsample",
+        default="auto",
         metadata={"help": "activation, MLP blocks: subsample: every draw measures every channel on a token subsample of "
                   "the micro-batch about to run (a subsample-sized gate/up forward per block and draw), so the kept set "
                   "follows the current input; forward: the kept channels are scored from the outputs the previous "
                   "training forward computed (no extra matmul) and each draw re-measures only a rotating "
                   "1/remeasure_every of the channels on the subsample. forward is cheaper but its scores are a batch "
                   "or more old: on SmolLM2-135M CPT it cost +1.4-1.7% held-out loss where subsample cost +0.8% "
-                  "(docs/benchmarks.md). With omit_in backward, forward means the dense forward's measurement of every "
-                  "channel (no window needed). Attention is always scored on the subsample."},
+                  "(docs/benchmarks.md). With omit_in backward or weight_gradient, forward reads this step's own dense "
+                  "forward: the kept set is drawn at the down projection from every channel's output on all tokens (no "
+                  "subsample, nothing stale) and gate/up read it in backward. auto: forward when the forward is dense "
+                  "(omit_in backward, weight_gradient), else subsample. Attention is always scored on the subsample."},
     )
     remeasure_every: int = field(
         default=8,
@@ -230,6 +232,12 @@ class SATConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def scores_from_forward(self) -> bool:
+        """Whether activation MLP scores come from the training forward (activation_scores, auto resolved)."""
+        if self.activation_scores == "auto":
+            return self.omit_in != "forward_backward"
+        return self.activation_scores == "forward"
 
 
 def to_config(config: Any) -> SATConfig:

@@ -41,6 +41,7 @@ the kept slices' weight gradients, with the input gradient through the kept feat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,8 @@ KEEP_OUTPUTS, KEEP_INPUTS = 0, 1  # the out-major weight dim that is sliced
 # issue 10: on an H100 the op was 1-6% faster per step; on the 2-core CPU 8% slower, its Python
 # forward/backward costing more than the zero-filled scatter it saves).
 KEPT_OP_DEVICES = ("cuda",)
+# kept features: a tensor, or (the dense-forward ops' input projections) a callable read in backward
+Index = torch.Tensor | Callable[[], torch.Tensor]
 
 
 def is_sliceable(module: nn.Module) -> bool:
@@ -209,7 +212,7 @@ def _out_major(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
     return tensor.t() if transposed else tensor
 
 
-def backward_kept_linear(module: nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int, full_input_grad: bool = False) -> torch.Tensor:
+def backward_kept_linear(module: nn.Module, x: torch.Tensor, idx: Index, dim: int, full_input_grad: bool = False) -> torch.Tensor:
     """``module(x)`` with the full weight forward, and a backward through kept features ``idx`` only.
 
     ``dim=KEEP_OUTPUTS`` (input projections): only the kept outputs' gradient is read; the kept
@@ -222,7 +225,8 @@ def backward_kept_linear(module: nn.Module, x: torch.Tensor, idx: torch.Tensor, 
     kept slice (1/3 of the saving). Under autocast the operands are cast
     outside the op (a differentiable cast), so one path serves every dtype, distributed wrapper
     and ``torch.compile``: the full-size weight gradient goes back to autograd, zero outside the
-    kept slice.
+    kept slice. ``idx`` may be a callable, read in backward (an input projection's kept set drawn
+    after its forward, from the block's own activations: :meth:`BlockUnit.draw_at_output`).
     """
     return _BackwardKeptLinear.apply(*_dense_operands(module, x), idx, dim, full_input_grad)
 
@@ -242,13 +246,14 @@ class _BackwardKeptLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, idx, dim, full_input_grad):
         ctx.dim, ctx.x_shape, ctx.has_bias, ctx.full_input_grad = dim, x.shape, b is not None, full_input_grad
-        saved_x = x if dim == KEEP_OUTPUTS else x.index_select(-1, idx)
-        ctx.save_for_backward(saved_x, w, idx)
+        saved_x = x if dim == KEEP_OUTPUTS else x.index_select(-1, idx)  # an output projection's idx is a tensor
+        ctx.save_for_backward(saved_x, w, *_keep_index(ctx, idx))
         return F.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, idx = ctx.saved_tensors
+        x, w, *rest = ctx.saved_tensors
+        idx = _kept_index(ctx, rest)
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = None
@@ -273,8 +278,21 @@ class _BackwardKeptLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+def _keep_index(ctx, idx: Index) -> tuple[torch.Tensor, ...]:
+    """Keep a dense-forward op's kept features for its backward: a tensor is returned to be saved
+    with the others; a callable (a kept set drawn after this forward) is kept on ``ctx`` and
+    called when backward runs."""
+    ctx.index_later = idx if callable(idx) else None
+    return () if callable(idx) else (idx,)
+
+
+def _kept_index(ctx, saved: list[torch.Tensor]) -> torch.Tensor:
+    """The kept features :func:`_keep_index` kept: read now, in backward."""
+    return ctx.index_later() if ctx.index_later is not None else saved[0]
+
+
 def split_rows_linear(
-    module: nn.Module, dense_forward, x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, dim: int,
+    module: nn.Module, dense_forward, x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], idx: Index, dim: int,
     backward_only: bool, cache: SliceCache | None, full_input_grad: bool = False,
 ) -> torch.Tensor:
     """``sparse_tokens: context``: the flattened token rows ``rows[0]`` through the whole projection
@@ -317,12 +335,13 @@ class _SplitBackwardLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, rows, idx, dim, full_input_grad):
         ctx.dim, ctx.x_shape, ctx.has_bias, ctx.full_input_grad = dim, x.shape, b is not None, full_input_grad
-        ctx.save_for_backward(x, w, idx, *rows)
+        ctx.save_for_backward(x, w, *rows, *_keep_index(ctx, idx))
         return F.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, idx, dense_rows, sparse_rows = ctx.saved_tensors
+        x, w, dense_rows, sparse_rows, *rest = ctx.saved_tensors
+        idx = _kept_index(ctx, rest)
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         g_dense, x_dense = g2.index_select(0, dense_rows), x2.index_select(0, dense_rows)

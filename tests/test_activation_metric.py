@@ -250,9 +250,9 @@ def test_activation_metric_reads_the_config_when_the_mlp_kernels_were_swapped():
 
 
 def test_backward_only_scores_come_from_the_dense_forward(monkeypatch):
-    """omit_in backward + activation_scores forward: after the first draw, no subsample goes through gate/up
-    again; each draw keeps the top channels of the previous forward's own outputs (all real
-    tokens, pads zeroed), ||h_j|| * ||W_down[:, j]||."""
+    """omit_in backward + activation_scores forward: no subsample ever goes through gate/up; each
+    draw keeps the top channels of that same forward's own outputs (all real tokens, pads
+    zeroed), ||h_j|| * ||W_down[:, j]||, drawn at the down projection, before any backward."""
     subsamples = []
     real = importance.mlp_hidden
     monkeypatch.setattr(importance, "mlp_hidden", lambda t, *a: subsamples.append(t.shape[0]) or real(t, *a))
@@ -271,9 +271,9 @@ def test_backward_only_scores_come_from_the_dense_forward(monkeypatch):
         model(batch(seed=step), attention_mask=mask)
         kept.append(handle.kept()["model.layers.0.mlp"])
     hook.remove()
-    assert subsamples == [32, 32]  # the first draw of each of the two MLP blocks only
-    for step in (1, 2):
-        h = hidden[step - 1] * mask.reshape(-1, 1)
+    assert subsamples == []
+    for step in range(3):
+        h = hidden[step] * mask.reshape(-1, 1)
         expected = h.norm(dim=0) * mlp.down_proj.weight.detach().norm(dim=0)
         assert torch.equal(kept[step], expected.topk(48).indices.sort().values)
 

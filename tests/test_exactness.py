@@ -48,6 +48,25 @@ def test_backward_only_forward_is_dense_and_gradients_are_cut(family, attn, atte
     remove_sat(model)
 
 
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "qwen3"])
+@pytest.mark.parametrize("omit_in", ["backward", "weight_gradient"])
+def test_dense_forward_draws_at_the_output_projection_and_stays_exact(family, omit_in):
+    """activation_scores forward with a dense forward: the MLP's kept set is drawn at its down
+    projection from that forward's own outputs, after gate/up ran (they read it in backward);
+    attention still draws at its input. Exact against the masked reference for that kept set."""
+    model = build(family)
+    draws = []
+    handle = _assert_matches_masked_reference(model, metric="activation", omit_in=omit_in, activation_scores="forward")
+    for unit in handle.units:
+        original = unit._draw
+        unit._draw = lambda x, key, hidden=False, u=unit, f=original: (draws.append((u.name, hidden, x.shape[-1])), f(x, key, hidden))[1]
+    handle.new_step()
+    loss_and_grads(model, batch())
+    # one draw per block: an MLP's from its channels' outputs (the down projection's input), attention's from its input
+    assert sorted(draws) == sorted((u.name, u.kind == "mlp", u.n if u.kind == "mlp" else model.config.hidden_size) for u in handle.units)
+    remove_sat(model)
+
+
 @pytest.mark.parametrize("family,attn", CASES, ids=[f"{f}-{a}" for f, a in CASES])
 def test_weight_gradient_only_skips_the_omitted_weight_gradients(family, attn):
     """omit_in weight_gradient: dense logits and input gradients, so every gradient but the
@@ -124,10 +143,12 @@ def _assert_omitted_grads_zero(model, handle):
     for unit in handle.units:
         for position, proj in enumerate(unit.inputs):
             grad = _out_major_grad(proj)
-            omitted = _complement(unit.input_index(proj, torch.zeros(1, 1)), grad.shape[0])
+            kept = unit.input_index(proj, torch.zeros(1, 1))
+            kept = kept() if callable(kept) else kept  # drawn at the output projection, read in backward
+            omitted = _complement(kept, grad.shape[0])
             assert omitted.numel() > 0
             assert torch.count_nonzero(grad.index_select(0, omitted)) == 0, f"{unit.name} input {position}"
-            kept_rows = grad.index_select(0, unit.input_index(proj, torch.zeros(1, 1)))
+            kept_rows = grad.index_select(0, kept)
             assert torch.count_nonzero(kept_rows) > 0
         grad = _out_major_grad(unit.output)
         omitted = _complement(unit.output_index(unit.output), grad.shape[1])
@@ -207,17 +228,21 @@ def _sft_batch(size: int = 2, length: int = 16):
     return ids, labels
 
 
-SPLIT_CASES = [("llama", "forward_backward"), ("llama", "backward"), ("gpt2", "forward_backward"), ("gpt2", "backward"), ("qwen3", "backward")]
+SPLIT_CASES = [
+    ("llama", "forward_backward", "subsample"), ("llama", "backward", "subsample"), ("gpt2", "forward_backward", "subsample"),
+    ("gpt2", "backward", "subsample"), ("qwen3", "backward", "subsample"), ("llama", "backward", "forward"), ("gpt2", "backward", "forward"),
+]
 
 
-@pytest.mark.parametrize("family,omit_in", SPLIT_CASES, ids=[f"{f}-{o}" for f, o in SPLIT_CASES])
-def test_context_tokens_sparse_and_loss_tokens_dense(family, omit_in):
+@pytest.mark.parametrize("family,omit_in,scores", SPLIT_CASES, ids=["-".join(c) for c in SPLIT_CASES])
+def test_context_tokens_sparse_and_loss_tokens_dense(family, omit_in, scores):
     """sparse_tokens context: the loss tokens (label, or the next token's label, not -100) run
     every channel, the context tokens only the kept ones; exact against the reference masked on
-    the context rows only."""
+    the context rows only (with activation_scores forward the kept set is drawn at the down
+    projection, after gate/up ran)."""
     model = build(family)
     reference = copy.deepcopy(model).train()
-    handle = sparse(model, targets=["mlp"], sparse_tokens="context", omit_in=omit_in)
+    handle = sparse(model, targets=["mlp"], sparse_tokens="context", omit_in=omit_in, activation_scores=scores)
     ids, labels = _sft_batch()
     model.zero_grad(set_to_none=True)
     out = model(ids, labels=labels)

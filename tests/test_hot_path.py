@@ -57,13 +57,13 @@ def test_kept_op_with_merged_disabled_and_multiple_adapters(kept_op):
 
 def test_kept_op_with_checkpointing(kept_op):
     test_lora.test_gradient_checkpointing_with_lora_gives_same_loss_and_grads("forward_backward")
-    test_patching.test_gradient_checkpointing_reuses_the_kept_set("wanda", True, "forward_backward", "llama")
+    test_patching.test_gradient_checkpointing_reuses_the_kept_set("wanda", True, "forward_backward", "llama", "subsample")
 
 
 def test_kept_op_with_bf16_and_compile(kept_op):
     test_stack_precision_compile.test_bf16_autocast_step_is_close_to_fp32_for_the_same_kept_set("forward_backward")
     test_stack_precision_compile.test_bf16_weights_train_with_finite_loss_and_grads()
-    test_stack_precision_compile.test_compile_recompiles_only_when_k_changes("forward_backward")
+    test_stack_precision_compile.test_compile_recompiles_only_when_k_changes("forward_backward", "subsample")
 
 
 @contextlib.contextmanager

@@ -52,6 +52,21 @@ def test_lora_exact_against_masked_dense(targets, omit_in):
         assert torch.count_nonzero(grads["base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight"][:, omitted]) == 0
 
 
+@pytest.mark.parametrize("family,targets", [("llama", SUBSETS[0]), ("phi3", ["gate_up_proj", "down_proj"])], ids=["llama", "phi3"])
+def test_lora_under_a_dense_forward_drawn_at_the_output_is_exact(family, targets):
+    """omit_in backward with activation_scores forward: the kept set is drawn at the base down
+    projection (before its lora_A runs); lora_B rows of gate/up read it in backward."""
+    model = _lora(build(family), targets)
+    reference = copy.deepcopy(model)
+    handle = sparse(model, targets=["mlp"], omit_in="backward", activation_scores="forward")
+    grads = _assert_exact(model, reference, handle, batch())
+    unit = handle.units[0]
+    omitted = torch.ones(96, dtype=torch.bool)
+    omitted[handle.kept()[unit.name]] = False
+    lora_b = grads[f"base_model.model.model.layers.0.mlp.{targets[0]}.lora_B.default.weight"]
+    assert torch.count_nonzero(lora_b[: 96][omitted]) == 0 and torch.count_nonzero(lora_b[: 96][~omitted]) > 0
+
+
 def test_get_peft_model_after_apply_sat_matches_the_other_order():
     first = build("llama")
     second = copy.deepcopy(first)

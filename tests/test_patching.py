@@ -89,18 +89,19 @@ def test_set_rate_changes_k_at_next_forward():
 
 
 @pytest.mark.parametrize(
-    "metric,reentrant,omit_in,family",
-    [("wanda", False, "forward_backward", "llama"), ("uniform", False, "forward_backward", "llama"),
-     ("wanda", True, "forward_backward", "llama"), ("activation", False, "backward", "llama"),
-     ("activation", True, "backward", "llama"), ("activation", True, "forward_backward", "phi3")],
+    "metric,reentrant,omit_in,family,scores",
+    [("wanda", False, "forward_backward", "llama", "subsample"), ("uniform", False, "forward_backward", "llama", "subsample"),
+     ("wanda", True, "forward_backward", "llama", "subsample"), ("activation", False, "backward", "llama", "subsample"),
+     ("activation", True, "backward", "llama", "subsample"), ("activation", True, "forward_backward", "phi3", "subsample"),
+     ("activation", False, "backward", "llama", "forward"), ("activation", True, "backward", "phi3", "forward")],
 )
-def test_gradient_checkpointing_reuses_the_kept_set(metric, reentrant, omit_in, family):
+def test_gradient_checkpointing_reuses_the_kept_set(metric, reentrant, omit_in, family, scores):
     base = build(family)
     checkpointed = copy.deepcopy(base)
     checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     results, calls = [], []
     for model in (base, checkpointed):
-        handle = apply_sat(model, sat_config(omission_rate=0.5, metric=metric, selection="sampling", omit_in=omit_in))
+        handle = apply_sat(model, sat_config(omission_rate=0.5, metric=metric, selection="sampling", omit_in=omit_in, activation_scores=scores))
         model.train()
         handle.set_rate(0.5)
         handle.new_step()
@@ -109,7 +110,7 @@ def test_gradient_checkpointing_reuses_the_kept_set(metric, reentrant, omit_in, 
             index_calls_of = unit.input_index
             unit.input_index = lambda *a, f=index_calls_of, c=index_calls: (c.append(1), f(*a))[1]
             original = unit._draw
-            unit._draw = lambda x, key, u=unit, f=original: (draws.append(u.name), f(x, key))[1]
+            unit._draw = lambda x, key, hidden=False, u=unit, f=original: (draws.append(u.name), f(x, key, hidden))[1]
         loss, _, grads = loss_and_grads(model, batch())
         results.append((loss, grads, {n: k.clone() for n, k in handle.kept().items()}, draws))
         calls.append(len(index_calls))

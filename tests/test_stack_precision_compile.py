@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from reference import loss_and_grads
@@ -38,10 +40,40 @@ def test_bf16_weights_train_with_finite_loss_and_grads():
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-@pytest.mark.parametrize("omit_in", ["forward_backward", "backward"])
-def test_compile_recompiles_only_when_k_changes(omit_in):
+def test_compiled_dense_forward_draws_at_the_output_as_eager_does():
+    """omit_in backward + activation_scores forward under torch.compile: the MLP's kept set, drawn
+    at the down projection (outside the graph) and read in backward, is eager's, and so are the
+    loss and every gradient, draw after draw."""
+    base = build("llama")
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        handle = apply_sat(model, sat_config(omission_rate=0.5, omit_in="backward", activation_scores="forward", targets=["mlp"]))
+        forward = torch.compile(model, backend="eager") if compiled else model
+        model.train()
+        handle.set_rate(0.5)
+        steps = []
+        for step in range(3):
+            handle.new_step()
+            model.zero_grad(set_to_none=True)
+            loss = forward(input_ids=batch(seed=step), labels=batch(seed=step)).loss
+            loss.backward()
+            steps.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, handle.kept()))
+        runs.append(steps)
+    for (loss_e, grads_e, kept_e), (loss_c, grads_c, kept_c) in zip(*runs):
+        torch.testing.assert_close(loss_c, loss_e, atol=0, rtol=0)
+        assert all(torch.equal(kept_c[n], kept_e[n]) for n in kept_e)
+        for name in grads_e:
+            torch.testing.assert_close(grads_c[name], grads_e[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert any(not torch.equal(runs[0][0][2][n], runs[0][2][2][n]) for n in runs[0][0][2])  # the kept sets moved
+
+
+@pytest.mark.parametrize("omit_in,scores", [("forward_backward", "subsample"), ("backward", "subsample"), ("backward", "forward")])
+def test_compile_recompiles_only_when_k_changes(omit_in, scores):
+    torch._dynamo.reset()  # an earlier case's graphs would serve this one's first step (the same code, traced alike)
     model = build("llama")
-    handle = apply_sat(model, sat_config(omission_rate=0.5, ladder_sparse_fraction=0.5, ladder_num_rungs=2, omit_in=omit_in))
+    handle = apply_sat(model, sat_config(omission_rate=0.5, ladder_sparse_fraction=0.5, ladder_num_rungs=2, omit_in=omit_in, activation_scores=scores))
     compiles = []
 
     def counting_backend(gm, example_inputs):

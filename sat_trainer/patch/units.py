@@ -69,7 +69,12 @@ class BlockUnit:
         # (the score is their product). With activation_scores forward, the training forward refreshes the channels
         # it computes (observe(): the kept ones, or all of them when the forward is dense) and each draw re-measures
         # a rotating window of the channels on the token subsample (_activation_mlp_scores)
-        self._observes = shape.kind == "mlp" and handle.config.metric == "activation" and handle.config.activation_scores == "forward"
+        self._observes = shape.kind == "mlp" and handle.config.metric == "activation" and handle.config.scores_from_forward()
+        # ... and when the forward is dense too, a draw waits for the block's own activations: the kept set only
+        # matters in backward, so it is drawn at the output projection from this forward's outputs of every
+        # channel (read_hidden), not from the previous forward's; the input projections read it in backward
+        self._draws_at_output = self._observes and self.backward_only
+        self._pending: tuple[int, int] | None = None  # the draw that waits for them
         self._rms: torch.Tensor | None = None
         self._out_norms: torch.Tensor | None = None
         self._window = 0  # the next window _activation_mlp_scores re-measures
@@ -200,9 +205,10 @@ class BlockUnit:
         """Sliced forward only while training with something to omit: eval and rate 0 run dense."""
         return self.fallback is None and self.block.training and self.k() < self.n
 
-    def input_index(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def input_index(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | Callable[[], torch.Tensor] | None:
         """Kept output features of input-side ``member``; the first input member the block calls
-        (learned on the first call) draws if this draw is new.
+        (learned on the first call) draws if this draw is new. A block that draws at its output
+        projection (``_draws_at_output``) returns a callable that gives them in backward.
 
         Under ``torch.compile`` only that member's :meth:`_prepare` is left out of the graph (one
         graph break per block, not per projection); the rest reads state that changes only when
@@ -212,6 +218,19 @@ class BlockUnit:
             self._prepare(member, x)
         if not self.is_sparse():
             return None
+        if self._draws_at_output:
+            # drawn at the output projection (read_hidden), read in backward: a callable every time, drawn or
+            # not, since a checkpoint's recompute must save the tensors its forward saved
+            return functools.partial(self._index_drawn_later, member, (self._handle.draw_id, self.k()))
+        return self._index[member]
+
+    @torch.compiler.disable
+    def _index_drawn_later(self, member: nn.Module, key: tuple[int, int]) -> torch.Tensor:
+        if self._drawn_for != key:
+            raise SATError(
+                f"{self.name}: backward ran for a draw its output projection never made or that a later draw replaced; "
+                "with omit_in backward and activation_scores forward SAT draws at the block's output projection"
+            )
         return self._index[member]
 
     @torch.compiler.disable
@@ -227,10 +246,14 @@ class BlockUnit:
         sliced_forward = sparse and not self.backward_only
         self._set_query_heads_per_group(self.k() // self.groups if sliced_forward else None)
         self._head_counts.set(self._kept_rows() if sliced_forward else None)
+        self._pending = None
         if sparse:
             key = (self._handle.draw_id, self.k())
             if self._drawn_for != key:
-                self._draw(x, key)
+                if self._draws_at_output:  # read_hidden draws it, from this forward's activations
+                    self._pending = key
+                else:
+                    self._draw(x, key)
 
     def _kept_rows(self) -> list[int]:
         """Rows of each fused segment the sliced forward computes at the current kept count."""
@@ -249,7 +272,7 @@ class BlockUnit:
 
     def reset_draws(self) -> None:
         """Forget the current draw, cached scores and slices (after a calibration's draws)."""
-        self._drawn_for, self._scores_cache = None, None
+        self._drawn_for, self._scores_cache, self._pending = None, None, None
         self._rms = self._out_norms = self._mean_hidden = None
         self._window = 0
         self.slices.clear()
@@ -328,12 +351,14 @@ class BlockUnit:
         sync, so call it outside the training step)."""
         return _expand(self.kept_units, self.heads_per_unit).cpu()
 
-    def _draw(self, x: torch.Tensor, key: tuple[int, int]) -> None:
+    def _draw(self, x: torch.Tensor, key: tuple[int, int], hidden: bool = False) -> None:
+        """Draw the kept set for ``key`` from the block's input ``x``, or (``hidden``, a draw
+        :meth:`read_hidden` makes) from the down projection's input of every channel."""
         cfg = self._handle.config
         generator = selection.generator_for(cfg.seed, key[0], self.index, x.device) if _draws_random(cfg) else None
         with torch.no_grad():
             if self._scores_cache is None or key[0] - self._scored_at >= cfg.score_every:
-                scores = self._scores(x.detach(), generator)
+                scores = self._scores(x.detach(), generator, hidden)
                 # MLP activation scores are built from statistics averaged over ranks as they were stored (_store)
                 self._scores_cache = scores if self._stores_statistics() else self._handle.sync_scores(scores)
                 self._scored_at = key[0]
@@ -354,6 +379,18 @@ class BlockUnit:
         self._index = {}
         for member, side in self._members_with_side():
             self._index[member] = _feature_index(kept, self._layout(member, side)[1], self.n)
+
+    @torch.compiler.disable
+    def read_hidden(self, h: torch.Tensor) -> None:
+        """The down projection's input ``h`` (every channel's output), each time a block that
+        draws at its output runs sparse: a draw waiting for this forward's activations is made from
+        them, else (a later micro-batch, a checkpoint's recompute) they refresh the statistics
+        (:meth:`observe`). Outside the graph under ``torch.compile``, so the draw is kept."""
+        if self._pending is not None:
+            key, self._pending = self._pending, None
+            self._draw(h, key, hidden=True)
+        else:
+            self.observe(h)
 
     def observe(self, h: torch.Tensor) -> None:
         """Refresh the RMS (and, with compensation, the mean) of the channels whose outputs ``h`` the
@@ -400,7 +437,9 @@ class BlockUnit:
         mask = self._handle.token_mask_for(x)
         return (x if mask is None else x * mask.reshape(*x.shape[:-1], 1)), mask
 
-    def _scores(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _scores(self, x: torch.Tensor, generator: torch.Generator | None, hidden: bool = False) -> torch.Tensor:
+        if self._stores_statistics():
+            return self._activation_mlp_scores(x, generator, hidden)
         cfg = self._handle.config
         in_weights, _ = self._logical_inputs()
         if cfg.metric == "uniform":
@@ -414,22 +453,22 @@ class BlockUnit:
             return importance.maxip(x, in_weights[0], self.n, cfg.maxip_tokens, generator, mask)
         tokens = x.numel() // x.shape[-1]
         size = importance.subsample_size(tokens, cfg.activation_tokens, cfg.activation_token_fraction)
-        if self.kind == "mlp":
-            return self._activation_mlp_scores(x, mask, size, generator)
         sample = importance.subsample_tokens(x, size, generator, mask)
         values, value_bias = self._logical_weight(2)  # v_proj, or the v segment of a fused qkv_proj
         kv_groups = self.groups if self.query_heads else self.n
         return importance.activation_attention(sample, values, value_bias, out_major_weight(self.output), kv_groups, self.query_heads)
 
-    def _activation_mlp_scores(self, x: torch.Tensor, mask: torch.Tensor | None, size: int, generator: torch.Generator | None) -> torch.Tensor:
+    def _activation_mlp_scores(self, x: torch.Tensor, generator: torch.Generator | None, hidden: bool = False) -> torch.Tensor:
         """The activation scores of every channel: its output RMS times its down column's norm.
 
-        The first draw (and every draw with ``activation_scores: subsample``) measures all channels
-        on a token subsample. Later ones, with ``forward``, measure only the next window of
-        ``ceil(n / remeasure_every)`` contiguous channels (their rows of gate/up and columns of down
-        are views, no gather): the training forward refreshed the kept channels' RMS already
-        (:meth:`observe`; every channel's when the forward is dense), and the window bounds how
-        stale an omitted channel's score and every down column's norm can get."""
+        ``hidden`` (omit_in backward, :meth:`read_hidden`): ``x`` is this dense forward's down
+        projection input, so every channel's RMS is read from it on all real tokens, no matmul.
+        Otherwise ``x`` is the block's input: the first draw (and every draw with
+        ``activation_scores: subsample``) measures all channels on a token subsample; later ones,
+        with ``forward``, measure only the next window of ``ceil(n / remeasure_every)`` contiguous
+        channels (their rows of gate/up and columns of down are views, no gather), the training
+        forward having refreshed the kept channels' RMS already (:meth:`observe`). The window also
+        bounds how stale an omitted channel's score and every down column's norm can get."""
         cfg = self._handle.config
         first = self._rms is None
         window = slice(0, self.n) if first or not self._observes else self._next_window(cfg.remeasure_every)
@@ -437,18 +476,22 @@ class BlockUnit:
             self._rms, self._out_norms = torch.zeros(self.n, device=x.device), torch.zeros(self.n, device=x.device)
             self._mean_hidden = torch.zeros(self.n, device=x.device) if self._compensates else None
         self._out_norms[window] = importance.output_column_norms(out_major_weight(self.output)[:, window])
-        if first or not (self._observes and self.backward_only):  # a dense forward measured every channel already
-            flat = x.reshape(-1, x.shape[-1])
-            rows = importance.sample_rows(flat.shape[0], size, generator, mask, flat.device)
-            self._sample_rows, self._sample_of = rows, flat.shape[0]
-            sample = flat if rows is None else flat.index_select(0, rows)
-            real = None if mask is None else importance.nonzero_rows(sample)
-            weights, biases = self._logical_inputs()
-            weights, biases = [w[window] for w in weights], [None if b is None else b[window] for b in biases]
-            hidden = importance.mlp_hidden(sample, weights, biases, _activation(self.block, self.shape.activation))
-            self._store(self._rms, window, importance.channel_rms(hidden, real))
-            if self._compensates:
-                self._store(self._mean_hidden, window, importance.real_token_mean(hidden, real))
+        if hidden:
+            self.observe(x)
+            return self._rms * self._out_norms
+        x, mask = self._zero_padding(x)  # and the subsample draws real tokens first
+        flat = x.reshape(-1, x.shape[-1])
+        size = importance.subsample_size(flat.shape[0], cfg.activation_tokens, cfg.activation_token_fraction)
+        rows = importance.sample_rows(flat.shape[0], size, generator, mask, flat.device)
+        self._sample_rows, self._sample_of = rows, flat.shape[0]
+        sample = flat if rows is None else flat.index_select(0, rows)
+        real = None if mask is None else importance.nonzero_rows(sample)
+        weights, biases = self._logical_inputs()
+        weights, biases = [w[window] for w in weights], [None if b is None else b[window] for b in biases]
+        measured = importance.mlp_hidden(sample, weights, biases, _activation(self.block, self.shape.activation))
+        self._store(self._rms, window, importance.channel_rms(measured, real))
+        if self._compensates:
+            self._store(self._mean_hidden, window, importance.real_token_mean(measured, real))
         return self._rms * self._out_norms
 
     def _stores_statistics(self) -> bool:
@@ -479,9 +522,9 @@ def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.T
 
 
 def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.Tensor) -> torch.Tensor:
+    if unit._observes and proj is unit.output and unit.is_sparse():
+        unit.read_hidden(h) if unit._draws_at_output else unit.observe(h)
     idx = unit.output_index(proj)
-    if idx is not None and unit._observes and proj is unit.output:
-        unit.observe(h)
     out = _sliced(unit, proj, dense, h, idx, KEEP_INPUTS)
     if idx is not None and unit.compensation is not None and proj is unit.output:
         out = out + unit.compensation.to(out.dtype)
