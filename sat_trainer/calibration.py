@@ -163,6 +163,7 @@ def _gradient_costs(handle: SATHandle, model: torch.nn.Module, batches: list[dic
             total = sum(float(p.grad.float().square().sum()) for p in model.parameters() if p.grad is not None)
             rows = []
             for unit in handle.units:
+                unit.reset_draws()  # every channel measured on this batch, as a first draw does (not a window)
                 with torch.no_grad():
                     scores = unit._scores(inputs[unit.name], torch.Generator(device=inputs[unit.name].device).manual_seed(0))
                     share = unit.unit_gradient_square() / total

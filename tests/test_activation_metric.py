@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import batch, build, sat_config
+from tiny import batch, build, sat_config, sparse
 
 from sat_trainer import SATConfig, SATError, apply_sat, importance
 from sat_trainer.schedule import omission_rate_at
@@ -276,6 +276,18 @@ def test_backward_only_scores_come_from_the_dense_forward(monkeypatch):
         h = hidden[step] * mask.reshape(-1, 1)
         expected = h.norm(dim=0) * mlp.down_proj.weight.detach().norm(dim=0)
         assert torch.equal(kept[step], expected.topk(48).indices.sort().values)
+
+
+def test_backward_after_a_later_draw_is_refused():
+    """A kept set drawn at the output projection is read in backward: if a later draw replaced it
+    first (a forward after new_step), that backward cannot know its kept set and says so."""
+    model = build("llama")
+    handle = sparse(model, targets=["mlp"], omit_in="backward", activation_scores="forward")
+    loss = model(batch(), labels=batch()).loss
+    handle.new_step()
+    model(batch(seed=2))
+    with pytest.raises(SATError, match="later draw replaced"):
+        loss.backward()
 
 
 def test_mean_compensation_replaces_omitted_channels_by_their_mean_output():

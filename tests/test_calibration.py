@@ -9,7 +9,7 @@ import transformers
 from test_trainer import _Stream
 from tiny import build, sat_config
 
-from sat_trainer import SATCallback, SATConfigError, apply_sat
+from sat_trainer import SATCallback, SATConfigError, apply_sat, importance
 from sat_trainer.calibration import allocate, calibrate
 from sat_trainer.patch.model import handle_of
 
@@ -80,6 +80,18 @@ def test_calibration_gives_the_dear_layer_less_and_meets_the_budget(trained, omi
     model.train()
     handle.new_step()
     assert model(**batches[0]).loss.isfinite()  # draws after the calibration start afresh
+
+
+def test_backward_calibration_scores_every_channel_on_every_batch(trained, monkeypatch):
+    """omit_in backward (activation scores from the forward by default): each calibration batch
+    measures all channels on its own tokens, not a rotating window after the first batch."""
+    rows = []
+    real = importance.mlp_hidden
+    monkeypatch.setattr(importance, "mlp_hidden", lambda t, w, *a: rows.append(w[0].shape[0]) or real(t, w, *a))
+    model = _model_with_a_dear_first_layer(trained)
+    handle = apply_sat(model, sat_config(targets=["mlp"], omission_rate=0.5, layer_rates="auto", omit_in="backward"))
+    calibrate(handle, model, _batches())
+    assert rows == [96] * 6  # 2 batches x 3 blocks
 
 
 def test_trainer_calibrates_at_train_start_and_keeps_the_rates_in_checkpoints(trained, tmp_path):
