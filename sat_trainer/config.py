@@ -184,7 +184,8 @@ class SATConfig:
     remeasure_every: int = field(
         default=8,
         metadata={"help": "activation_scores forward: every channel is re-measured on the subsample at least every "
-                  "this many draws (>= 1; 1 re-measures all of them each draw, as subsample does)."},
+                  "this many draws (>= 1; 1 re-measures all of them each draw, as subsample does). With a dense forward "
+                  "every channel is measured each draw; only the down columns' norms are refreshed in these windows."},
     )
     score_every: int = field(
         default=1,
