@@ -30,7 +30,8 @@ def masked(reference: nn.Module, handle):
     and LoRA's ``lora_A``) get none. Weights that read the projection's output (LoRA's ``lora_B``,
     the bias) get the dense forward's gradient. ``sparse_tokens: context`` (the handle's split of
     its last forward): the mask applies to the sparse token rows only; its backward-only form is
-    ``f(h * mask) + (f(h) - f(h * mask)).detach()`` (plain layers: no LoRA).
+    ``f(h * mask) + (f(h) - f(h * mask)).detach()`` for each layer ``f`` that reads the features
+    (the base layer and ``lora_A``; ``lora_B`` reads ``lora_A``'s dense output).
     """
     modules = dict(reference.named_modules())
     backward_only = handle.config.omit_in == "backward"
@@ -46,8 +47,10 @@ def masked(reference: nn.Module, handle):
         if not backward_only:
             hooks.append(target.register_forward_pre_hook(lambda mod, args, mask=mask: (args[0] * _shaped(mask, args[0]),)))
             continue
-        if split:
-            hooks.append(target.register_forward_hook(lambda mod, args, out, mask=mask: _cut_rows(mod, args[0], out, mask)))
+        if split:  # every layer that reads the features: the base layer and LoRA's lora_A, not lora_B
+            for layer in target.modules():
+                if isinstance(layer, SLICEABLE) and in_features(layer) == mask.shape[-1]:
+                    hooks.append(layer.register_forward_hook(lambda mod, args, out, mask=mask: _cut_rows(mod, args[0], out, mask)))
             continue
         hooks.append(target.register_forward_pre_hook(lambda mod, args, mask=mask: (args[0] * mask + (args[0] * (1 - mask)).detach(),)))
         for layer in target.modules():

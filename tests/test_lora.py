@@ -138,12 +138,14 @@ def test_dora_added_after_apply_sat_fails_at_the_next_forward():
         model(batch())
 
 
-def test_lora_with_context_tokens_sparse_is_exact():
-    """sparse_tokens context under LoRA (forward_backward): base rows and lora_B rows / lora_A
-    columns follow the split, against the reference masked on the context rows only."""
+@pytest.mark.parametrize("omit_in", ["forward_backward", "backward"])
+def test_lora_with_context_tokens_sparse_is_exact(omit_in):
+    """sparse_tokens context under LoRA: base rows and lora_B rows / lora_A columns follow the
+    split (under backward in backward only, the shipped SFT recipe's path), against the reference
+    masked on the context rows only."""
     model = _lora(build("llama"), ["gate_proj", "up_proj", "down_proj"])
     reference = copy.deepcopy(model).train()
-    handle = sparse(model, targets=["mlp"], sparse_tokens="context")
+    handle = sparse(model, targets=["mlp"], sparse_tokens="context", omit_in=omit_in)
     ids = batch()
     labels = ids.clone()
     labels[:, :10] = -100
