@@ -56,7 +56,7 @@ KEEP_OUTPUTS, KEEP_INPUTS = 0, 1  # the out-major weight dim that is sliced
 # forward/backward costing more than the zero-filled scatter it saves).
 KEPT_OP_DEVICES = ("cuda",)
 # kept features: a tensor, or (the dense-forward ops' input projections) a callable read in backward
-Index = torch.Tensor | Callable[[], torch.Tensor]
+KeptIndex = torch.Tensor | Callable[[], torch.Tensor]
 
 
 def is_sliceable(module: nn.Module) -> bool:
@@ -212,7 +212,7 @@ def _out_major(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
     return tensor.t() if transposed else tensor
 
 
-def backward_kept_linear(module: nn.Module, x: torch.Tensor, idx: Index, dim: int, full_input_grad: bool = False) -> torch.Tensor:
+def backward_kept_linear(module: nn.Module, x: torch.Tensor, idx: KeptIndex, dim: int, full_input_grad: bool = False) -> torch.Tensor:
     """``module(x)`` with the full weight forward, and a backward through kept features ``idx`` only.
 
     ``dim=KEEP_OUTPUTS`` (input projections): only the kept outputs' gradient is read; the kept
@@ -226,7 +226,7 @@ def backward_kept_linear(module: nn.Module, x: torch.Tensor, idx: Index, dim: in
     outside the op (a differentiable cast), so one path serves every dtype, distributed wrapper
     and ``torch.compile``: the full-size weight gradient goes back to autograd, zero outside the
     kept slice. ``idx`` may be a callable, read in backward (an input projection's kept set drawn
-    after its forward, from the block's own activations: :meth:`BlockUnit.draw_at_output`).
+    after its forward, from the block's own activations: :meth:`BlockUnit.read_hidden`).
     """
     return _BackwardKeptLinear.apply(*_dense_operands(module, x), idx, dim, full_input_grad)
 
@@ -278,7 +278,7 @@ class _BackwardKeptLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def _keep_index(ctx, idx: Index) -> tuple[torch.Tensor, ...]:
+def _keep_index(ctx, idx: KeptIndex) -> tuple[torch.Tensor, ...]:
     """Keep a dense-forward op's kept features for its backward: a tensor is returned to be saved
     with the others; a callable (a kept set drawn after this forward) is kept on ``ctx`` and
     called when backward runs."""
@@ -292,7 +292,7 @@ def _kept_index(ctx, saved: list[torch.Tensor]) -> torch.Tensor:
 
 
 def split_rows_linear(
-    module: nn.Module, dense_forward, x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], idx: Index, dim: int,
+    module: nn.Module, dense_forward, x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], idx: KeptIndex, dim: int,
     backward_only: bool, cache: SliceCache | None, full_input_grad: bool = False,
 ) -> torch.Tensor:
     """``sparse_tokens: context``: the flattened token rows ``rows[0]`` through the whole projection

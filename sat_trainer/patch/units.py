@@ -37,8 +37,8 @@ from torch import nn
 from .. import adapters, importance, selection
 from ..errors import SATError
 from ..ops import (
-    KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, SliceCache, backward_kept_linear, in_features, kept_linear, out_features, out_major_weight,
-    split_rows_linear,
+    KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, KeptIndex, SliceCache, backward_kept_linear, in_features, kept_linear, out_features,
+    out_major_weight, split_rows_linear,
 )
 from ..schedule import kept_count
 from .registry import BlockShape
@@ -205,7 +205,7 @@ class BlockUnit:
         """Sliced forward only while training with something to omit: eval and rate 0 run dense."""
         return self.fallback is None and self.block.training and self.k() < self.n
 
-    def input_index(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | Callable[[], torch.Tensor] | None:
+    def input_index(self, member: nn.Module, x: torch.Tensor) -> KeptIndex | None:
         """Kept output features of input-side ``member``; the first input member the block calls
         (learned on the first call) draws if this draw is new. A block that draws at its output
         projection (``_draws_at_output``) returns a callable that gives them in backward.
@@ -531,7 +531,7 @@ def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.
     return out
 
 
-def _sliced(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor, idx: torch.Tensor | None, dim: int) -> torch.Tensor:
+def _sliced(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor, idx: KeptIndex | None, dim: int) -> torch.Tensor:
     if idx is None:
         return dense(x)
     rows = unit.token_split_for(x)
