@@ -402,8 +402,9 @@ class BlockUnit:
         LLM activations are heavy-tailed and a subsample usually misses the rare large tokens, so
         the kept channels would look larger than the re-measured ones and stay kept (measured on
         SmolLM2-135M: +1.43% held-out loss where the subsample metric gave +0.79%). A dense forward
-        measures every channel, on all tokens. Under ``torch.compile`` nothing is refreshed (a side
-        effect the graph would not keep): the re-measured window alone keeps the scores current."""
+        measures every channel, on all tokens. Inside a compiled graph nothing is refreshed (a side
+        effect the graph would not keep): the re-measured window alone keeps the scores current
+        (:meth:`read_hidden` calls it from outside the graph)."""
         if torch.compiler.is_compiling() or self._rms is None:
             return
         with torch.no_grad():
