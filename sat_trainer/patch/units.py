@@ -69,7 +69,7 @@ class BlockUnit:
         # (the score is their product). With activation_scores forward, the training forward refreshes the channels
         # it computes (observe(): the kept ones, or all of them when the forward is dense) and each draw re-measures
         # a rotating window of the channels on the token subsample (_activation_mlp_scores)
-        self._observes = shape.kind == "mlp" and handle.config.metric == "activation" and handle.config.scores_from_forward()
+        self._observes = shape.kind == "mlp" and handle.config.metric == "activation" and handle.config._scores_from_forward()
         # ... and when the forward is dense too, a draw waits for the block's own activations: the kept set only
         # matters in backward, so it is drawn at the output projection from this forward's outputs of every
         # channel (read_hidden), not from the previous forward's; the input projections read it in backward
