@@ -74,7 +74,6 @@ class BlockUnit:
         # matters in backward, so it is drawn at the output projection from this forward's outputs of every
         # channel (read_hidden), not from the previous forward's; the input projections read it in backward
         self._draws_at_output = self._observes and self.backward_only
-        self._pending: tuple[int, int] | None = None  # the draw that waits for them
         self._rms: torch.Tensor | None = None
         self._out_norms: torch.Tensor | None = None
         self._window = 0  # the next window _activation_mlp_scores re-measures
@@ -246,14 +245,10 @@ class BlockUnit:
         sliced_forward = sparse and not self.backward_only
         self._set_query_heads_per_group(self.k() // self.groups if sliced_forward else None)
         self._head_counts.set(self._kept_rows() if sliced_forward else None)
-        self._pending = None
-        if sparse:
+        if sparse and not self._draws_at_output:  # else read_hidden draws, from this forward's activations
             key = (self._handle.draw_id, self.k())
             if self._drawn_for != key:
-                if self._draws_at_output:  # read_hidden draws it, from this forward's activations
-                    self._pending = key
-                else:
-                    self._draw(x, key)
+                self._draw(x, key)
 
     def _kept_rows(self) -> list[int]:
         """Rows of each fused segment the sliced forward computes at the current kept count."""
@@ -272,7 +267,7 @@ class BlockUnit:
 
     def reset_draws(self) -> None:
         """Forget the current draw, cached scores and slices (after a calibration's draws)."""
-        self._drawn_for, self._scores_cache, self._pending = None, None, None
+        self._drawn_for, self._scores_cache = None, None
         self._rms = self._out_norms = self._mean_hidden = None
         self._window = 0
         self.slices.clear()
@@ -386,8 +381,8 @@ class BlockUnit:
         draws at its output runs sparse: a draw waiting for this forward's activations is made from
         them, else (a later micro-batch, a checkpoint's recompute) they refresh the statistics
         (:meth:`observe`). Outside the graph under ``torch.compile``, so the draw is kept."""
-        if self._pending is not None:
-            key, self._pending = self._pending, None
+        key = (self._handle.draw_id, self.k())
+        if self._drawn_for != key:
             self._draw(h, key, hidden=True)
         else:
             self.observe(h)
@@ -524,7 +519,10 @@ def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.T
 
 def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.Tensor) -> torch.Tensor:
     if unit._observes and proj is unit.output and unit.is_sparse():
-        unit.read_hidden(h) if unit._draws_at_output else unit.observe(h)
+        if unit._draws_at_output:
+            unit.read_hidden(h)
+        else:
+            unit.observe(h)
     idx = unit.output_index(proj)
     out = _sliced(unit, proj, dense, h, idx, KEEP_INPUTS)
     if idx is not None and unit.compensation is not None and proj is unit.output:
