@@ -12,9 +12,10 @@ The cost follows what ``omit_in`` trains:
   model's), one forward per block, rate and batch;
 * ``backward`` and ``weight_gradient``: the forward is exact, so the cost is the gradient it
   cuts: the share of the squared norm of the full gradient that the block's omitted units'
-  weights carry, with the units SAT would omit (the lowest scores). One dense backward per batch
-  serves every block and rate. (Exact for ``weight_gradient``; for ``backward`` it ignores the
-  input gradient the omitted units no longer pass to earlier layers.)
+  weights carry, with the units SAT would omit (the lowest scores, scored from what training
+  scores them from). One dense backward per batch serves every block and rate. (Exact for
+  ``weight_gradient``; for ``backward`` it ignores the input gradient the omitted units no
+  longer pass to earlier layers.)
 
 Budgets (``rate_budget``): ``flops`` saves as many matmul FLOPs as the uniform ``omission_rate``
 would over the same blocks; ``loss`` saves the most FLOPs whose summed cost stays within
@@ -153,8 +154,15 @@ def _gradient_costs(handle: SATHandle, model: torch.nn.Module, batches: list[dic
     """Per unit and rate: the share of the dense gradient's squared norm on the weights of the units
     SAT would omit (lowest scores), averaged over batches."""
     handle.rate = 0.0
+    # each unit scores from what it scores from in training: the block's input, or (a block that draws at its
+    # output projection) the down projection's input of every channel, all tokens
     inputs: dict[str, torch.Tensor] = {}
-    hooks = [u.inputs[0].register_forward_pre_hook(lambda m, a, u=u: inputs.__setitem__(u.name, a[0].detach())) for u in handle.units]
+    hooks = [
+        (u.output if u._draws_at_output else u.inputs[0]).register_forward_pre_hook(
+            lambda m, a, u=u: inputs.__setitem__(u.name, a[0].detach())
+        )
+        for u in handle.units
+    ]
     per_batch = []
     try:
         for b in batches:
@@ -165,7 +173,8 @@ def _gradient_costs(handle: SATHandle, model: torch.nn.Module, batches: list[dic
             for unit in handle.units:
                 unit.reset_draws()  # every channel measured on this batch, as a first draw does (not a window)
                 with torch.no_grad():
-                    scores = unit._scores(inputs[unit.name], torch.Generator(device=inputs[unit.name].device).manual_seed(0))
+                    generator = torch.Generator(device=inputs[unit.name].device).manual_seed(0)
+                    scores = unit._scores(inputs[unit.name], generator, hidden=unit._draws_at_output)
                     share = unit.unit_gradient_square() / total
                 rows.append([_omitted_share(scores, share, unit.groups, kept_count(unit.n // unit.groups, r)) for r in rates])
             per_batch.append(rows)

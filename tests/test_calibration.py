@@ -82,16 +82,30 @@ def test_calibration_gives_the_dear_layer_less_and_meets_the_budget(trained, omi
     assert model(**batches[0]).loss.isfinite()  # draws after the calibration start afresh
 
 
-def test_backward_calibration_scores_every_channel_on_every_batch(trained, monkeypatch):
+def test_backward_calibration_scores_every_channel_on_every_batch_as_training_does(trained, monkeypatch):
     """omit_in backward (activation scores from the forward by default): each calibration batch
-    measures all channels on its own tokens, not a rotating window after the first batch."""
-    rows = []
-    real = importance.mlp_hidden
-    monkeypatch.setattr(importance, "mlp_hidden", lambda t, w, *a: rows.append(w[0].shape[0]) or real(t, w, *a))
+    scores all channels from its own dense forward's down projection input, on every token, as a
+    training draw does (not from a subsample, not a rotating window after the first batch)."""
+    from sat_trainer import calibration
+
     model = _model_with_a_dear_first_layer(trained)
-    handle = apply_sat(model, sat_config(targets=["mlp"], omission_rate=0.5, layer_rates="auto", omit_in="backward"))
+    config = sat_config(targets=["mlp"], omission_rate=0.5, layer_rates="auto", omit_in="backward",
+                        activation_tokens=16, activation_token_fraction=0.1)  # a subsample would be 20 of 192 tokens
+    handle = apply_sat(model, config)
+    downs = []
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: downs.append((m, a[0].detach().clone())))
+             for layer in model.model.layers]
+    scored = []
+    real = calibration._omitted_share
+    monkeypatch.setattr(calibration, "_omitted_share", lambda scores, *a: scored.append(scores.clone()) or real(scores, *a))
     calibrate(handle, model, _batches())
-    assert rows == [96] * 6  # 2 batches x 3 blocks
+    for h in hooks:
+        h.remove()
+    per_draw = scored[:: len(handle.config.calibration_rates)]
+    assert len(per_draw) == len(downs) == 6  # 2 batches x 3 blocks
+    for scores, (down, hidden) in zip(per_draw, downs):
+        full = importance.channel_rms(hidden.reshape(-1, hidden.shape[-1]), None) * importance.output_column_norms(down.weight)
+        torch.testing.assert_close(scores, full)
 
 
 def test_trainer_calibrates_at_train_start_and_keeps_the_rates_in_checkpoints(trained, tmp_path):

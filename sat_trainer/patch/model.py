@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .. import importance
 from ..config import SATConfig, to_config
 from ..errors import SATError
 from ..ops import SLICEABLE, weight_numel
@@ -47,6 +48,8 @@ class SATHandle:
         self._model_ref = weakref.ref(model)
         self._optimizer_hook = _clear_slices_after_every_optimizer_step(weakref.ref(self))
         self.token_mask: torch.Tensor | None = None  # 1 on real tokens, 0 on padding: scoring ignores pads
+        self.position_ids: torch.Tensor | None = None  # packed sequences restart at 0: where sequences start
+        self._starts: tuple[tuple[int, ...], torch.Tensor] | None = None
         self.token_split: tuple[torch.Tensor, torch.Tensor] | None = None  # sparse_tokens context: (dense rows, sparse rows)
         self._mask_hook = model.register_forward_pre_hook(self._read_token_mask, with_kwargs=True)
         self._zero3_hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -56,6 +59,9 @@ class SATHandle:
         (in SFT batches a fifth of the tokens are pads). A forward without one scores every token."""
         mask = kwargs.get("attention_mask")
         self.token_mask = mask.reshape(-1) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        positions = kwargs.get("position_ids")
+        self.position_ids = positions if isinstance(positions, torch.Tensor) and positions.dim() == 2 else None
+        self._starts = None
         if self.config.sparse_tokens == "context":
             self.token_split = _loss_token_split(kwargs.get("labels"), module.training)
 
@@ -65,6 +71,19 @@ class SATHandle:
         if mask is None or mask.numel() != x.numel() // x.shape[-1] or mask.device != x.device:
             return None
         return mask.to(x.dtype)
+
+    def sequence_starts_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """1 at each sequence's first real token among ``x``'s (``batch x length x features``)
+        flattened tokens, else 0 (:func:`importance.sequence_starts`); None for other shapes. Built
+        once per forward and shape: every block of the forward reuses it."""
+        if x.dim() != 3:
+            return None
+        shape = (*x.shape[:2], x.device.type, x.device.index)
+        if self._starts is None or self._starts[0] != shape:
+            mask = self.token_mask_for(x)
+            starts = importance.sequence_starts(x.shape[0], x.shape[1], mask, self.position_ids, x.device)
+            self._starts = (shape, starts)
+        return self._starts[1]
 
     def token_split_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(dense rows, sparse rows) of ``x``'s flattened tokens under ``sparse_tokens: context``, if they match."""

@@ -77,9 +77,10 @@ class BlockUnit:
         self._rms: torch.Tensor | None = None
         self._out_norms: torch.Tensor | None = None
         self._window = 0  # the next window _activation_mlp_scores re-measures
-        # the token rows (of how many) that window was measured on: observe() measures the kept channels on the same
-        # rows, since an RMS over more tokens is not comparable (see observe)
+        # the token rows (of how many, and their stratum weights) that window was measured on: observe() measures
+        # the kept channels on the same rows with the same weights, since an RMS over more tokens is not comparable
         self._sample_rows: torch.Tensor | None = None
+        self._sample_weights: torch.Tensor | None = None
         self._sample_of = 0
         # compensation mean: each channel's mean output (measured as the RMS is), and the constant the omitted
         # ones add to the down projection's output for the current draw
@@ -392,7 +393,7 @@ class BlockUnit:
         training forward just computed: the down projection's input, the kept channels' or, when the
         forward is dense (``omit_in: backward``), every channel's. One reduction over ``h``, no
         matmul; the next draw scores from it. A sparse forward measures its kept channels on the
-        token rows the draw's window was measured on (same count, drawn the same way): an RMS
+        token rows the draw's window was measured on (same rows, same weights): an RMS
         over all of the micro-batch's tokens is not comparable with one over a subsample, since
         LLM activations are heavy-tailed and a subsample usually misses the rare large tokens, so
         the kept channels would look larger than the re-measured ones and stay kept (measured on
@@ -405,16 +406,15 @@ class BlockUnit:
         with torch.no_grad():
             h, mask = self._zero_padding(h.detach())
             flat = h.reshape(-1, h.shape[-1])
-            real = None if mask is None else mask.reshape(-1)
+            weights = None if mask is None else mask.reshape(-1)
             if self._sample_rows is not None and flat.shape[0] == self._sample_of and not self.backward_only:
-                flat = flat.index_select(0, self._sample_rows)
-                real = None if real is None else real.index_select(0, self._sample_rows)
+                flat, weights = flat.index_select(0, self._sample_rows), self._sample_weights
             kept = None if flat.shape[1] == self.n and self.backward_only else self.kept_units
             if kept is not None and flat.shape[1] == self.n:  # split token rows: the sparse rows' omitted features are zeros
                 flat = flat.index_select(1, kept)
-            self._store(self._rms, kept, importance.channel_rms(flat, real))
+            self._store(self._rms, kept, importance.channel_rms(flat, weights))
             if self._compensates:
-                self._store(self._mean_hidden, kept, importance.real_token_mean(flat, real))
+                self._store(self._mean_hidden, kept, importance.real_token_mean(flat, weights))
 
     def _store(self, stats: torch.Tensor, kept: torch.Tensor | slice | None, values: torch.Tensor) -> None:
         """Write per-channel measurements into ``stats`` at the ``kept`` channels (a window slice;
@@ -445,14 +445,17 @@ class BlockUnit:
         x, mask = self._zero_padding(x)  # and subsamples draw real tokens first
         if cfg.metric == "wanda":
             return importance.wanda(x, in_weights, self.n)
+        starts = self._handle.sequence_starts_for(x)
         if cfg.metric == "maxip":
-            return importance.maxip(x, in_weights[0], self.n, cfg.maxip_tokens, generator, mask)
+            return importance.maxip(x, in_weights[0], self.n, cfg.maxip_tokens, generator, mask, starts)
         tokens = x.numel() // x.shape[-1]
         size = importance.subsample_size(tokens, cfg.activation_tokens, cfg.activation_token_fraction)
-        sample = importance.subsample_tokens(x, size, generator, mask)
+        sample, weights = importance.subsample_tokens(x, size, generator, mask, starts)
         values, value_bias = self._logical_weight(2)  # v_proj, or the v segment of a fused qkv_proj
         kv_groups = self.groups if self.query_heads else self.n
-        return importance.activation_attention(sample, values, value_bias, out_major_weight(self.output), kv_groups, self.query_heads)
+        return importance.activation_attention(
+            sample, values, value_bias, out_major_weight(self.output), kv_groups, self.query_heads, weights
+        )
 
     def _activation_mlp_scores(self, x: torch.Tensor, generator: torch.Generator | None, hidden: bool = False) -> torch.Tensor:
         """The activation scores of every channel: its output RMS times its down column's norm.
@@ -475,19 +478,20 @@ class BlockUnit:
         if hidden:
             self.observe(x)
             return self._rms * self._out_norms
-        x, mask = self._zero_padding(x)  # and the subsample draws real tokens first
+        x, mask = self._zero_padding(x)  # and the subsample draws sequence starts, then real tokens, first
         flat = x.reshape(-1, x.shape[-1])
         size = importance.subsample_size(flat.shape[0], cfg.activation_tokens, cfg.activation_token_fraction)
-        rows = importance.sample_rows(flat.shape[0], size, generator, mask, flat.device)
-        self._sample_rows, self._sample_of = rows, flat.shape[0]
+        rows, sample_weights = importance.stratified_sample(
+            flat.shape[0], size, generator, mask, self._handle.sequence_starts_for(x), flat.device
+        )
+        self._sample_rows, self._sample_weights, self._sample_of = rows, sample_weights, flat.shape[0]
         sample = flat if rows is None else flat.index_select(0, rows)
-        real = None if mask is None else importance.nonzero_rows(sample)
         weights, biases = self._logical_inputs()
         weights, biases = [w[window] for w in weights], [None if b is None else b[window] for b in biases]
         measured = importance.mlp_hidden(sample, weights, biases, _activation(self.block, self.shape.activation))
-        self._store(self._rms, window, importance.channel_rms(measured, real))
+        self._store(self._rms, window, importance.channel_rms(measured, sample_weights))
         if self._compensates:
-            self._store(self._mean_hidden, window, importance.real_token_mean(measured, real))
+            self._store(self._mean_hidden, window, importance.real_token_mean(measured, sample_weights))
         return self._rms * self._out_norms
 
     def _stores_statistics(self) -> bool:
