@@ -6,7 +6,7 @@ KV groups) has the kept size built in: what perfect slicing would give (with ``-
 backward``, where SAT's forward runs dense, the bound is the dense model's median forward time
 plus the pruned model's median backward-and-optimizer time, both from the same loop). It alternates timed
 training steps (forward, backward, fused AdamW step) between the three, so drift in machine
-load hits all alike, and reports medians, SAT's speedup, the bound's speedup, SAT's fraction of
+load hits all alike (the order rotating each round), and reports medians, SAT's speedup, the bound's speedup, SAT's fraction of
 the bound and the ideal speedup from the matmul FLOP count (LM head included). With
 ``--memory`` each variant's peak memory is measured in a separate process (CUDA: peak
 allocated; CPU: peak RSS growth during the steps).
@@ -38,6 +38,7 @@ import torch
 import transformers
 
 from sat_trainer import SATConfig, apply_sat
+from sat_trainer.app.step_timing import interleaved
 from sat_trainer.schedule import kept_count, omission_rate_at
 from sat_trainer.yaml_io import parse_value
 
@@ -183,14 +184,9 @@ def compare(args, targets: str, rate: float) -> Row:
     split = handle.config.sparse_tokens == "context" and args.context_fraction > 0
     if args.bound and args.omit_in != "weight_gradient" and not args.dense_layers and not split:
         steps["pruned"] = make_step(build_pruned(args, targets, rate), args)
-    times = {name: [] for name in steps}
-    for i in range(args.warmup + args.steps):
-        for name, step in steps.items():
-            if name == "sat":
-                handle.new_step()
-            elapsed = step()
-            if i >= args.warmup:
-                times[name].append(elapsed)
+    sat_step = steps["sat"]
+    steps["sat"] = lambda: (handle.new_step(), sat_step())[1]  # a new draw per step, as in training
+    times = interleaved(steps, args.warmup, args.steps)
     total = {name: [t for t, _ in ts] for name, ts in times.items()}
     d, s = statistics.median(total["dense"]), statistics.median(total["sat"])
     ideal = 1.0 / handle.kept_flops_fraction()

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
+from sat_trainer import SATConfig
 from sat_trainer.app.cli import main
+from sat_trainer.app.step_timing import StepTimes
 
 
 def _overrides(base, out, steps=4):
@@ -60,14 +62,34 @@ def test_compare_dense_prints_a_side_by_side_table(tiny_base, tmp_path, capsys):
     timed = json.loads((out / "sat_equal_time" / "report.json").read_text())
     assert dense["omission_schedule"] == [0.0, 0.0, 0.0]
     assert sat["omission_schedule"] == [0.5, 0.5, 0.0]
-    # CPT: the third run has the steps that fit in dense's train-step time at SAT's own time per step
-    assert timed["steps"] == max(1, int(dense["train_time_s"] * 3 / sat["train_time_s"]))
+    # CPT: the third run has the steps that fit in dense's train-step time at the interleaved step times
+    times = StepTimes.from_dict(json.loads((out / "step_times.json").read_text()))
+    assert set(times.sat_s) == {0.0, 0.5} and times.kept_flops[0.0] == 1.0 and times.kept_flops[0.5] < 1.0
+    assert times.rounds == 5 and all(lo <= hi for lo, hi in times.spread.values())
+    assert timed["steps"] == times.equal_time_steps(SATConfig.from_yaml("configs/demo_cpt.yaml"), 3)
     assert timed["omission_schedule"][-1] == 0.0 and f"equal time ({timed['steps']} steps)" in table
+    assert "| step time, interleaved (s, median) |" in table and "| FLOP ideal, same schedule | 1.00x |" in table
+    assert "time to dense's final continual loss, interleaved" in table
     assert (out / "compare.md").read_text().startswith("| | dense | SAT, equal steps |")
     assert "held-out loss vs dense: continual" in table and "time to dense's final continual loss" in table
     starts = [json.loads((out / mode / "report.json").read_text())["history"]["held_out"][0] for mode in ("sat", "dense")]
     assert starts[0]["step"] == starts[1]["step"] == 0 and starts[0]["continual"] == pytest.approx(starts[1]["continual"])  # same model at step 0
     assert (out / "report.png").stat().st_size > 10_000  # dense and SAT curves together
+
+
+def test_compare_dense_without_timing_sizes_equal_time_from_the_runs(tiny_base, tmp_path, capsys):
+    out = tmp_path / "cmp0"
+    args = ["cpt", "--config", "configs/demo_cpt.yaml", "--compare-dense", "--timing-rounds", "0", *_overrides(tiny_base, out, steps=3)]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    dense, sat, timed = (json.loads((out / m / "report.json").read_text()) for m in ("dense", "sat", "sat_equal_time"))
+    assert timed["steps"] == max(1, int(dense["train_time_s"] * 3 / sat["train_time_s"]))  # SAT's own time per step
+    assert not (out / "step_times.json").exists() and "interleaved" not in table and "speedup, as run" in table
+
+
+def test_negative_timing_rounds_is_refused(tmp_path, capsys):
+    assert main(["cpt", "--config", "configs/demo_cpt.yaml", "--compare-dense", "--timing-rounds", "-1", "--set", f"training.output_dir={tmp_path}"]) == 2
+    assert "--timing-rounds has invalid value -1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

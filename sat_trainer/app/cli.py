@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", required=True, help="scenario YAML (see configs/)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.max_steps=20 or sat.omission_rate=0.3")
         p.add_argument("--compare-dense", action="store_true", help="also run the same config dense and print a side-by-side table")
+        p.add_argument("--timing-rounds", type=int, default=5, metavar="N", help="--compare-dense: rounds of interleaved dense and "
+                       "SAT steps timed in one process (medians; they size the equal-time run); 0: use the runs' own times")
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder (same ladder, draws, data order)")
         p.add_argument("--overwrite", action="store_true", help="delete the run folder's checkpoints and start over")
     p = sub.add_parser("pretrain-base", help="build (once) the small pretrained base the demo configs use")
@@ -66,6 +68,8 @@ def _train(args: argparse.Namespace) -> int:
     explicit = cfg.training.get("resume_from_checkpoint")
     if args.compare_dense and cfg.sat is None:
         raise SATConfigError(f"{args.config}: --compare-dense needs a 'sat:' section (with sat: null both runs would be dense)")
+    if args.timing_rounds < 0:
+        raise SATConfigError(f"--timing-rounds has invalid value {args.timing_rounds}; allowed: 0 (no interleaved timing) or more rounds")
     if args.compare_dense and explicit is not None:
         raise SATConfigError("training.resume_from_checkpoint names one checkpoint; with --compare-dense use --resume")
     folders = list(compare_folders(cfg).values()) if args.compare_dense else [cfg.output_dir]
@@ -89,7 +93,7 @@ def _train(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, cfg: RunConfig, starts: dict[Path, str | None]) -> int:
     from .plots import plot_comparison
     from .report import comparison_table, equal_time_steps
-    from .run import run
+    from .run import run, time_steps
 
     if not args.compare_dense:
         report = run(cfg, resume_from=starts[cfg.output_dir])
@@ -98,11 +102,14 @@ def _run(args: argparse.Namespace, cfg: RunConfig, starts: dict[Path, str | None
     folders = compare_folders(cfg)
     dense = run(cfg, dense=True, output_dir=folders["dense"], resume_from=starts[folders["dense"]])
     runs = [("SAT, equal steps", run(cfg, output_dir=folders["sat"], resume_from=starts[folders["sat"]]))]
+    times = None
+    if args.timing_rounds > 0:  # the speed side, robust to machine drift between the sequential runs
+        times = time_steps(cfg, dense["steps"], calibration=runs[0][1].get("sat_calibration"), rounds=args.timing_rounds, reuse=args.resume)
     if "sat_equal_time" in folders:  # CPT: SAT gets the steps that fit in dense's train-step time, its schedule over them
-        steps = equal_time_steps(dense, runs[0][1])
+        steps = times.equal_time_steps(cfg.sat, dense["steps"]) if times is not None else equal_time_steps(dense, runs[0][1])
         timed = dataclasses.replace(cfg, training={**cfg.training, "max_steps": steps})
         runs.append((f"SAT, equal time ({steps} steps)", run(timed, output_dir=folders["sat_equal_time"], resume_from=starts[folders["sat_equal_time"]])))
-    table = comparison_table(dense, runs)
+    table = comparison_table(dense, runs, times, cfg.sat)
     (cfg.output_dir / "compare.md").write_text(table + "\n")
     plot_comparison([*runs, ("dense", dense)], cfg.output_dir / "report.png")
     print("\n" + table)

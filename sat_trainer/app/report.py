@@ -12,13 +12,17 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..patch.model import handle_of
 from .plots import plot_report
+
+if TYPE_CHECKING:
+    from ..config import SATConfig
+    from .step_timing import StepTimes
 
 
 class ReportCallback(TrainerCallback, ExportableState):
@@ -119,8 +123,15 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def comparison_table(dense: dict[str, Any], runs: list[tuple[str, dict[str, Any]]]) -> str:
-    """Markdown table of the dense run and SAT runs of the same config side by side, one column each."""
+def comparison_table(
+    dense: dict[str, Any], runs: list[tuple[str, dict[str, Any]]], times: StepTimes | None = None, sat: SATConfig | None = None,
+) -> str:
+    """Markdown table of the dense run and SAT runs of the same config side by side, one column each.
+
+    The as-run times are each run's own clock, taken one run after the other; with ``times`` (the
+    interleaved step times, :mod:`.step_timing`) and SAT's config ``sat``, rows follow with each
+    run's schedule re-timed at those medians, its FLOP ideal for the same schedule, and the time to
+    dense's final loss read off the re-timed curve."""
     cells: dict[str, list[str]] = {}
 
     def row(name: str, dense_cell: str, cell) -> None:
@@ -128,21 +139,34 @@ def comparison_table(dense: dict[str, Any], runs: list[tuple[str, dict[str, Any]
 
     row("steps", str(dense["steps"]), lambda r: str(r["steps"]))
     row("wall time (s)", f"{dense['wall_time_s']:.1f}", lambda r: f"{r['wall_time_s']:.1f}")
-    row("train-step time (s)", f"{dense['train_time_s']:.1f}", lambda r: f"{r['train_time_s']:.1f}")
-    row("tokens/s", f"{dense['tokens_per_second']:.0f}", lambda r: f"{r['tokens_per_second']:.0f}")
+    row("train-step time, as run (s)", f"{dense['train_time_s']:.1f}", lambda r: f"{r['train_time_s']:.1f}")
+    row("tokens/s, as run", f"{dense['tokens_per_second']:.0f}", lambda r: f"{r['tokens_per_second']:.0f}")
     for name in sorted(dense["held_out_loss"]):
         row(f"held-out loss: {name}", f"{dense['held_out_loss'][name]:.4f}", lambda r, n=name: f"{r['held_out_loss'].get(n, float('nan')):.4f}")
-    row("speedup (train-step time)", "1.00x", lambda r: f"{dense['train_time_s'] / r['train_time_s']:.2f}x" if r["train_time_s"] else "-")
+    row("speedup, as run", "1.00x", lambda r: f"{dense['train_time_s'] / r['train_time_s']:.2f}x" if r["train_time_s"] else "-")
+    if times is not None:
+        def per_step(r: dict) -> float:
+            return times.schedule_time(sat, r["steps"]) / r["steps"]
+
+        row("step time, interleaved (s, median)", f"{times.dense_s:.3f}", lambda r: f"{per_step(r):.3f}")
+        row("speedup per step, interleaved", "1.00x", lambda r: f"{times.dense_s / per_step(r):.2f}x")
+        row("FLOP ideal, same schedule", "1.00x", lambda r: f"{times.schedule_ideal(sat, r['steps']):.2f}x")
     first = next(iter(dense["held_out_loss"]), None)  # the config's first held-out set: the target domain
     if first is not None:
         target = dense["held_out_loss"][first]
 
-        def reached(r: dict) -> str:
-            t = time_to_reach(r["history"]["held_out"], first, target)
-            return f"{t / dense['train_time_s']:.2f}x" if t is not None else "not reached"
+        def reached(r: dict, retimed: bool = False) -> str:
+            evals, total = r["history"]["held_out"], dense["train_time_s"]
+            if retimed:
+                evals = [{**e, "train_time_s": times.curve_time(sat, r["steps"], e["step"])} for e in evals]
+                total = times.dense_s * dense["steps"]
+            t = time_to_reach(evals, first, target)
+            return f"{t / total:.2f}x" if t is not None else "not reached"
 
         row(f"held-out loss vs dense: {first}", "", lambda r: f"{100 * (r['held_out_loss'].get(first, float('nan')) / target - 1):+.2f}%")
-        row(f"train-step time to dense's final {first} loss", "1.00x", reached)
+        row(f"train-step time to dense's final {first} loss, as run", "1.00x", reached)
+        if times is not None:
+            row(f"train-step time to dense's final {first} loss, interleaved", "1.00x", lambda r: reached(r, retimed=True))
     head = "| | dense | " + " | ".join(label for label, _ in runs) + " |"
     lines = [head, "|---|" + "---|" * (len(runs) + 1), *[f"| {name} | " + " | ".join(c) + " |" for name, c in cells.items()]]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ model and tokenizer, LoRA merged in; the adapter alone under ``adapter/``), ``re
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 import transformers
 
 from . import data as sat_data
+from . import step_timing
 from .builtin_models import resolve_model_path
 from ..callback import SATCallback
 from ..errors import SATTrainingError
@@ -24,6 +26,7 @@ from .model_source import check_model
 from ..patch.model import remove_sat
 from .report import ReportCallback, build_report, write_report
 from .run_config import RunConfig
+from .step_timing import StepTimes
 from .training_args import training_arguments
 
 logger = logging.getLogger("sat_trainer")
@@ -43,14 +46,7 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
     model_path = resolve_model_path(cfg.model)
     source = resume_from if resume_from and cfg.lora is None else model_path
     check_model(source, sat=cfg.sat if mode == "sat" else None, lora=cfg.lora, max_length=cfg.data.max_length)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    train_set, eval_sets, collator = sat_data.build_datasets(cfg.task, cfg.data, tokenizer)
-    model = transformers.AutoModelForCausalLM.from_pretrained(source)
-    if cfg.lora is not None:
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **cfg.lora))
-
+    tokenizer, model, (train_set, eval_sets, collator) = _load(cfg, source)
     args = training_arguments(cfg.training, has_eval=bool(eval_sets), output_dir=str(out), resumed=resume_from is not None)
     guard = NonFiniteGuard(cfg.max_skipped_steps)
     callbacks = [guard, ReportCallback()] if mode == "dense" else [SATCallback(cfg.sat), guard, ReportCallback()]
@@ -85,6 +81,37 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
             f"report in {out / 'report.json'}; lower training.learning_rate (or allow skipped steps with max_skipped_steps)"
         )
     return report
+
+
+def time_steps(cfg: RunConfig, dense_steps: int, *, calibration: dict | None = None, rounds: int = 5, reuse: bool = False) -> StepTimes:
+    """Dense and SAT step times of this scenario, interleaved in one process (:mod:`.step_timing`), on
+    the first training batch, at the rates of SAT's schedule over ``dense_steps`` steps; written to
+    ``step_times.json`` in the run folder. ``calibration``: the SAT run's ``layer_rates: auto`` table.
+    ``reuse`` (a resumed comparison): the times already in ``step_times.json``, if any, so that the
+    equal-time run keeps the step count its checkpoints were made with."""
+    path = cfg.output_dir / "step_times.json"
+    if reuse and path.is_file():
+        return StepTimes.from_dict(json.loads(path.read_text()))
+    model_path = resolve_model_path(cfg.model)
+    _, model, (train_set, _, collator) = _load(cfg, model_path)
+    args = training_arguments(cfg.training, has_eval=False, output_dir=str(cfg.output_dir))
+    batch = collator([train_set[i] for i in range(min(args.per_device_train_batch_size, len(train_set)))])
+    times = step_timing.measure(model, batch, args, cfg.sat, step_timing.timed_rates(cfg.sat, dense_steps), calibration=calibration, rounds=rounds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(times.to_dict(), indent=2))
+    return times
+
+
+def _load(cfg: RunConfig, source: str) -> tuple[Any, torch.nn.Module, tuple]:
+    """(tokenizer, model with LoRA if the scenario has it, (train set, held-out sets, collator)) from ``source``."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    data = sat_data.build_datasets(cfg.task, cfg.data, tokenizer)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    if cfg.lora is not None:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **cfg.lora))
+    return tokenizer, model, data
 
 
 def _save_final(model: torch.nn.Module, tokenizer, out: Path, *, lora: bool) -> None:

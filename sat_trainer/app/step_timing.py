@@ -1,0 +1,198 @@
+"""Interleaved step times: the speed side of `sat-train --compare-dense`, measured so that machine drift cancels.
+
+Two training runs made one after the other see different machine load: on the project's 2-core
+CPU the same 40-step SAT run took 239, 249 and 266 s in one day, and sequential runs of one
+config differed by 19% (docs/benchmarks.md), more than SAT saves at a quality-safe rate. So the
+comparison also times training steps of the dense model and of SAT at each rate of SAT's schedule
+*in one process, in turn* (one step of each per round, the order rotating every round), on one
+batch of the run's own training data, and keeps the medians: a load change then hits every
+variant alike. A schedule's train-step time is the sum of its steps' median times
+(:meth:`StepTimes.schedule_time`), which is what sizes the equal-time run and what the table
+reports beside the as-run times.
+
+A timed step is what the Trainer does per optimizer step: ``gradient_accumulation_steps``
+forward/backward passes (under the run's bf16/fp16 autocast and gradient checkpointing), then
+the optimizer the run's ``TrainingArguments`` name. It runs in a single process on the run's
+device; data loading, logging and distributed communication are not timed (the same for both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from ..config import SATConfig
+from ..schedule import omission_rate_at
+
+logger = logging.getLogger("sat_trainer")
+
+T = TypeVar("T")
+MAX_TIMED_RATES = 4  # a schedule with more distinct rates (linear, cosine) is timed at this many, interpolated between
+
+
+def interleaved(steps: dict[str, Callable[[], T]], warmup: int, rounds: int) -> dict[str, list[T]]:
+    """Run every step once per round, ``warmup`` rounds untimed then ``rounds`` timed; each callable
+    returns its own timing (seconds, or what ``scripts/benchmark.py`` splits them into). The order
+    rotates by one each round, so no variant always runs right after the same other one (a step can
+    leave caches or the allocator warm for the next)."""
+    names = list(steps)
+    times: dict[str, list[T]] = {name: [] for name in names}
+    for i in range(warmup + rounds):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed = steps[name]()
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def timed_rates(cfg: SATConfig, steps: int) -> list[float]:
+    """The omission rates to time for a ``steps``-step run of ``cfg``'s schedule: each distinct rate
+    (a ladder has a few), or, for a schedule with more, :data:`MAX_TIMED_RATES` evenly spaced from 0
+    to the peak (step time is close to linear in the kept FLOPs, so interpolation between them is fair)."""
+    rates = sorted({omission_rate_at(cfg, s, steps) for s in range(steps)})
+    if len(rates) <= MAX_TIMED_RATES:
+        return rates
+    top = rates[-1]
+    return [top * i / (MAX_TIMED_RATES - 1) for i in range(MAX_TIMED_RATES)]
+
+
+@dataclass
+class StepTimes:
+    """Median seconds per optimizer step: ``dense_s`` for the dense model, ``sat_s[rate]`` for SAT at
+    each timed rate; ``kept_flops[rate]`` is SAT's matmul FLOP fraction there (the FLOP ideal)."""
+
+    dense_s: float
+    sat_s: dict[float, float]
+    kept_flops: dict[float, float]
+    rounds: int
+    spread: dict[str, list[float]] = field(default_factory=dict)  # variant -> [min, max] of its timed steps
+
+    def at(self, rate: float) -> float:
+        """SAT's median step time at ``rate``, linearly interpolated between the timed rates."""
+        return _interpolate(self.sat_s, rate)
+
+    def schedule_time(self, cfg: SATConfig, steps: int) -> float:
+        """Train-step seconds of a ``steps``-step SAT run: the sum of its scheduled steps' medians."""
+        return sum(self.at(omission_rate_at(cfg, s, steps)) for s in range(steps))
+
+    def schedule_ideal(self, cfg: SATConfig, steps: int) -> float:
+        """The FLOP ideal of the same run: dense FLOPs over the schedule's summed kept FLOPs."""
+        return steps / sum(_interpolate(self.kept_flops, omission_rate_at(cfg, s, steps)) for s in range(steps))
+
+    def equal_time_steps(self, cfg: SATConfig, dense_steps: int) -> int:
+        """The most SAT steps (its schedule over them) whose train-step time fits in ``dense_steps``
+        dense steps' (at least 1)."""
+        budget = dense_steps * self.dense_s * (1 + 1e-9)  # a sum of medians that equals the budget fits
+        steps = max(1, int(budget / max(self.sat_s.values())))  # every step is at most the slowest rate's
+        while self.schedule_time(cfg, steps + 1) <= budget:
+            steps += 1
+        return steps
+
+    def curve_time(self, cfg: SATConfig, total_steps: int, step: int) -> float:
+        """Train-step seconds after the first ``step`` steps of a ``total_steps``-step SAT run."""
+        return sum(self.at(omission_rate_at(cfg, s, total_steps)) for s in range(step))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (``step_times.json``); rates become string keys."""
+        return {"rounds": self.rounds, "dense_s": self.dense_s, "sat_s": {str(r): t for r, t in self.sat_s.items()},
+                "kept_flops": {str(r): f for r, f in self.kept_flops.items()}, "spread": self.spread}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepTimes:
+        return cls(dense_s=data["dense_s"], sat_s={float(r): t for r, t in data["sat_s"].items()},
+                   kept_flops={float(r): f for r, f in data["kept_flops"].items()}, rounds=data["rounds"], spread=data["spread"])
+
+
+def _interpolate(points: dict[float, float], rate: float) -> float:
+    rates = sorted(points)
+    if rate <= rates[0]:
+        return points[rates[0]]
+    for lo, hi in zip(rates, rates[1:]):
+        if rate <= hi:
+            return points[lo] + (points[hi] - points[lo]) * (rate - lo) / (hi - lo)
+    return points[rates[-1]]
+
+
+def measure(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], args, cfg: SATConfig, rates: list[float], *,
+    calibration: dict | None = None, warmup: int = 1, rounds: int = 5,
+) -> StepTimes:
+    """Time dense and SAT training steps on ``batch``, interleaved (see the module docstring).
+
+    ``model`` is the model the runs start from (LoRA applied if the run has it), loaded for this: it
+    is trained as the dense variant, and a copy of it is patched with ``cfg`` (and ``calibration``'s
+    per-block rates, ``layer_rates: auto``); each trains with its own optimizer of the run's kind.
+    """
+    from ..calibration import apply_table
+    from ..patch.model import apply_sat
+
+    device = args.device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    dense = model.to(device).train()
+    sat = copy.deepcopy(dense)
+    handle = apply_sat(sat, cfg)
+    if calibration is not None:
+        apply_table(handle, calibration)
+    if args.gradient_checkpointing:
+        for m in (dense, sat):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+    dense_step, sat_step = _trainer_step(dense, batch, args), _trainer_step(sat, batch, args)
+    kept: dict[float, float] = {}
+
+    def at_rate(rate: float) -> Callable[[], float]:
+        def step() -> float:
+            handle.set_rate(rate)
+            handle.new_step()
+            elapsed = sat_step()
+            kept[rate] = handle.kept_flops_fraction()
+            return elapsed
+        return step
+
+    steps = {"dense": dense_step, **{f"sat@{r:g}": at_rate(r) for r in rates}}
+    logger.info("sat_trainer: timing dense and SAT at rates %s interleaved, %d rounds of %d steps (+%d warm-up)",
+                ", ".join(f"{r:g}" for r in rates), rounds, len(steps), warmup)
+    times = interleaved(steps, warmup, rounds)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    return StepTimes(
+        dense_s=medians["dense"], sat_s={r: medians[f"sat@{r:g}"] for r in rates}, kept_flops=kept, rounds=rounds,
+        spread={name: [min(ts), max(ts)] for name, ts in times.items()},
+    )
+
+
+def _trainer_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], args) -> Callable[[], float]:
+    """One optimizer step as the Trainer takes it (see the module docstring), returning its seconds."""
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], **kwargs)
+    accumulation = max(1, args.gradient_accumulation_steps)
+    device_type = torch.device(args.device).type
+    precision = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+
+    def step() -> float:
+        _sync(device_type)
+        start = time.perf_counter()
+        for _ in range(accumulation):
+            amp = torch.autocast(device_type, dtype=precision) if precision is not None else contextlib.nullcontext()
+            with amp:
+                loss = model(**batch).loss / accumulation
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device_type)
+        return time.perf_counter() - start
+
+    return step
+
+
+def _sync(device_type: str) -> None:
+    if device_type == "cuda":
+        torch.cuda.synchronize()
