@@ -9,8 +9,9 @@ reach dense's final held-out loss on the first eval set, as a fraction of dense'
 
 With ``--equal-time`` (the CPT protocol: time to a target quality, as MLPerf Training scores
 training systems) every SAT variant is also run a second time, as ``<variant>@equal-time``, with
-the number of steps that fits in dense's train-step time at the variant's own measured time per
-step (from its equal-steps run of the same seed), its schedule spread over those steps.
+the number of steps that fits in dense's train-step time, its schedule spread over those steps:
+at the ``--step-times`` medians when given, else at the variant's own measured time per step
+(from its equal-steps run of the same seed, which a busy machine makes noisy).
 
 With ``--step-times BENCH.jsonl`` (rows of ``scripts/benchmark.py --json`` for the same shape) the
 curves are re-timed with step times measured on a quiet machine, interleaved: each step costs the
@@ -40,9 +41,12 @@ import statistics
 import sys
 from pathlib import Path
 
+from sat_trainer import SATConfig
 from sat_trainer.app.report import equal_time_steps, time_to_reach
 from sat_trainer.app.run import run
 from sat_trainer.app.run_config import load_run_config
+from sat_trainer.app.step_timing import StepTimes
+from sat_trainer.errors import SATError
 
 
 def variant_overrides(variant: str) -> tuple[bool, list[str]]:
@@ -96,10 +100,19 @@ def train_variants(args: argparse.Namespace) -> dict[str, list[dict]]:
         if args.equal_time and "dense" in rows:
             for variant, row in rows.items():
                 if variant != "dense":
-                    steps = equal_time_steps(rows["dense"], row)
+                    steps = equal_time_steps_of(args, rows["dense"], row)
                     label = f"{variant}@equal-time"
                     results.setdefault(label, []).append(train_one(args, task, seed, variant, [f"training.max_steps={steps}"], label))
     return results
+
+
+def equal_time_steps_of(args: argparse.Namespace, dense: dict, row: dict) -> int:
+    """The SAT steps that fit in dense's train-step time: at the ``--step-times`` medians when given
+    (robust to what else the machine ran), else at the variant's own time per step."""
+    if args.step_times:
+        sat = SATConfig.from_dict(row["sat"])
+        return step_times(args.step_times)[sat.omit_in].equal_time_steps(sat, dense["steps"])
+    return equal_time_steps(dense, row)
 
 
 def train_one(args: argparse.Namespace, task: str, seed: int, variant: str, extra: list[str], label: str | None = None) -> dict:
@@ -119,8 +132,9 @@ def train_one(args: argparse.Namespace, task: str, seed: int, variant: str, extr
 
 
 
-def step_times(path: str) -> dict[str, list[tuple[float, float]]]:
-    """{omit_in: [(rate, seconds per step), ...] ascending, rate 0 = dense} from benchmark.py rows (medians)."""
+def step_times(path: str) -> dict[str, StepTimes]:
+    """{omit_in: its step times} from benchmark.py rows: dense's median, and SAT's median at each
+    measured rate (at rate 0, dense's)."""
     by_mode: dict[str, dict[float, list[float]]] = {}
     for line in Path(path).read_text().splitlines():
         row = json.loads(line)
@@ -129,33 +143,27 @@ def step_times(path: str) -> dict[str, list[tuple[float, float]]]:
         points = by_mode.setdefault(row.get("omit_in", "forward_backward"), {})
         points.setdefault(0.0, []).append(row["dense_s"])
         points.setdefault(row["rate"], []).append(row["sat_s"])
-    return {mode: sorted((rate, statistics.median(ts)) for rate, ts in points.items()) for mode, points in by_mode.items()}
+    medians = {mode: {rate: statistics.median(ts) for rate, ts in sorted(points.items())} for mode, points in by_mode.items()}
+    return {mode: StepTimes(dense_s=points[0.0], sat_s=points) for mode, points in medians.items()}
 
 
-def retime(row: dict, times: dict[str, list[tuple[float, float]]]) -> dict:
+def retime(row: dict, times: dict[str, StepTimes]) -> dict:
     """``row`` with its evals' and total train time rebuilt from per-step times at each step's scheduled rate."""
-    from sat_trainer import SATConfig
-    from sat_trainer.schedule import omission_rate_at
-
     sat = SATConfig.from_dict(row["sat"]) if row["sat"] else None
     mode = sat.omit_in if sat else next(iter(times))
     if mode not in times:
         print(f"--step-times: {row['variant']} keeps its own train-step times (no benchmark rows for omit_in {mode})", file=sys.stderr)
         return row
-    curve = times[mode]
-    elapsed = [0.0]
-    for step in range(row["steps"]):
-        rate = omission_rate_at(sat, step, row["steps"]) if sat else 0.0
-        elapsed.append(elapsed[-1] + _interpolate(curve, rate))
-    evals = [{**e, "train_time_s": elapsed[e["step"]]} for e in row["evals"]]
-    return {**row, "evals": evals, "train_time_s": elapsed[-1]}
+    measured = times[mode]
 
+    def elapsed(step: int) -> float:
+        return measured.curve_time(sat, row["steps"], step) if sat else step * measured.dense_s
 
-def _interpolate(points: list[tuple[float, float]], x: float) -> float:
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    raise SystemExit(f"--step-times: no measured rates around {x} (measured: {[p[0] for p in points]})")
+    try:
+        evals = [{**e, "train_time_s": elapsed(e["step"])} for e in row["evals"]]
+        return {**row, "evals": evals, "train_time_s": elapsed(row["steps"])}
+    except SATError as err:
+        raise SystemExit(f"--step-times: {row['variant']}: {err}") from None
 
 
 def saved_results(path: str, config: str) -> dict[str, list[dict]]:

@@ -88,7 +88,7 @@ def test_retime_rebuilds_curves_from_quiet_step_times(tmp_path):
     bench = tmp_path / "b.jsonl"
     bench.write_text(json.dumps({"rate": 0.5, "omit_in": "backward", "dense_s": 2.0, "sat_s": 1.5}) + "\n")
     times = quality.step_times(str(bench))
-    assert times == {"backward": [(0.0, 2.0), (0.5, 1.5)]}
+    assert list(times) == ["backward"] and times["backward"].dense_s == 2.0 and times["backward"].sat_s == {0.0: 2.0, 0.5: 1.5}
     sat = {"omission_rate": 0.5, "omit_in": "backward", "schedule": "constant"}
     row = _row("omit_in=backward", 0, {"new": 4.0}, [{"step": 0, "train_time_s": 9.0, "new": 5.0},
                                                      {"step": 4, "train_time_s": 99.0, "new": 4.0}], 99.0)
@@ -97,3 +97,18 @@ def test_retime_rebuilds_curves_from_quiet_step_times(tmp_path):
     assert row["evals"][0]["train_time_s"] == 0.0 and row["train_time_s"] == pytest.approx(4 * 1.5)
     ladder = quality.retime(row | {"sat": {**sat, "schedule": "ladder", "ladder_num_rungs": 2}}, times)
     assert ladder["train_time_s"] == pytest.approx(1.5 * 3 + 2.0)  # 3 steps at 0.5, the last one dense
+    with pytest.raises(SystemExit, match="no step time measured around omission rate 0.75"):
+        quality.retime(row | {"sat": {**sat, "omission_rate": 0.75}}, times)  # beyond the measured rates: no made-up time
+
+
+def test_equal_time_from_step_times_uses_the_medians_not_the_runs_clock(tmp_path):
+    import argparse
+
+    quality = _load("quality")
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"rate": 0.5, "omit_in": "backward", "dense_s": 2.0, "sat_s": 1.0}) + "\n")
+    dense = _row("dense", 0, {"new": 4.0}, [], 100.0)
+    sat = _row("omit_in=backward", 0, {"new": 4.1}, [], 500.0) | {"sat": {"omission_rate": 0.5, "omit_in": "backward", "schedule": "constant"}}
+    # dense's 10 steps are 20 s at the medians; SAT at a constant 0.5 takes 1 s a step: 20 of them fit
+    assert quality.equal_time_steps_of(argparse.Namespace(step_times=str(bench)), dense, sat) == 20
+    assert quality.equal_time_steps_of(argparse.Namespace(step_times=None), dense, sat) == 2  # 100 s at the run's 50 s a step

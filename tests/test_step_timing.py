@@ -4,6 +4,7 @@ arithmetic that sizes `--compare-dense`'s equal-time run, and a real measurement
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -32,6 +33,14 @@ def test_interleaved_rotates_the_order_and_drops_warmup_rounds():
     times = interleaved({"a": step("a"), "b": step("b"), "c": step("c")}, warmup=1, rounds=3)
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
     assert times == {"a": [5.0, 7.0, 9.0], "b": [3.0, 8.0, 10.0], "c": [4.0, 6.0, 11.0]}  # the warm-up's 0-2 dropped
+
+
+def test_paired_ratio_cancels_a_slow_drift_that_a_ratio_of_medians_keeps():
+    # the machine turned 3x slower during round 3, after dense's step and before SAT's; SAT is 0.9x in every other round
+    dense = [10.0, 10.0, 10.0, 30.0, 30.0]
+    sat = [9.0, 9.0, 30.0, 27.0, 27.0]
+    assert step_timing.paired_ratio(sat, dense) == pytest.approx(0.9)
+    assert statistics.median(sat) / statistics.median(dense) == pytest.approx(2.7)  # the ratio of medians: 3x off
 
 
 def test_timed_rates_are_the_ladders_own_or_an_even_grid():
@@ -82,15 +91,19 @@ def test_comparison_table_retimes_the_curve_at_the_interleaved_times():
 
 
 def test_measure_times_dense_and_each_rate_on_a_real_model():
+    from sat_trainer.patch.model import handle_of
+
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
     args = transformers.TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], gradient_accumulation_steps=2)
     ids = torch.randint(0, 64, (2, 16))
     before = [p.detach().clone() for p in model.parameters()]
     times = step_timing.measure(model, {"input_ids": ids, "labels": ids}, args, LADDER, [0.0, 0.5], rounds=2)
-    assert set(times.sat_s) == {0.0, 0.5} and set(times.spread) == {"dense", "sat@0", "sat@0.5"}
-    assert times.kept_flops[0.0] == 1.0 and times.kept_flops[0.5] < 1.0 and times.dense_s > 0
-    assert any(not p.equal(b) for p, b in zip(model.parameters(), before))  # the dense variant trained (3 optimizer steps)
+    assert set(times.sat_s) == {0.0, 0.5} and set(times.spread) == {"dense", "sat@0.5"}  # dense is the model at rate 0
+    assert times.sat_s[0.0] == times.dense_s > 0
+    assert times.kept_flops[0.0] == 1.0 and times.kept_flops[0.5] < 1.0
+    assert any(not p.equal(b) for p, b in zip(model.parameters(), before))  # it trained: 3 rounds x 2 variants
+    assert handle_of(model) is None  # and is unpatched again
 
 
 def test_a_resumed_comparison_reuses_the_measured_times(tmp_path):

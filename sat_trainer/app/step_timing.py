@@ -5,10 +5,11 @@ CPU the same 40-step SAT run took 239, 249 and 266 s in one day, and sequential 
 config differed by 19% (docs/benchmarks.md), more than SAT saves at a quality-safe rate. So the
 comparison also times training steps of the dense model and of SAT at each rate of SAT's schedule
 *in one process, in turn* (one step of each per round, the order rotating every round), on one
-batch of the run's own training data, and keeps the medians: a load change then hits every
-variant alike. A schedule's train-step time is the sum of its steps' median times
-(:meth:`StepTimes.schedule_time`), which is what sizes the equal-time run and what the table
-reports beside the as-run times.
+batch of the run's own training data: a load change then hits every variant alike. Dense's time
+is its median step; SAT's at a rate is dense's median times the median over rounds of SAT's step
+over dense's step of the same round (:func:`paired_ratio`). A schedule's train-step time is the sum
+of its steps' times (:meth:`StepTimes.schedule_time`), which is what sizes the equal-time run and
+what the table reports beside the as-run times.
 
 A timed step is what the Trainer does per optimizer step: ``gradient_accumulation_steps``
 forward/backward passes (under the run's bf16/fp16 autocast and gradient checkpointing), then
@@ -19,7 +20,6 @@ device; data loading, logging and distributed communication are not timed (the s
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import statistics
 import time
@@ -29,6 +29,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from ..config import SATConfig
+from ..errors import SATError
 from ..schedule import omission_rate_at
 
 logger = logging.getLogger("sat_trainer")
@@ -66,13 +67,14 @@ def timed_rates(cfg: SATConfig, steps: int) -> list[float]:
 
 @dataclass
 class StepTimes:
-    """Median seconds per optimizer step: ``dense_s`` for the dense model, ``sat_s[rate]`` for SAT at
-    each timed rate; ``kept_flops[rate]`` is SAT's matmul FLOP fraction there (the FLOP ideal)."""
+    """Seconds per optimizer step: ``dense_s`` for the dense model (a median), ``sat_s[rate]`` for SAT
+    at each timed rate (rate 0 is dense's); ``kept_flops[rate]`` is SAT's matmul FLOP fraction there
+    (the FLOP ideal)."""
 
     dense_s: float
     sat_s: dict[float, float]
-    kept_flops: dict[float, float]
-    rounds: int
+    kept_flops: dict[float, float] = field(default_factory=dict)
+    rounds: int = 0  # timed rounds (0: medians taken elsewhere, e.g. scripts/benchmark.py rows)
     spread: dict[str, list[float]] = field(default_factory=dict)  # variant -> [min, max] of its timed steps
 
     def at(self, rate: float) -> float:
@@ -112,9 +114,11 @@ class StepTimes:
 
 
 def _interpolate(points: dict[float, float], rate: float) -> float:
+    """``points[rate]``, linear between the nearest measured rates; a rate outside them is an error
+    (a time made up beyond what was measured would be a claim nobody measured)."""
     rates = sorted(points)
-    if rate <= rates[0]:
-        return points[rates[0]]
+    if not rates[0] - 1e-9 <= rate <= rates[-1] + 1e-9:
+        raise SATError(f"no step time measured around omission rate {rate:g} (measured: {', '.join(f'{r:g}' for r in rates)})")
     for lo, hi in zip(rates, rates[1:]):
         if rate <= hi:
             return points[lo] + (points[hi] - points[lo]) * (rate - lo) / (hi - lo)
@@ -127,44 +131,56 @@ def measure(
 ) -> StepTimes:
     """Time dense and SAT training steps on ``batch``, interleaved (see the module docstring).
 
-    ``model`` is the model the runs start from (LoRA applied if the run has it), loaded for this: it
-    is trained as the dense variant, and a copy of it is patched with ``cfg`` (and ``calibration``'s
-    per-block rates, ``layer_rates: auto``); each trains with its own optimizer of the run's kind.
+    ``model`` (LoRA applied if the run has it) is loaded for this: it is patched with ``cfg`` (and
+    ``calibration``'s per-block rates, ``layer_rates: auto``), trained with one optimizer of the run's
+    kind, and unpatched at the end. Dense is the same model at rate 0, where every projection runs
+    its own forward behind a thin wrapper (no draw, no scoring, no slicing): one model in memory, as
+    in training (two copies with two optimizers would not fit where a model barely does), and no
+    difference between the two variants but the omission.
     """
     from ..calibration import apply_table
-    from ..patch.model import apply_sat
+    from ..patch.model import apply_sat, remove_sat
 
     device = args.device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    dense = model.to(device).train()
-    sat = copy.deepcopy(dense)
-    handle = apply_sat(sat, cfg)
+    model = model.to(device).train()
+    handle = apply_sat(model, cfg)
     if calibration is not None:
         apply_table(handle, calibration)
     if args.gradient_checkpointing:
-        for m in (dense, sat):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
-    dense_step, sat_step = _trainer_step(dense, batch, args), _trainer_step(sat, batch, args)
-    kept: dict[float, float] = {}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+    train_step = _trainer_step(model, batch, args)
+    kept: dict[float, float] = {0.0: 1.0}
 
     def at_rate(rate: float) -> Callable[[], float]:
         def step() -> float:
             handle.set_rate(rate)
             handle.new_step()
-            elapsed = sat_step()
+            elapsed = train_step()
             kept[rate] = handle.kept_flops_fraction()
             return elapsed
         return step
 
-    steps = {"dense": dense_step, **{f"sat@{r:g}": at_rate(r) for r in rates}}
+    sparse = [r for r in rates if r > 0]
+    steps = {"dense": at_rate(0.0), **{f"sat@{r:g}": at_rate(r) for r in sparse}}
     logger.info("sat_trainer: timing dense and SAT at rates %s interleaved, %d rounds of %d steps (+%d warm-up)",
-                ", ".join(f"{r:g}" for r in rates), rounds, len(steps), warmup)
-    times = interleaved(steps, warmup, rounds)
-    medians = {name: statistics.median(ts) for name, ts in times.items()}
+                ", ".join(f"{r:g}" for r in sparse), rounds, len(steps), warmup)
+    try:
+        times = interleaved(steps, warmup, rounds)
+    finally:
+        remove_sat(model)
+    dense_s = statistics.median(times["dense"])
     return StepTimes(
-        dense_s=medians["dense"], sat_s={r: medians[f"sat@{r:g}"] for r in rates}, kept_flops=kept, rounds=rounds,
-        spread={name: [min(ts), max(ts)] for name, ts in times.items()},
+        dense_s=dense_s, sat_s={0.0: dense_s, **{r: dense_s * paired_ratio(times[f"sat@{r:g}"], times["dense"]) for r in sparse}},
+        kept_flops=kept, rounds=rounds, spread={name: [min(ts), max(ts)] for name, ts in times.items()},
     )
+
+
+def paired_ratio(sat: list[float], dense: list[float]) -> float:
+    """The median over rounds of SAT's step time over dense's in the same round: a load change
+    that lasts longer than a round cancels in each ratio, which a ratio of the two medians would
+    mix with the change itself (the ratios farm-bench reports, pair by pair)."""
+    return statistics.median(s / d for s, d in zip(sat, dense))
 
 
 def _trainer_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], args) -> Callable[[], float]:
