@@ -94,7 +94,7 @@ def time_steps(cfg: RunConfig, dense_steps: int, *, calibration: dict | None = N
         return StepTimes.from_dict(json.loads(path.read_text()))
     model_path = resolve_model_path(cfg.model)
     _, model, (train_set, _, collator) = _load(cfg, model_path)
-    args = training_arguments(cfg.training, has_eval=False, output_dir=str(cfg.output_dir))
+    args = training_arguments(cfg.training, has_eval=bool(cfg.data.eval), output_dir=str(cfg.output_dir))  # the run's own arguments
     batch = collator([train_set[i] for i in range(min(args.per_device_train_batch_size, len(train_set)))])
     times = step_timing.measure(model, batch, args, cfg.sat, step_timing.timed_rates(cfg.sat, dense_steps), calibration=calibration, rounds=rounds)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,9 @@ what the table reports beside the as-run times.
 A timed step is what the Trainer does per optimizer step: ``gradient_accumulation_steps``
 forward/backward passes (under the run's bf16/fp16 autocast and gradient checkpointing), then
 the optimizer the run's ``TrainingArguments`` name. It runs in a single process on the run's
-device; data loading, logging and distributed communication are not timed (the same for both).
+device; data loading, logging and distributed communication are not timed (the same for both),
+nor is ``torch_compile`` applied (a compiled model recompiles at each new kept count, which
+alternating rates would hit every step).
 """
 
 from __future__ import annotations
@@ -141,6 +143,8 @@ def measure(
     from ..calibration import apply_table
     from ..patch.model import apply_sat, remove_sat
 
+    if args.torch_compile:
+        logger.warning("sat_trainer: the interleaved step timing runs the model uncompiled (training.torch_compile is not applied to it)")
     device = args.device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     model = model.to(device).train()
