@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", required=True, help="scenario YAML (see configs/)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.max_steps=20 or sat.omission_rate=0.3")
         p.add_argument("--compare-dense", action="store_true", help="also run the same config dense and print a side-by-side table")
-        p.add_argument("--timing-rounds", type=int, default=5, metavar="N", help="--compare-dense: rounds of interleaved dense and "
-                       "SAT steps timed in one process (medians; they size the equal-time run); 0: use the runs' own times")
+        p.add_argument("--timing-rounds", type=int, default=5, metavar="N", help="--compare-dense: rounds of dense and SAT steps timed "
+                       "in turn in one process (dense's median, SAT's by same-round ratios; they size the equal-time run); 0: use the runs' own times")
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder (same ladder, draws, data order)")
         p.add_argument("--overwrite", action="store_true", help="delete the run folder's checkpoints and start over")
     p = sub.add_parser("pretrain-base", help="build (once) the small pretrained base the demo configs use")

@@ -80,11 +80,11 @@ class StepTimes:
     spread: dict[str, list[float]] = field(default_factory=dict)  # variant -> [min, max] of its timed steps
 
     def at(self, rate: float) -> float:
-        """SAT's median step time at ``rate``, linearly interpolated between the timed rates."""
+        """SAT's step time at ``rate``, linearly interpolated between the timed rates."""
         return _interpolate(self.sat_s, rate)
 
     def schedule_time(self, cfg: SATConfig, steps: int) -> float:
-        """Train-step seconds of a ``steps``-step SAT run: the sum of its scheduled steps' medians."""
+        """Train-step seconds of a ``steps``-step SAT run: the sum of its scheduled steps' times."""
         return sum(self.at(omission_rate_at(cfg, s, steps)) for s in range(steps))
 
     def schedule_ideal(self, cfg: SATConfig, steps: int) -> float:
@@ -94,7 +94,7 @@ class StepTimes:
     def equal_time_steps(self, cfg: SATConfig, dense_steps: int) -> int:
         """The most SAT steps (its schedule over them) whose train-step time fits in ``dense_steps``
         dense steps' (at least 1)."""
-        budget = dense_steps * self.dense_s * (1 + 1e-9)  # a sum of medians that equals the budget fits
+        budget = dense_steps * self.dense_s * (1 + 1e-9)  # a sum that equals the budget (to rounding) fits
         steps = max(1, int(budget / max(self.sat_s.values())))  # every step is at most the slowest rate's
         while self.schedule_time(cfg, steps + 1) <= budget:
             steps += 1
