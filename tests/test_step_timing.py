@@ -99,7 +99,7 @@ def test_measure_times_dense_and_each_rate_on_a_real_model():
     ids = torch.randint(0, 64, (2, 16))
     before = [p.detach().clone() for p in model.parameters()]
     times = step_timing.measure(model, {"input_ids": ids, "labels": ids}, args, LADDER, [0.0, 0.5], rounds=2)
-    assert set(times.sat_s) == {0.0, 0.5} and set(times.spread) == {"dense", "sat@0.5"}  # dense is the model at rate 0
+    assert set(times.sat_s) == {0.0, 0.5} and {k: len(v) for k, v in times.samples.items()} == {"dense": 2, "sat@0.5": 2}  # dense: rate 0
     assert times.sat_s[0.0] == times.dense_s > 0
     assert times.kept_flops[0.0] == 1.0 and times.kept_flops[0.5] < 1.0
     assert any(not p.equal(b) for p, b in zip(model.parameters(), before))  # it trained: 3 rounds x 2 variants

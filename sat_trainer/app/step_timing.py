@@ -77,7 +77,7 @@ class StepTimes:
     sat_s: dict[float, float]
     kept_flops: dict[float, float] = field(default_factory=dict)
     rounds: int = 0  # timed rounds (0: medians taken elsewhere, e.g. scripts/benchmark.py rows)
-    spread: dict[str, list[float]] = field(default_factory=dict)  # variant -> [min, max] of its timed steps
+    samples: dict[str, list[float]] = field(default_factory=dict)  # variant -> its timed steps' seconds, round by round
 
     def at(self, rate: float) -> float:
         """SAT's step time at ``rate``, linearly interpolated between the timed rates."""
@@ -107,12 +107,12 @@ class StepTimes:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``step_times.json``); rates become string keys."""
         return {"rounds": self.rounds, "dense_s": self.dense_s, "sat_s": {str(r): t for r, t in self.sat_s.items()},
-                "kept_flops": {str(r): f for r, f in self.kept_flops.items()}, "spread": self.spread}
+                "kept_flops": {str(r): f for r, f in self.kept_flops.items()}, "samples": self.samples}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepTimes:
         return cls(dense_s=data["dense_s"], sat_s={float(r): t for r, t in data["sat_s"].items()},
-                   kept_flops={float(r): f for r, f in data["kept_flops"].items()}, rounds=data["rounds"], spread=data["spread"])
+                   kept_flops={float(r): f for r, f in data["kept_flops"].items()}, rounds=data["rounds"], samples=data["samples"])
 
 
 def _interpolate(points: dict[float, float], rate: float) -> float:
@@ -176,7 +176,7 @@ def measure(
     dense_s = statistics.median(times["dense"])
     return StepTimes(
         dense_s=dense_s, sat_s={0.0: dense_s, **{r: dense_s * paired_ratio(times[f"sat@{r:g}"], times["dense"]) for r in sparse}},
-        kept_flops=kept, rounds=rounds, spread={name: [min(ts), max(ts)] for name, ts in times.items()},
+        kept_flops=kept, rounds=rounds, samples=times,
     )
 
 
