@@ -38,6 +38,7 @@ import torch
 import transformers
 
 from sat_trainer import SATConfig, apply_sat
+from sat_trainer.app.cpu_memory import keep_freed_memory
 from sat_trainer.app.step_timing import interleaved
 from sat_trainer.schedule import kept_count, omission_rate_at
 from sat_trainer.yaml_io import parse_value
@@ -364,6 +365,7 @@ def format_ladder(lad: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    keep_freed_memory()  # no page faults per step on CPU (sat_trainer.app.cpu_memory): steadier timings
     apply_kernels(args)
     if args.memory_child:
         return memory_child(args, json.loads(args.memory_child))

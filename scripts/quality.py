@@ -45,6 +45,7 @@ from sat_trainer import SATConfig
 from sat_trainer.app.report import equal_time_steps, time_to_reach
 from sat_trainer.app.run import run
 from sat_trainer.app.run_config import load_run_config
+from sat_trainer.app.cpu_memory import keep_freed_memory
 from sat_trainer.app.step_timing import StepTimes
 from sat_trainer.errors import SATError
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--step-times", help="re-time every curve with the step times of these benchmark.py JSON rows")
     p.add_argument("--plot", help="also write a PNG of held-out loss (first eval set) against training time")
     args = p.parse_args(argv)
+    keep_freed_memory()  # no page faults per step on CPU (sat_trainer.app.cpu_memory): steadier timings
     results = saved_results(args.json, args.config) if args.report else train_variants(args)
     if args.step_times:
         times = step_times(args.step_times)

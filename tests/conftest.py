@@ -1,8 +1,14 @@
 """Shared fixtures: tests are seeded and run on the CPU's default thread count; one tiny
 pretrained base (tokenizer and model built from the shipped corpus in seconds) per session."""
 
+import os
+
 import pytest
 import torch
+
+# sat-train keeps freed memory in the process (sat_trainer.app.cpu_memory); tests that call its main() in this
+# process leave malloc as it is, so no test's memory use depends on which ran before (test_cpu_memory runs it apart)
+os.environ.setdefault("SAT_TRAINER_KEEP_CPU_MEMORY", "0")
 
 TINY_BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_steps=2)
 

@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("sat_trainer").setLevel(logging.INFO)
+    from .cpu_memory import keep_freed_memory
+
+    keep_freed_memory()
     try:
         if args.command == "pretrain-base":
             return _pretrain_base(args)
