@@ -42,10 +42,10 @@ import sys
 from pathlib import Path
 
 from sat_trainer import SATConfig
+from sat_trainer.app.cpu_memory import keep_freed_memory
 from sat_trainer.app.report import equal_time_steps, time_to_reach
 from sat_trainer.app.run import run
 from sat_trainer.app.run_config import load_run_config
-from sat_trainer.app.cpu_memory import keep_freed_memory
 from sat_trainer.app.step_timing import StepTimes
 from sat_trainer.errors import SATError
 
