@@ -85,7 +85,7 @@ class StepTimes:
 
     def schedule_time(self, cfg: SATConfig, steps: int) -> float:
         """Train-step seconds of a ``steps``-step SAT run: the sum of its scheduled steps' times."""
-        return sum(self.at(omission_rate_at(cfg, s, steps)) for s in range(steps))
+        return self.curve_time(cfg, steps, steps)
 
     def schedule_ideal(self, cfg: SATConfig, steps: int) -> float:
         """The FLOP ideal of the same run: dense FLOPs over the schedule's summed kept FLOPs."""
