@@ -114,6 +114,13 @@ def sample_rows(
     return torch.topk(priority, tokens, sorted=False).indices
 
 
+def other_rows(rows: torch.Tensor, total: int) -> torch.Tensor:
+    """The ``total - len(rows)`` rows :func:`sample_rows` did not draw, ascending, without a host
+    sync (a stable sort of the drawn flags: no shape depends on the data)."""
+    drawn = torch.zeros(total, dtype=torch.int8, device=rows.device).index_fill_(0, rows, 1)
+    return torch.argsort(drawn, stable=True)[: total - rows.numel()]
+
+
 def sample_weights(
     rows: torch.Tensor, total: int, mask: torch.Tensor | None, starts: torch.Tensor | None, device: torch.device,
 ) -> torch.Tensor:
@@ -157,15 +164,20 @@ def maxip(
 
 
 def mlp_hidden(
-    tokens: torch.Tensor, in_weights: list[torch.Tensor], in_biases: list[torch.Tensor | None], act: Callable[[torch.Tensor], torch.Tensor]
+    tokens: torch.Tensor, in_weights: list[torch.Tensor], in_biases: list[torch.Tensor | None], act: Callable[[torch.Tensor], torch.Tensor],
+    keep: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The MLP channels' outputs on ``tokens`` (the down projection's input): ``act(t W_0 + b_0) * (t W_1 + b_1)``,
     the second factor only for gated MLPs. ``in_weights`` are out-major; the products run in the
     weights' dtype (no float copy of any weight). The ``activation`` score of an MLP channel is
-    :func:`channel_rms` of these times :func:`output_column_norms`."""
-    hidden = act(F.linear(tokens, in_weights[0], in_biases[0]))
-    if len(in_weights) > 1:
-        hidden = hidden * F.linear(tokens, in_weights[1], in_biases[1])
+    :func:`channel_rms` of these times :func:`output_column_norms`. ``keep``: a list that gets the
+    input projections' outputs (``t W_i + b_i``), for the forward to reuse on these tokens."""
+    outputs = [F.linear(tokens, w, b) for w, b in zip(in_weights, in_biases)]
+    if keep is not None:
+        keep.extend(outputs)
+    hidden = act(outputs[0])
+    if len(outputs) > 1:
+        hidden = hidden * outputs[1]
     return hidden
 
 

@@ -23,6 +23,12 @@ What the custom op saves over ``F.linear(x, W.index_select(dim, idx))`` through 
   process adds it straight into ``.grad``: a full-size zero-filled gradient is made once per
   step (when ``.grad`` is None), not once per call plus an addition.
 
+An input projection's kept outputs on some token rows may be known already: the ``activation``
+metric's scoring subsample computed every output feature on them (:class:`GivenRows`). The op
+then computes only the other rows and takes the given ones' kept features; its backward is
+unchanged (the gradient of the kept slice over every row), so the step is exactly the one it
+replaces, less one kept-width matmul over the subsample.
+
 Omitted rows/columns always end with exactly zero gradient, as with ``index_select``. Under
 ``torch.distributed`` (DDP and FSDP reduce gradients from hooks on autograd's gradient
 accumulation, which a hand-written ``.grad`` would bypass) and while ``torch.compile`` traces
@@ -135,21 +141,84 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def kept_linear(module: nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int, cache: SliceCache | None) -> torch.Tensor:
+@dataclass(frozen=True)
+class GivenRows:
+    """Token rows of an input projection's output that were computed already: ``full`` holds the
+    module's every output feature on the flattened rows ``rows`` of its input (None: on all of
+    them), ``other`` the remaining rows, which the op computes. ``full`` None: nothing is given
+    this call (a later micro-batch, a checkpoint's recompute), and the op computes every row
+    through the same autograd function, so a recompute saves the tensors its forward saved."""
+
+    rows: torch.Tensor | None = None
+    other: torch.Tensor | None = None
+    full: torch.Tensor | None = None
+
+    def kept(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The given rows' kept output features ``idx``."""
+        return None if self.full is None else self.full.index_select(1, idx)
+
+
+def kept_linear(
+    module: nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int, cache: SliceCache | None, given: GivenRows | None = None,
+) -> torch.Tensor:
     """``module(x)`` restricted to kept features ``idx``: its kept outputs (``dim=KEEP_OUTPUTS``),
-    or, with ``x`` holding only the kept inputs (``dim=KEEP_INPUTS``), the full output."""
+    or, with ``x`` holding only the kept inputs (``dim=KEEP_INPUTS``), the full output. ``given``
+    (kept outputs only): rows of the output known already, see :class:`GivenRows`."""
     device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else module.weight.dtype
+    rows = () if given is None else (given.rows, given.other, given.kept(idx))
     if device not in KEPT_OP_DEVICES:
         bias = module.bias.index_select(0, idx) if module.bias is not None and dim == KEEP_OUTPUTS else module.bias
-        return F.linear(x, out_major_weight(module).index_select(dim, idx), bias)
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else module.weight.dtype
+        weight = out_major_weight(module).index_select(dim, idx)
+        if given is None:
+            return F.linear(x, weight, bias)
+        # cast outside the op (differentiably), as the dense-forward ops do: its backward runs without autocast
+        return _GivenRowsLinear.apply(_as(x, dtype), _as(weight, dtype), None if bias is None else _as(bias, dtype), *rows)
     compiling = torch.compiler.is_compiling()
     direct = not compiling and not (dist.is_available() and dist.is_initialized())
     if direct and cache is not None:
         weight, bias = cache.get(module, idx, dim, dtype)
     else:
         weight, bias = _gather(module, idx, dim, dtype)
-    return _KeptLinear.apply(_as(x, dtype), weight, bias, module.weight, module.bias, idx, dim, isinstance(module, Conv1D), direct)
+    return _KeptLinear.apply(_as(x, dtype), weight, bias, module.weight, module.bias, idx, dim, isinstance(module, Conv1D), direct, *rows)
+
+
+def _linear_given_rows(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+    rows: torch.Tensor | None = None, other: torch.Tensor | None = None, values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, w, b)`` with the flattened rows ``rows`` (None: all) taken from ``values``
+    instead of computed (none given: ``values`` None)."""
+    if values is None:
+        return F.linear(x, w, b)
+    out_shape = (*x.shape[:-1], w.shape[0])
+    if rows is None:
+        return values.to(x.dtype).reshape(out_shape)
+    flat = x.reshape(-1, x.shape[-1])
+    computed = F.linear(flat.index_select(0, other), w, b)
+    out = computed.new_empty(flat.shape[0], w.shape[0]).index_copy_(0, other, computed)
+    return out.index_copy_(0, rows, values.to(computed.dtype)).reshape(out_shape)
+
+
+class _GivenRowsLinear(torch.autograd.Function):
+    """``F.linear(x, w, b)``, some of whose output rows were given (:func:`_linear_given_rows`);
+    the backward is the linear's over every row. The CPU path of :class:`GivenRows` (``w``, ``b``
+    the kept slices, gathered through autograd as the plain CPU path gathers them)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, rows, other, values):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _linear_given_rows(x, w, b, rows, other, values)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad @ w if ctx.needs_input_grad[0] else None
+        grad_w = g2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class _KeptLinear(torch.autograd.Function):
@@ -160,14 +229,15 @@ class _KeptLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_kept, b_kept, param_w, param_b, idx, dim, transposed, direct):
+    def forward(ctx, x, w_kept, b_kept, param_w, param_b, idx, dim, transposed, direct, rows=None, other=None, values=None):
         ctx.save_for_backward(x, w_kept, idx)
         ctx.dim, ctx.transposed, ctx.direct = dim, transposed, direct
         ctx.params = (param_w, param_b) if direct else (None, None)
         ctx.like = (_meta(param_w), _meta(param_b))
         if dim == KEEP_INPUTS and param_b is not None:
             b_kept = _as(param_b, x.dtype)
-        return F.linear(x, w_kept, b_kept)  # all in the compute dtype already: autocast casts nothing
+        # all in the compute dtype already: autocast casts nothing
+        return _linear_given_rows(x, w_kept, b_kept, rows, other, values)
 
     @staticmethod
     def backward(ctx, grad):
@@ -183,7 +253,7 @@ class _KeptLinear(torch.autograd.Function):
                 grad_b = _place(ctx, 1, g2.sum(0), idx, 0, False)
             else:  # the output side adds the whole bias: its gradient is full-size anyway
                 grad_b = g2.sum(0)
-        return grad_x, None, None, grad_w, grad_b, None, None, None, None
+        return grad_x, None, None, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _place(ctx, which: int, kept: torch.Tensor, idx: torch.Tensor, dim: int, transposed: bool) -> torch.Tensor | None:

@@ -37,8 +37,8 @@ from torch import nn
 from .. import adapters, importance, selection
 from ..errors import SATError
 from ..ops import (
-    KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, KeptIndex, SliceCache, backward_kept_linear, in_features, kept_linear, out_features,
-    out_major_weight, split_rows_linear,
+    KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, GivenRows, KeptIndex, SliceCache, backward_kept_linear, in_features, kept_linear,
+    out_features, out_major_weight, split_rows_linear,
 )
 from ..schedule import kept_count
 from .registry import BlockShape
@@ -74,6 +74,15 @@ class BlockUnit:
         # matters in backward, so it is drawn at the output projection from this forward's outputs of every
         # channel (read_hidden), not from the previous forward's; the input projections read it in backward
         self._draws_at_output = self._observes and self.backward_only
+        # ... and when each draw scores every channel on a subsample of the micro-batch it is drawn for (the
+        # default under forward_backward), the subsample's full-width gate/up outputs are kept for that
+        # micro-batch's sliced forward, which then computes only the other token rows (given_rows)
+        cfg = handle.config
+        self._reuses_sample = (
+            shape.kind == "mlp" and cfg.metric == "activation" and not self._observes and not self.backward_only
+            and cfg.sparse_tokens == "all"
+        )
+        self._sample_outputs: _SampleOutputs | None = None
         self._rms: torch.Tensor | None = None
         self._out_norms: torch.Tensor | None = None
         self._window = 0  # the next window _activation_mlp_scores re-measures
@@ -268,7 +277,7 @@ class BlockUnit:
 
     def reset_draws(self) -> None:
         """Forget the current draw, cached scores and slices (after a calibration's draws)."""
-        self._drawn_for, self._scores_cache = None, None
+        self._drawn_for, self._scores_cache, self._sample_outputs = None, None, None
         self._rms = self._out_norms = self._mean_hidden = None
         self._window = 0
         self.slices.clear()
@@ -352,6 +361,7 @@ class BlockUnit:
         :meth:`read_hidden` makes) from the down projection's input of every channel."""
         cfg = self._handle.config
         generator = selection.generator_for(cfg.seed, key[0], self.index, x.device) if _draws_random(cfg) else None
+        self._sample_outputs = None  # a draw from cached scores (score_every) measures nothing to reuse
         with torch.no_grad():
             if self._scores_cache is None or key[0] - self._scored_at >= cfg.score_every:
                 scores = self._scores(x.detach(), generator, hidden)
@@ -478,7 +488,9 @@ class BlockUnit:
         if hidden:
             self.observe(x)
             return self._rms * self._out_norms
-        x, mask = self._zero_padding(x)  # and the subsample draws sequence starts, then real tokens, first
+        # the subsample draws sequence starts, then real tokens, first; padding rows weigh 0 in every statistic, so
+        # they need no zeroing here, and the outputs on them are the forward's own (reusable)
+        mask = self._handle.token_mask_for(x)
         flat = x.reshape(-1, x.shape[-1])
         size = importance.subsample_size(flat.shape[0], cfg.activation_tokens, cfg.activation_token_fraction)
         rows, sample_weights = importance.stratified_sample(
@@ -488,11 +500,41 @@ class BlockUnit:
         sample = flat if rows is None else flat.index_select(0, rows)
         weights, biases = self._logical_inputs()
         weights, biases = [w[window] for w in weights], [None if b is None else b[window] for b in biases]
-        measured = importance.mlp_hidden(sample, weights, biases, _activation(self.block, self.shape.activation))
+        outputs = [] if self._reuses_sample else None
+        measured = importance.mlp_hidden(sample, weights, biases, _activation(self.block, self.shape.activation), outputs)
+        if outputs:
+            self._sample_outputs = _SampleOutputs.of(x, rows, self._outputs_by_member(outputs))
         self._store(self._rms, window, importance.channel_rms(measured, sample_weights))
         if self._compensates:
             self._store(self._mean_hidden, window, importance.real_token_mean(measured, sample_weights))
         return self._rms * self._out_norms
+
+    def _outputs_by_member(self, logical: list[torch.Tensor]) -> dict[nn.Module, torch.Tensor]:
+        """Each input projection's full-width output, from its logical inputs' (a fused gate_up's
+        segments, in its feature order)."""
+        parts: dict[nn.Module, list[torch.Tensor]] = {}
+        for (base, _), output in zip(self._logical, logical):
+            parts.setdefault(base, []).append(output)
+        return {base: outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1) for base, outs in parts.items()}
+
+    def given_rows(self, member: nn.Module, x: torch.Tensor) -> GivenRows | None:
+        """What input projection ``member`` of a block that reuses its scoring subsample
+        (``_reuses_sample``) knows already of its output on ``x``: the subsample's rows, when ``x``
+        is the micro-batch the draw measured, each member's once; an empty :class:`GivenRows`
+        otherwise, so that every call of the member goes through the same op (a checkpoint's
+        recompute must save what its forward saved). None: the plain op (other blocks and members,
+        LoRA's ``lora_B``, and under ``torch.compile``, where the draw's side state is not traced)."""
+        if not self._reuses_sample or not any(member is base for base in self.inputs) or torch.compiler.is_compiling():
+            return None
+        record = self._sample_outputs
+        if record is None or not record.measured(x) or member not in record.outputs:
+            return GivenRows()
+        if record.rows is not None and record.other is None:
+            record.other = importance.other_rows(record.rows, x.numel() // x.shape[-1])
+        given = GivenRows(record.rows, record.other, record.outputs.pop(member))
+        if not record.outputs:  # every member has its rows: nothing stays alive past this forward
+            self._sample_outputs = None
+        return given
 
     def _stores_statistics(self) -> bool:
         return self.kind == "mlp" and self._handle.config.metric == "activation"
@@ -542,7 +584,7 @@ def _sliced(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor, 
         return split_rows_linear(proj, dense, x, rows, idx, dim, unit.backward_only, unit.slices, unit.full_input_grad)
     if unit.backward_only:
         return backward_kept_linear(proj, x, idx, dim, unit.full_input_grad)
-    return kept_linear(proj, x, idx, dim, unit.slices)
+    return kept_linear(proj, x, idx, dim, unit.slices, unit.given_rows(proj, x) if dim == KEEP_OUTPUTS else None)
 
 
 def _omitted_mean_output(mean_hidden: torch.Tensor, kept: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
@@ -569,6 +611,30 @@ def _activation(block: nn.Module, attr: str) -> Callable[[torch.Tensor], torch.T
 def _draws_random(cfg) -> bool:
     """Whether a draw uses random numbers (wanda or magnitude with topk do not: no generator)."""
     return cfg.metric in ("uniform", "maxip", "activation") or cfg.selection == "sampling"
+
+
+@dataclass
+class _SampleOutputs:
+    """A draw's scoring subsample's full-width input projection outputs (``outputs``, per base
+    member, rows ``rows`` of the flattened micro-batch ``source``, None: all of them), until the
+    sliced forward of that micro-batch takes them. ``source`` is the detached block input: the same
+    storage and version counter as the forward's, so :meth:`measured` tells that micro-batch
+    (holding it keeps its storage from being reused by another tensor meanwhile)."""
+
+    source: torch.Tensor
+    version: int
+    rows: torch.Tensor | None
+    outputs: dict[nn.Module, torch.Tensor]
+    other: torch.Tensor | None = None  # the rows not given, made by the first member that asks
+
+    @classmethod
+    def of(cls, source: torch.Tensor, rows: torch.Tensor | None, outputs: dict[nn.Module, torch.Tensor]) -> _SampleOutputs:
+        return cls(source, source._version, rows, outputs)
+
+    def measured(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is the (unchanged) micro-batch these outputs were measured on."""
+        source = self.source
+        return x.data_ptr() == source.data_ptr() and x.shape == source.shape and x.stride() == source.stride() and x._version == self.version
 
 
 @dataclass(frozen=True)
