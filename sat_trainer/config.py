@@ -26,7 +26,6 @@ OMITTED_UPDATES = ("optimizer", "freeze")
 ATTENTION_UNITS = ("kv_group", "query_head")
 OMIT_IN = ("forward_backward", "backward", "weight_gradient")
 COMPENSATIONS = ("none", "mean")
-OMITTED_GRADIENTS = ("none", "sampled")
 SPARSE_TOKENS = ("all", "context")
 LAYER_RATES = ("uniform", "auto")
 RATE_BUDGETS = ("flops", "loss")
@@ -68,19 +67,6 @@ class SATConfig:
                   "channel's output is replaced by its mean over the scoring subsample, i.e. the constant bias "
                   "W_down[:, omitted] @ mean_h[omitted] (no gradient) is added to the down projection's output "
                   "(FLAP-style; on SmolLM2-135M it removed about a quarter of the sparse network's extra loss at rate 0.5)."},
-    )
-    omitted_gradient: str = field(
-        default="none",
-        metadata={"help": "none, or sampled (omit_in backward or weight_gradient, MLP blocks): the omitted channels' "
-                  "weights still get a gradient, estimated on a random omitted_gradient_fraction of the micro-batch's "
-                  "token rows and scaled up to the whole batch (unbiased), so they are not left out of the update; "
-                  "the input gradient still passes through the kept channels only. Costs about that fraction of "
-                  "the omitted channels' backward."},
-    )
-    omitted_gradient_fraction: float = field(
-        default=0.125,
-        metadata={"help": "omitted_gradient sampled: the share of the micro-batch's token rows (at least one) the "
-                  "omitted channels' weight gradient is estimated on, in (0, 1]."},
     )
     sparse_tokens: str = field(
         default="all",
@@ -303,8 +289,6 @@ def _check_types(cfg: SATConfig) -> None:
         "attention_unit": (str,),
         "omit_in": (str,),
         "compensation": (str,),
-        "omitted_gradient": (str,),
-        "omitted_gradient_fraction": (int, float),
         "sparse_tokens": (str,),
         "layer_rates": (str,),
         "rate_budget": (str,),
@@ -330,19 +314,12 @@ def _check_values(cfg: SATConfig) -> None:
         _fail("omission_rate", cfg.omission_rate, "a number in [0, 1)")
     if not cfg.targets or any(t not in TARGETS for t in cfg.targets) or len(set(cfg.targets)) != len(cfg.targets):
         _fail("targets", cfg.targets, f"a non-empty list without repeats drawn from {list(TARGETS)}")
-    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES), ("attention_unit", ATTENTION_UNITS), ("omit_in", OMIT_IN), ("compensation", COMPENSATIONS), ("omitted_gradient", OMITTED_GRADIENTS), ("sparse_tokens", SPARSE_TOKENS), ("layer_rates", LAYER_RATES), ("rate_budget", RATE_BUDGETS), ("activation_scores", ACTIVATION_SCORES)):
+    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES), ("attention_unit", ATTENTION_UNITS), ("omit_in", OMIT_IN), ("compensation", COMPENSATIONS), ("sparse_tokens", SPARSE_TOKENS), ("layer_rates", LAYER_RATES), ("rate_budget", RATE_BUDGETS), ("activation_scores", ACTIVATION_SCORES)):
         if getattr(cfg, key) not in allowed:
             _fail(key, getattr(cfg, key), ", ".join(allowed))
     if cfg.compensation == "mean" and (cfg.omit_in != "forward_backward" or cfg.metric != "activation"):
         _fail("compensation", cfg.compensation, "none, or mean with omit_in forward_backward (a dense forward has nothing to "
               "compensate) and metric activation (the mean is taken over the channel outputs that metric computes)")
-    if cfg.omitted_gradient == "sampled" and (cfg.omit_in == "forward_backward" or "mlp" not in cfg.targets or cfg.sparse_tokens != "all"):
-        _fail("omitted_gradient", cfg.omitted_gradient, "none, or sampled with omit_in backward or weight_gradient (the "
-              "estimate needs the omitted channels' dense forward), targets including mlp (attention mixes token "
-              "rows, so a row sample does not estimate a head's gradient; attention blocks are left as they are) "
-              "and sparse_tokens all")
-    if not 0.0 < cfg.omitted_gradient_fraction <= 1.0:
-        _fail("omitted_gradient_fraction", cfg.omitted_gradient_fraction, "a number in (0, 1]")
     if cfg.sparse_tokens == "context" and (cfg.targets != ["mlp"] or cfg.compensation != "none"):
         _fail("sparse_tokens", cfg.sparse_tokens, "all, or context with targets [mlp] (attention mixes tokens: a head "
               "cannot be omitted for some tokens only) and compensation none")

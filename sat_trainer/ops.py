@@ -282,9 +282,7 @@ def _out_major(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
     return tensor.t() if transposed else tensor
 
 
-def backward_kept_linear(
-    module: nn.Module, x: torch.Tensor, idx: KeptIndex, dim: int, full_input_grad: bool = False, sample: RowSample | None = None
-) -> torch.Tensor:
+def backward_kept_linear(module: nn.Module, x: torch.Tensor, idx: KeptIndex, dim: int, full_input_grad: bool = False) -> torch.Tensor:
     """``module(x)`` with the full weight forward, and a backward through kept features ``idx`` only.
 
     ``dim=KEEP_OUTPUTS`` (input projections): only the kept outputs' gradient is read; the kept
@@ -299,25 +297,8 @@ def backward_kept_linear(
     and ``torch.compile``: the full-size weight gradient goes back to autograd, zero outside the
     kept slice. ``idx`` may be a callable, read in backward (an input projection's kept set drawn
     after its forward, from the block's own activations: :meth:`BlockUnit.read_hidden`).
-
-    With a ``sample`` (``omitted_gradient: sampled``, MLP blocks) the omitted features' weight
-    gradients are not left at zero but estimated on the sample's token rows and scaled up to the
-    whole batch (:class:`RowSample`); for that, an output projection passes the dense ``dX`` back on
-    those rows (the activation is row-wise, so the input projections then see their omitted
-    outputs' true gradient there). The input projections' ``dX`` still comes from the kept rows
-    only, so the block's input gradient is the same as without the sample.
     """
-    rows, scale = (sample.rows, sample.scale) if sample is not None else (None, 1.0)
-    return _BackwardKeptLinear.apply(*_dense_operands(module, x), idx, dim, full_input_grad, rows, scale)
-
-
-@dataclass(frozen=True)
-class RowSample:
-    """Token rows (of the input flattened to 2-D) on which the omitted features' weight gradients
-    are estimated, and the factor (all rows over sampled rows) that makes the estimate unbiased."""
-
-    rows: torch.Tensor
-    scale: float
+    return _BackwardKeptLinear.apply(*_dense_operands(module, x), idx, dim, full_input_grad)
 
 
 def _dense_operands(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -333,23 +314,18 @@ class _BackwardKeptLinear(torch.autograd.Function):
     """``F.linear(x, w, b)`` forward; backward restricted to the kept slice ``idx`` along ``dim``."""
 
     @staticmethod
-    def forward(ctx, x, w, b, idx, dim, full_input_grad, rows, scale):
+    def forward(ctx, x, w, b, idx, dim, full_input_grad):
         ctx.dim, ctx.x_shape, ctx.has_bias, ctx.full_input_grad = dim, x.shape, b is not None, full_input_grad
-        ctx.scale, ctx.sampled = scale, rows is not None
         saved_x = x if dim == KEEP_OUTPUTS else x.index_select(-1, idx)  # an output projection's idx is a tensor
-        # an output projection estimates its omitted columns' gradient from the sampled rows' full-width inputs
-        sampled = () if rows is None else (rows,) if dim == KEEP_OUTPUTS else (rows, x.reshape(-1, x.shape[-1]).index_select(0, rows))
-        ctx.save_for_backward(saved_x, w, *sampled, *_keep_index(ctx, idx))
+        ctx.save_for_backward(saved_x, w, *_keep_index(ctx, idx))
         return F.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, grad):
         x, w, *rest = ctx.saved_tensors
-        rows, x_rows = (None, None) if not ctx.sampled else (rest[0], None) if ctx.dim == KEEP_OUTPUTS else (rest[0], rest[1])
-        idx = _kept_index(ctx, rest[(0 if not ctx.sampled else 1 if ctx.dim == KEEP_OUTPUTS else 2):])
+        idx = _kept_index(ctx, rest)
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
-        g_rows = None if rows is None else g2.index_select(0, rows)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0] and ctx.full_input_grad:
             grad_x = (g2 @ w).reshape(ctx.x_shape)
@@ -358,32 +334,18 @@ class _BackwardKeptLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0] and not ctx.full_input_grad:
                 grad_x = (g_kept @ w.index_select(0, idx)).reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
-                grad_w = _with_kept(_estimate(g_rows, x2.index_select(0, rows), ctx.scale, w.shape) if rows is not None else None, w, 0, idx, g_kept.t() @ x2)
+                grad_w = w.new_zeros(w.shape).index_copy_(0, idx, g_kept.t() @ x2)
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                estimate = None if rows is None else g_rows.sum(0).mul_(ctx.scale)
-                grad_b = _with_kept(estimate, w.new_empty(w.shape[0]), 0, idx, g_kept.sum(0))
+                grad_b = g2.new_zeros(w.shape[0]).index_copy_(0, idx, g_kept.sum(0))
         else:
             if ctx.needs_input_grad[0] and not ctx.full_input_grad:
                 grad_x = g2.new_zeros(g2.shape[0], w.shape[1]).index_copy_(1, idx, g2 @ w.index_select(1, idx))
-                if rows is not None:  # the sampled rows' dense dX: the input projections' omitted outputs need it
-                    grad_x.index_copy_(0, rows, g_rows @ w)
                 grad_x = grad_x.reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
-                grad_w = _with_kept(_estimate(g_rows, x_rows, ctx.scale, w.shape) if rows is not None else None, w, 1, idx, g2.t() @ x2)
+                grad_w = w.new_zeros(w.shape).index_copy_(1, idx, g2.t() @ x2)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
-
-
-def _estimate(g_rows: torch.Tensor, x_rows: torch.Tensor, scale: float, shape: torch.Size) -> torch.Tensor:
-    """The whole weight's gradient estimated on sampled rows: ``scale * g_rows^T @ x_rows``."""
-    return torch.mm(g_rows.t(), x_rows).mul_(scale).reshape(shape)
-
-
-def _with_kept(base: torch.Tensor | None, like: torch.Tensor, dim: int, idx: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """A full-size gradient: the kept slice's exact values along ``dim`` over ``base`` (an estimate
-    for the omitted ones), or over zeros."""
-    return (like.new_zeros(like.shape) if base is None else base).index_copy_(dim, idx, kept)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _keep_index(ctx, idx: KeptIndex) -> tuple[torch.Tensor, ...]:

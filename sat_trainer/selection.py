@@ -10,8 +10,6 @@ for the same seed: draws agree between ranks and runs on the same kind of device
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 _MASK64 = (1 << 63) - 1
@@ -27,20 +25,6 @@ def draw_seed(seed: int, draw: int, unit: int) -> int:
 
 def generator_for(seed: int, draw: int, unit: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(draw_seed(seed, draw, unit))
-
-
-_ROW_STREAM = 0x5EED0F0ED6AD  # decorrelates the row samples from the same unit's kept-set draws
-
-
-def row_sample(seed: int, draw: int, unit: int, rows: int, fraction: float, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
-    """``ceil(fraction * rows)`` distinct token rows drawn uniformly (ascending), and ``rows`` over
-    that count: the factor that makes a sum over the sample an unbiased estimate of the sum over all
-    rows. Seeded like a draw, so a gradient-checkpoint recompute and every projection of the block
-    get the same rows."""
-    size = min(rows, max(1, math.ceil(fraction * rows)))
-    generator = torch.Generator(device=device).manual_seed(draw_seed(seed ^ _ROW_STREAM, draw, unit))
-    picked = torch.randperm(rows, generator=generator, device=device)[:size].sort().values
-    return picked, rows / size
 
 
 def topk(scores: torch.Tensor, k: int, groups: int = 1) -> torch.Tensor:

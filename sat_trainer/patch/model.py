@@ -152,24 +152,19 @@ class SATHandle:
         dense = sum(weight_numel(m) for m in model.modules() if isinstance(m, SLICEABLE))
         attention_core = _attention_core_flops(model, self.seq_len)
         per_layer_core = attention_core / max(_num_layers(model), 1)
-        saved = estimated = 0.0
+        saved = 0.0
         # sparse_tokens context: only the context rows of the latest forward omit (a host read: logging only)
         sparse_share = self.token_split[1].numel() / max(self.token_split[0].numel() + self.token_split[1].numel(), 1) if self.token_split else 1.0
         for unit in self.units:
             omitted = (1.0 - unit.k() / unit.n) * (sparse_share if unit.kind == "mlp" else 1.0)
             saved += omitted * sum(weight_numel(m) for m in unit.members())
-            if unit.samples_gradient and omitted > 0:  # full-size weight gradients on the sampled rows, and their dX at the output
-                estimated += self.config.omitted_gradient_fraction * sum(weight_numel(m) for m in unit.members())
-                if self.config.omit_in == "backward":
-                    estimated += self.config.omitted_gradient_fraction * sum(weight_numel(m) for m in unit.output_members())
             if unit.kind == "attention":
                 saved += omitted * per_layer_core
         fraction = (dense + attention_core - saved) / (dense + attention_core)
-        extra = estimated / (dense + attention_core) / 3.0  # omitted_gradient sampled, in the step's units
         if self.config.omit_in == "backward":
-            return (1.0 + 2.0 * fraction) / 3.0 + extra
+            return (1.0 + 2.0 * fraction) / 3.0
         if self.config.omit_in == "weight_gradient":  # dense forward and input gradient, weight gradient at the ratio
-            return (2.0 + fraction) / 3.0 + extra
+            return (2.0 + fraction) / 3.0
         return fraction
 
     def sync_scores(self, scores: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,8 @@ from torch import nn
 from .. import adapters, importance, selection
 from ..errors import SATError
 from ..ops import (
-    KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, GivenRows, KeptIndex, RowSample, SliceCache, backward_kept_linear, in_features,
-    kept_linear, out_features, out_major_weight, split_rows_linear,
+    KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, GivenRows, KeptIndex, SliceCache, backward_kept_linear, in_features, kept_linear,
+    out_features, out_major_weight, split_rows_linear,
 )
 from ..schedule import kept_count
 from .registry import BlockShape
@@ -94,10 +94,6 @@ class BlockUnit:
         # compensation mean: each channel's mean output (measured as the RMS is), and the constant the omitted
         # ones add to the down projection's output for the current draw
         self._compensates = shape.kind == "mlp" and handle.config.compensation == "mean"
-        # omitted_gradient sampled: the token rows this draw estimates the omitted channels' weight gradients on
-        # (per row count, so every projection of the block and a checkpoint's recompute use the same ones)
-        self.samples_gradient = shape.kind == "mlp" and cfg.omitted_gradient == "sampled"
-        self._row_sample: tuple[tuple[int, int], RowSample] | None = None
         self._mean_hidden: torch.Tensor | None = None
         self.compensation: torch.Tensor | None = None
         self._kv_groups_attr = getattr(block, "num_key_value_groups", None)  # query_head units change it while sparse
@@ -153,10 +149,6 @@ class BlockUnit:
 
     def members(self) -> list[nn.Module]:
         return self._in_members + self._out_members
-
-    def output_members(self) -> list[nn.Module]:
-        """The output side's patched layers: the base projection and, under LoRA, its ``lora_A``."""
-        return list(self._out_members)
 
     # ---- patching -------------------------------------------------------------------------
 
@@ -268,20 +260,6 @@ class BlockUnit:
             if self._drawn_for != key:
                 self._draw(x, key)
 
-    @torch.compiler.disable
-    def row_sample(self, x: torch.Tensor) -> RowSample | None:
-        """omitted_gradient sampled: the rows of ``x`` (flattened to 2-D) the omitted channels'
-        weight gradients are estimated on, drawn once per (draw, row count)."""
-        if not self.samples_gradient:
-            return None
-        rows = x.numel() // x.shape[-1]
-        key = (self._handle.draw_id, rows)
-        if self._row_sample is None or self._row_sample[0] != key:
-            cfg = self._handle.config
-            picked, scale = selection.row_sample(cfg.seed, key[0], self.index, rows, cfg.omitted_gradient_fraction, x.device)
-            self._row_sample = (key, RowSample(picked, scale))
-        return self._row_sample[1]
-
     def _kept_rows(self) -> list[int]:
         """Rows of each fused segment the sliced forward computes at the current kept count."""
         return [part.size // self.n * self.k() if part.sliced else part.size for part in self._parts]
@@ -299,7 +277,7 @@ class BlockUnit:
 
     def reset_draws(self) -> None:
         """Forget the current draw, cached scores and slices (after a calibration's draws)."""
-        self._drawn_for, self._scores_cache, self._sample_outputs, self._row_sample = None, None, None, None
+        self._drawn_for, self._scores_cache, self._sample_outputs = None, None, None
         self._rms = self._out_norms = self._mean_hidden = None
         self._window = 0
         self.slices.clear()
@@ -605,7 +583,7 @@ def _sliced(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor, 
     if rows is not None:
         return split_rows_linear(proj, dense, x, rows, idx, dim, unit.backward_only, unit.slices, unit.full_input_grad)
     if unit.backward_only:
-        return backward_kept_linear(proj, x, idx, dim, unit.full_input_grad, unit.row_sample(x))
+        return backward_kept_linear(proj, x, idx, dim, unit.full_input_grad)
     return kept_linear(proj, x, idx, dim, unit.slices, unit.given_rows(proj, x) if dim == KEEP_OUTPUTS else None)
 
 
