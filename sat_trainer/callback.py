@@ -12,6 +12,8 @@ Lifecycle (the Trainer wraps the model for accelerate/DDP/FSDP/DeepSpeed *before
   evaluation pauses do not count) to training log rows (and to ``state.log_history``).
 * ``omitted_update: freeze``: the omitted slices' weights are saved before the optimizer step
   and written back after it, so momentum and weight decay do not move them.
+* ``omitted_update: momentum``: before the optimizer step the omitted slices' gradient is set to
+  their AdamW first moment, so they keep their recent direction instead of missing the update.
 * ``layer_rates: auto``: at ``on_train_begin`` the first ``calibration_batches`` batches of the
   training set (read from the dataset and collator, so the sampler's order is untouched) calibrate
   per-block peak rates (:mod:`sat_trainer.calibration`); the table is ``callback.calibration``
@@ -80,10 +82,10 @@ class SATCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs):
         if model is None:
             raise RuntimeError("SATCallback needs the Trainer to pass the model to its callbacks")
-        if self.config.omitted_update == "freeze" and getattr(args, "deepspeed", None):
+        if self.config.omitted_update in ("freeze", "momentum") and getattr(args, "deepspeed", None):
             raise SATError(
-                "omitted_update 'freeze' cannot run under DeepSpeed: accelerate runs the DeepSpeed engine's optimizer "
-                "step inside backward, before on_pre_optimizer_step could save the omitted weights (and under ZeRO-3 "
+                f"omitted_update {self.config.omitted_update!r} cannot run under DeepSpeed: accelerate runs the DeepSpeed engine's optimizer "
+                "step inside backward, before on_pre_optimizer_step could reach the omitted slices (and under ZeRO-3 "
                 "they are empty shards outside forward); use omitted_update 'optimizer'"
             )
         self._restore(state)
@@ -110,6 +112,8 @@ class SATCallback(TrainerCallback, ExportableState):
             self._new_draw()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.config.omitted_update == "momentum":
+            _continue_momentum(self.handle, kwargs.get("optimizer"))
         if self.config.omitted_update == "freeze":
             self._frozen = [(t, dim, idx, t.detach().index_select(dim, idx)) for u in self.handle.units for t, dim, idx in u.omitted_parameters()]
 
@@ -198,6 +202,25 @@ class SATCallback(TrainerCallback, ExportableState):
     def _count_tokens(self, module: nn.Module, inputs: tuple) -> None:
         if module.training and inputs and hasattr(inputs[0], "numel"):
             self._tokens += inputs[0].numel()
+
+
+def _continue_momentum(handle: SATHandle, optimizer) -> None:
+    """omitted_update momentum: each omitted slice's gradient becomes its optimizer's first moment
+    (``exp_avg``), so AdamW keeps moving it in its recent direction (its first moment then stays as
+    it was; its second moment takes the moment's square). Slices without that state yet (the first
+    step) keep their zero gradient."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    states = getattr(inner, "state", None)
+    if states is None:
+        raise SATError(f"omitted_update 'momentum' needs a torch optimizer with per-parameter state, got {type(inner).__name__}")
+    with torch.no_grad():
+        for unit in handle.units:
+            for tensor, dim, idx in unit.omitted_parameters():
+                state = states.get(tensor) or {}
+                if state and "exp_avg" not in state:
+                    raise SATError(f"omitted_update 'momentum' needs an Adam-family optimizer (exp_avg state), got {type(inner).__name__}")
+                if "exp_avg" in state and tensor.grad is not None:
+                    tensor.grad.index_copy_(dim, idx, state["exp_avg"].index_select(dim, idx).to(tensor.grad.dtype))
 
 
 def _first_batches(dataloader, count: int, args, model: nn.Module) -> list[dict]:

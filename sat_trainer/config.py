@@ -22,7 +22,7 @@ SELECTIONS = ("topk", "sampling")
 SCHEDULES = ("ladder", "constant", "linear", "cosine")
 TARGETS = ("mlp", "attention")
 DRAW_EVERY = ("step", "micro_batch")
-OMITTED_UPDATES = ("optimizer", "freeze")
+OMITTED_UPDATES = ("optimizer", "freeze", "momentum")
 ATTENTION_UNITS = ("kv_group", "query_head")
 OMIT_IN = ("forward_backward", "backward", "weight_gradient")
 COMPENSATIONS = ("none", "mean")
@@ -150,7 +150,9 @@ class SATConfig:
         default="optimizer",
         metadata={
             "help": "optimizer: omitted rows get zero gradient and the optimizer still moves them (momentum, "
-            "weight decay); freeze: their weights are restored after the optimizer step (SATCallback)."
+            "weight decay); freeze: their weights are restored after the optimizer step (SATCallback); momentum "
+            "(Adam-family optimizers): their gradient is replaced by their own first moment (exp_avg) before the "
+            "optimizer step, so they continue their recent direction instead of missing the update."
         },
     )
     maxip_tokens: int = field(

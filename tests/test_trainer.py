@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import transformers
-from tiny import VOCAB, build, sat_config
+from tiny import VOCAB, batch, build, sat_config, sparse
 
 from sat_trainer import SATCallback
 from sat_trainer.patch.model import handle_of
@@ -158,6 +158,53 @@ def test_omitted_update_modes(tmp_path, mode):
         frozen = torch.equal(gate1[omitted], gate0[omitted]) and torch.equal(o1[:, head_cols], o0[:, head_cols])
         # with "optimizer", weight decay (and momentum from step 2 on) moves omitted rows too
         assert frozen == (mode == "freeze"), (step, mode)
+
+
+class _MomentumWatcher(transformers.TrainerCallback):
+    """After SATCallback's on_pre_optimizer_step: layer 0's gate_proj gradient and AdamW first moment, and the kept set."""
+
+    def __init__(self):
+        self.records = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        weight = model.model.layers[0].mlp.gate_proj.weight
+        moment = optimizer.optimizer.state.get(weight, {}).get("exp_avg")
+        kept = handle_of(model).kept()["model.layers.0.mlp"]
+        self.records.append((weight.grad.clone(), None if moment is None else moment.clone(), kept))
+
+
+@pytest.mark.parametrize("omit_in", ["forward_backward", "backward"])
+def test_omitted_update_momentum_continues_the_first_moment(tmp_path, omit_in):
+    """omitted_update momentum: from the second step on, the omitted rows' gradient at the optimizer
+    step is their AdamW first moment (so the moment stays as it was); kept rows keep their own."""
+    watcher = _MomentumWatcher()
+    sat = sat_config(omission_rate=0.5, schedule="constant", targets=["mlp"], omit_in=omit_in, omitted_update="momentum")
+    targs = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to=[], use_cpu=True, optim="adamw_torch", disable_tqdm=True, save_strategy="no",
+    )
+    transformers.Trainer(model=build("llama"), args=targs, train_dataset=_Stream(), callbacks=[SATCallback(sat), watcher]).train()
+    (grad0, moment0, _), *later = watcher.records
+    assert moment0 is None and torch.count_nonzero(grad0) > 0
+    for grad, moment, kept in later:
+        omitted = torch.ones(96, dtype=torch.bool)
+        omitted[kept] = False
+        torch.testing.assert_close(grad[omitted], moment[omitted], atol=0, rtol=0)
+        assert not torch.equal(grad[~omitted], moment[~omitted])  # kept rows: this step's own gradient
+        assert torch.count_nonzero(moment[omitted]) > 0
+
+
+def test_omitted_update_momentum_refuses_an_optimizer_without_a_first_moment():
+    from sat_trainer import SATError
+    from sat_trainer.callback import _continue_momentum
+
+    model = build("llama")
+    handle = sparse(model, targets=["mlp"], omitted_update="momentum")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model(batch(), labels=batch()).loss.backward()
+    optimizer.step()  # SGD's state: a momentum buffer, no exp_avg
+    with pytest.raises(SATError, match="needs an Adam-family optimizer"):
+        _continue_momentum(handle, optimizer)
 
 
 def test_omitted_update_freeze_is_refused_under_deepspeed():
