@@ -88,6 +88,12 @@ class SATCallback(TrainerCallback, ExportableState):
                 "step inside backward, before on_pre_optimizer_step could reach the omitted slices (and under ZeRO-3 "
                 "they are empty shards outside forward); use omitted_update 'optimizer'"
             )
+        if self.config.omitted_update == "momentum" and getattr(args, "fp16", False) and not getattr(args, "max_grad_norm", 0):
+            raise SATError(
+                "omitted_update 'momentum' under fp16 needs max_grad_norm > 0: without clipping the gradients are still "
+                "loss-scaled at on_pre_optimizer_step, and the first moment written into them would be unscaled once more "
+                "by the optimizer step; set max_grad_norm or train in bf16"
+            )
         self._restore(state)
         self._attach(model)
         if self._saved_scores:  # resumed: the scores the uninterrupted run would draw from

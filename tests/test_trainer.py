@@ -207,14 +207,35 @@ def test_omitted_update_momentum_refuses_an_optimizer_without_a_first_moment():
         _continue_momentum(handle, optimizer)
 
 
-def test_omitted_update_freeze_is_refused_under_deepspeed():
+@pytest.mark.parametrize("mode", ["freeze", "momentum"])
+def test_omitted_update_that_acts_before_the_step_is_refused_under_deepspeed(mode):
     """accelerate steps a DeepSpeed engine inside backward, before on_pre_optimizer_step: freeze
-    would save weights that already moved, so it is refused by name instead of doing nothing."""
+    would save weights that already moved, momentum would write gradients already consumed, so
+    both are refused by name instead of doing nothing."""
     from types import SimpleNamespace
 
     from sat_trainer import SATError
 
-    callback = SATCallback(sat_config(omitted_update="freeze"))
+    callback = SATCallback(sat_config(omitted_update=mode))
     args = SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}})
-    with pytest.raises(SATError, match="omitted_update 'freeze' cannot run under DeepSpeed"):
+    with pytest.raises(SATError, match=f"omitted_update '{mode}' cannot run under DeepSpeed"):
         callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(), model=build("llama"))
+
+
+@pytest.mark.parametrize("max_grad_norm, refused", [(0.0, True), (1.0, False)])
+def test_omitted_update_momentum_under_fp16_needs_clipping(max_grad_norm, refused):
+    """Without clipping, fp16's gradients are still loss-scaled when on_pre_optimizer_step runs;
+    the unscaled first moment written there would be divided by the scale again."""
+    from types import SimpleNamespace
+
+    from sat_trainer import SATError
+
+    callback = SATCallback(sat_config(omitted_update="momentum"))
+    args = SimpleNamespace(deepspeed=None, fp16=True, max_grad_norm=max_grad_norm)
+    begin = lambda: callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(), model=build("llama"))
+    if refused:
+        with pytest.raises(SATError, match="under fp16 needs max_grad_norm > 0"):
+            begin()
+    else:
+        begin()
+        assert callback.handle is not None
