@@ -152,7 +152,8 @@ class SATConfig:
             "help": "optimizer: omitted rows get zero gradient and the optimizer still moves them (momentum, "
             "weight decay); freeze: their weights are restored after the optimizer step (SATCallback); momentum "
             "(Adam-family optimizers): their gradient is replaced by their own first moment (exp_avg) before the "
-            "optimizer step, so they continue their recent direction instead of missing the update."
+            "optimizer step, so they continue their recent direction instead of missing the update. With "
+            "sparse_tokens context only optimizer (the loss tokens give the omitted channels real gradients)."
         },
     )
     maxip_tokens: int = field(
@@ -325,6 +326,9 @@ def _check_values(cfg: SATConfig) -> None:
     if cfg.sparse_tokens == "context" and (cfg.targets != ["mlp"] or cfg.compensation != "none"):
         _fail("sparse_tokens", cfg.sparse_tokens, "all, or context with targets [mlp] (attention mixes tokens: a head "
               "cannot be omitted for some tokens only) and compensation none")
+    if cfg.sparse_tokens == "context" and cfg.omitted_update != "optimizer":
+        _fail("omitted_update", cfg.omitted_update, "optimizer with sparse_tokens context: the loss tokens run every channel, so "
+              "the omitted channels' gradients are real (those tokens' share), and freeze or momentum would discard them")
     rates = cfg.calibration_rates
     if not (isinstance(rates, (list, tuple)) and rates and all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < 1 for r in rates)
             and all(a < b for a, b in zip(rates, rates[1:]))):

@@ -45,6 +45,8 @@ def test_callback_accepts_yaml_path_and_dict(tmp_path):
         ({"draw_every": "epoch"}, "draw_every", "step, micro_batch"),
         ({"maxip_tokens": 0}, "maxip_tokens", ">= 1"),
         ({"temperature": True}, "temperature", "float"),
+        ({"omitted_update": "momentum", "sparse_tokens": "context"}, "omitted_update", "discard"),
+        ({"omitted_update": "freeze", "sparse_tokens": "context"}, "omitted_update", "discard"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(data, key, fragment):
