@@ -10,10 +10,8 @@ Lifecycle (the Trainer wraps the model for accelerate/DDP/FSDP/DeepSpeed *before
 * ``on_log``: adds ``sat/omission_rate``, ``sat/kept_flops_fraction`` and
   ``sat/tokens_per_second`` (tokens over time inside training steps since the last log, so
   evaluation pauses do not count) to training log rows (and to ``state.log_history``).
-* ``omitted_update: freeze``: the omitted slices' weights are saved before the optimizer step
-  and written back after it, so momentum and weight decay do not move them.
-* ``omitted_update: momentum``: before the optimizer step the omitted slices' gradient is set to
-  their AdamW first moment, so they keep their recent direction instead of missing the update.
+* ``on_pre_optimizer_step`` / ``on_optimizer_step``: ``omitted_update`` ``freeze`` or ``momentum``
+  acts on the omitted slices around the optimizer step (:mod:`sat_trainer.omitted_update`).
 * ``layer_rates: auto``: at ``on_train_begin`` the first ``calibration_batches`` batches of the
   training set (read from the dataset and collator, so the sampler's order is untouched) calibrate
   per-block peak rates (:mod:`sat_trainer.calibration`); the table is ``callback.calibration``
@@ -39,6 +37,7 @@ from transformers.trainer_callback import ExportableState
 
 from .config import SATConfig, to_config
 from .errors import SATError
+from .omitted_update import OmittedUpdate
 from .patch.model import SATHandle, apply_sat, handle_of
 from .schedule import omission_rate_at
 
@@ -58,7 +57,7 @@ class SATCallback(TrainerCallback, ExportableState):
         self._tokens = 0
         self._busy = 0.0  # seconds inside training steps since the last log (evaluation excluded)
         self._step_start = 0.0
-        self._frozen: list = []  # (tensor, dim, omitted indices, saved values) for omitted_update: freeze
+        self._omitted: OmittedUpdate | None = None
         self._hook = None
         self.calibration: dict | None = None  # layer_rates auto: the calibration table
         self._saved_scores: dict | None = None  # resumed: the checkpoint's score state, loaded once the model is patched
@@ -118,16 +117,10 @@ class SATCallback(TrainerCallback, ExportableState):
             self._new_draw()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.config.omitted_update == "momentum":
-            _continue_momentum(self.handle, kwargs.get("optimizer"))
-        if self.config.omitted_update == "freeze":
-            self._frozen = [(t, dim, idx, t.detach().index_select(dim, idx)) for u in self.handle.units for t, dim, idx in u.omitted_parameters()]
+        self._omitted_update().before_step(kwargs.get("optimizer"))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        with torch.no_grad():
-            for tensor, dim, idx, saved in self._frozen:
-                tensor.index_copy_(dim, idx, saved)
-        self._frozen = []
+        self._omitted_update().after_step()
 
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
         if logs is None or "loss" not in logs or self.handle is None:
@@ -201,6 +194,11 @@ class SATCallback(TrainerCallback, ExportableState):
             raise SATError("layer_rates auto needs the Trainer's train_dataloader at on_train_begin to calibrate on")
         self.calibration = calibrate(self.handle, model, _first_batches(dataloader, self.config.calibration_batches, args, model))
 
+    def _omitted_update(self) -> OmittedUpdate:
+        if self._omitted is None or self._omitted.handle is not self.handle:
+            self._omitted = OmittedUpdate(self.handle, self.config.omitted_update)
+        return self._omitted
+
     def _new_draw(self) -> None:
         self.draw_id += 1
         self.handle.draw_id = self.draw_id
@@ -208,25 +206,6 @@ class SATCallback(TrainerCallback, ExportableState):
     def _count_tokens(self, module: nn.Module, inputs: tuple) -> None:
         if module.training and inputs and hasattr(inputs[0], "numel"):
             self._tokens += inputs[0].numel()
-
-
-def _continue_momentum(handle: SATHandle, optimizer) -> None:
-    """omitted_update momentum: each omitted slice's gradient becomes its optimizer's first moment
-    (``exp_avg``), so AdamW keeps moving it in its recent direction (its first moment then stays as
-    it was; its second moment takes the moment's square). Slices without that state yet (the first
-    step) keep their zero gradient."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
-    states = getattr(inner, "state", None)
-    if states is None:
-        raise SATError(f"omitted_update 'momentum' needs a torch optimizer with per-parameter state, got {type(inner).__name__}")
-    with torch.no_grad():
-        for unit in handle.units:
-            for tensor, dim, idx in unit.omitted_parameters():
-                state = states.get(tensor) or {}
-                if state and "exp_avg" not in state:
-                    raise SATError(f"omitted_update 'momentum' needs an Adam-family optimizer (exp_avg state), got {type(inner).__name__}")
-                if "exp_avg" in state and tensor.grad is not None:
-                    tensor.grad.index_copy_(dim, idx, state["exp_avg"].index_select(dim, idx).to(tensor.grad.dtype))
 
 
 def _first_batches(dataloader, count: int, args, model: nn.Module) -> list[dict]:

@@ -106,6 +106,30 @@ def test_measure_times_dense_and_each_rate_on_a_real_model():
     assert handle_of(model) is None  # and is unpatched again
 
 
+def test_measure_times_the_omitted_update_with_the_sat_steps(monkeypatch):
+    """A timed SAT step costs what a trained one does: with omitted_update momentum the omitted slices'
+    gradients are rewritten before every SAT step's optimizer step (from its second step on, when the
+    optimizer has a first moment), never in a dense step (nothing omitted)."""
+    from sat_trainer import omitted_update
+
+    calls: list[int] = []
+    real = omitted_update.continue_momentum
+
+    def spy(handle, optimizer):
+        calls.append(sum(len(u.omitted_parameters()) for u in handle.units))
+        real(handle, optimizer)
+
+    monkeypatch.setattr(omitted_update, "continue_momentum", spy)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    args = transformers.TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
+    ids = torch.randint(0, 64, (2, 16))
+    cfg = SATConfig(omission_rate=0.5, schedule="constant", omitted_update="momentum")
+    step_timing.measure(model, {"input_ids": ids, "labels": ids}, args, cfg, [0.0, 0.5], rounds=2)
+    assert len(calls) == 6  # 3 rounds x (dense + SAT at 0.5)
+    assert sorted(calls) == [0, 0, 0, 6, 6, 6]  # SAT: gate and up rows, down columns, per layer; dense: none
+
+
 def test_a_resumed_comparison_reuses_the_measured_times(tmp_path):
     from sat_trainer.app.run import time_steps
 

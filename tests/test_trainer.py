@@ -196,7 +196,7 @@ def test_omitted_update_momentum_continues_the_first_moment(tmp_path, omit_in):
 
 def test_omitted_update_momentum_refuses_an_optimizer_without_a_first_moment():
     from sat_trainer import SATError
-    from sat_trainer.callback import _continue_momentum
+    from sat_trainer.omitted_update import continue_momentum
 
     model = build("llama")
     handle = sparse(model, targets=["mlp"], omitted_update="momentum")
@@ -204,7 +204,7 @@ def test_omitted_update_momentum_refuses_an_optimizer_without_a_first_moment():
     model(batch(), labels=batch()).loss.backward()
     optimizer.step()  # SGD's state: a momentum buffer, no exp_avg
     with pytest.raises(SATError, match="needs an Adam-family optimizer"):
-        _continue_momentum(handle, optimizer)
+        continue_momentum(handle, optimizer)
 
 
 @pytest.mark.parametrize("mode", ["freeze", "momentum"])

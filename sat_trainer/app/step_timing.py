@@ -13,7 +13,7 @@ what the table reports beside the as-run times.
 
 A timed step is what the Trainer does per optimizer step: ``gradient_accumulation_steps``
 forward/backward passes (under the run's bf16/fp16 autocast and gradient checkpointing), then
-the optimizer the run's ``TrainingArguments`` name. It runs in a single process on the run's
+the optimizer the run's ``TrainingArguments`` name, with what ``omitted_update`` does around it. It runs in a single process on the run's
 device; data loading, logging and distributed communication are not timed (the same for both),
 nor is ``torch_compile`` applied (a compiled model recompiles at each new kept count, which
 alternating rates would hit every step).
@@ -141,6 +141,7 @@ def measure(
     difference between the two variants but the omission.
     """
     from ..calibration import apply_table
+    from ..omitted_update import OmittedUpdate
     from ..patch.model import apply_sat, remove_sat
 
     if args.torch_compile:
@@ -153,7 +154,7 @@ def measure(
         apply_table(handle, calibration)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
-    train_step = _trainer_step(model, batch, args)
+    train_step = _trainer_step(model, batch, args, OmittedUpdate(handle, cfg.omitted_update))
     kept: dict[float, float] = {0.0: 1.0}
 
     def at_rate(rate: float) -> Callable[[], float]:
@@ -187,8 +188,9 @@ def paired_ratio(sat: list[float], dense: list[float]) -> float:
     return statistics.median(s / d for s, d in zip(sat, dense))
 
 
-def _trainer_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], args) -> Callable[[], float]:
-    """One optimizer step as the Trainer takes it (see the module docstring), returning its seconds."""
+def _trainer_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], args, omitted) -> Callable[[], float]:
+    """One optimizer step as the Trainer takes it (see the module docstring), with what ``omitted_update``
+    does around it (``omitted``, an :class:`~sat_trainer.omitted_update.OmittedUpdate`), returning its seconds."""
     from transformers import Trainer
 
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
@@ -205,7 +207,9 @@ def _trainer_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], args) 
             with amp:
                 loss = model(**batch).loss / accumulation
             loss.backward()
+        omitted.before_step(optimizer)
         optimizer.step()
+        omitted.after_step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device_type)
         return time.perf_counter() - start
