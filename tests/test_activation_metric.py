@@ -339,7 +339,7 @@ def _masked_loss(model, handle, ids):
 @pytest.mark.parametrize("bad", [dict(omit_in="backward"), dict(metric="wanda")])
 def test_mean_compensation_needs_a_sparse_forward_and_the_activation_metric(bad):
     with pytest.raises(SATError, match="compensation"):
-        SATConfig(compensation="mean", **bad)
+        SATConfig(**{"omit_in": "forward_backward", "compensation": "mean", **bad})
 
 
 def test_score_state_survives_a_checkpoint_round_trip():

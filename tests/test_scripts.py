@@ -89,7 +89,7 @@ def test_retime_rebuilds_curves_from_quiet_step_times(tmp_path):
     bench.write_text(json.dumps({"rate": 0.5, "omit_in": "backward", "dense_s": 2.0, "sat_s": 1.5}) + "\n")
     times = quality.step_times(str(bench))
     assert list(times) == ["backward"] and times["backward"].dense_s == 2.0 and times["backward"].sat_s == {0.0: 2.0, 0.5: 1.5}
-    sat = {"omission_rate": 0.5, "omit_in": "backward", "schedule": "constant"}
+    sat = {"omission_rate": 0.5, "omit_in": "backward", "schedule": "constant", "dense_warmup_fraction": 0.0}
     row = _row("omit_in=backward", 0, {"new": 4.0}, [{"step": 0, "train_time_s": 9.0, "new": 5.0},
                                                      {"step": 4, "train_time_s": 99.0, "new": 4.0}], 99.0)
     row = quality.retime(row | {"sat": sat, "steps": 4}, times)
@@ -108,7 +108,7 @@ def test_equal_time_from_step_times_uses_the_medians_not_the_runs_clock(tmp_path
     bench = tmp_path / "b.jsonl"
     bench.write_text(json.dumps({"rate": 0.5, "omit_in": "backward", "dense_s": 2.0, "sat_s": 1.0}) + "\n")
     dense = _row("dense", 0, {"new": 4.0}, [], 100.0)
-    sat = _row("omit_in=backward", 0, {"new": 4.1}, [], 500.0) | {"sat": {"omission_rate": 0.5, "omit_in": "backward", "schedule": "constant"}}
+    sat = _row("omit_in=backward", 0, {"new": 4.1}, [], 500.0) | {"sat": {"omission_rate": 0.5, "omit_in": "backward", "schedule": "constant", "dense_warmup_fraction": 0.0}}
     # dense's 10 steps are 20 s at the medians; SAT at a constant 0.5 takes 1 s a step: 20 of them fit
     assert quality.equal_time_steps_of(argparse.Namespace(step_times=str(bench)), dense, sat) == 20
     assert quality.equal_time_steps_of(argparse.Namespace(step_times=None), dense, sat) == 2  # 100 s at the run's 50 s a step

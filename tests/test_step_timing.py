@@ -17,7 +17,7 @@ from sat_trainer.app.run_config import load_run_config
 from sat_trainer.app.step_timing import StepTimes, interleaved, timed_rates
 from sat_trainer.schedule import omission_rate_at
 
-LADDER = SATConfig(omission_rate=0.5, schedule="ladder", ladder_sparse_fraction=0.75, ladder_num_rungs=2)
+LADDER = SATConfig(omission_rate=0.5, schedule="ladder", ladder_sparse_fraction=0.75, ladder_num_rungs=2, dense_warmup_fraction=0.0)
 
 
 def test_interleaved_rotates_the_order_and_drops_warmup_rounds():
@@ -45,7 +45,7 @@ def test_paired_ratio_cancels_a_slow_drift_that_a_ratio_of_medians_keeps():
 
 def test_timed_rates_are_the_ladders_own_or_an_even_grid():
     assert timed_rates(LADDER, 40) == [0.0, 0.25, 0.5]
-    cosine = SATConfig(omission_rate=0.6, schedule="cosine")
+    cosine = SATConfig(omission_rate=0.6, schedule="cosine", dense_warmup_fraction=0.0)
     assert timed_rates(cosine, 40) == pytest.approx([0.0, 0.2, 0.4, 0.6])
 
 
