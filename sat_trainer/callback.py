@@ -57,7 +57,7 @@ class SATCallback(TrainerCallback, ExportableState):
         self._tokens = 0
         self._busy = 0.0  # seconds inside training steps since the last log (evaluation excluded)
         self._step_start = 0.0
-        self._omitted: OmittedUpdate | None = None
+        self._omitted: OmittedUpdate | None = None  # built with the handle, in _attach
         self._hook = None
         self.calibration: dict | None = None  # layer_rates auto: the calibration table
         self._saved_scores: dict | None = None  # resumed: the checkpoint's score state, loaded once the model is patched
@@ -117,10 +117,10 @@ class SATCallback(TrainerCallback, ExportableState):
             self._new_draw()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._omitted_update().before_step(kwargs.get("optimizer"))
+        self._omitted.before_step(kwargs.get("optimizer"))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self._omitted_update().after_step()
+        self._omitted.after_step()
 
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
         if logs is None or "loss" not in logs or self.handle is None:
@@ -167,6 +167,7 @@ class SATCallback(TrainerCallback, ExportableState):
             )
         self.handle = handle
         self.handle.draw_id = self.draw_id
+        self._omitted = OmittedUpdate(handle, self.config.omitted_update)
 
     def _restore(self, state) -> None:
         """On resume, continue the draw counter saved in the checkpoint's trainer state.
@@ -193,11 +194,6 @@ class SATCallback(TrainerCallback, ExportableState):
         if dataloader is None:
             raise SATError("layer_rates auto needs the Trainer's train_dataloader at on_train_begin to calibrate on")
         self.calibration = calibrate(self.handle, model, _first_batches(dataloader, self.config.calibration_batches, args, model))
-
-    def _omitted_update(self) -> OmittedUpdate:
-        if self._omitted is None or self._omitted.handle is not self.handle:
-            self._omitted = OmittedUpdate(self.handle, self.config.omitted_update)
-        return self._omitted
 
     def _new_draw(self) -> None:
         self.draw_id += 1
