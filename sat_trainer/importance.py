@@ -243,10 +243,17 @@ def activation_attention(
 
 
 def _norm32(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """L2 norm along ``dim`` as float32. Reductions of bf16/fp16 already accumulate in float32;
-    passing ``dtype=float32`` instead would first copy the whole tensor to float32 (measured on
-    CPU, bf16 4096 x 8192: 103 ms with the copy, 4 ms without)."""
-    return torch.linalg.vector_norm(t, dim=dim).float()
+    """L2 norm along ``dim`` as float32.
+
+    Along the last (contiguous) dim, ``vector_norm``. Along any other, the sum of squares: on the CPU
+    ``vector_norm`` reduces a strided dim 2.3-4x slower (measured, 2-core CPU, float32: tokens x
+    channels 1024 x 1536 2.1 ms against 0.9, 4096 x 1536 14.1 against 3.6; the RMS of every channel
+    over the tokens, which ``omit_in: backward`` reads from each sparse block's forward, is this
+    reduction). The squares' sum accumulates in float32 without a float32 copy of ``t`` (bf16
+    4096 x 1536: 3.8 ms against ``vector_norm``'s 5.1, relative error 1e-4 against 4e-3)."""
+    if dim in (-1, t.dim() - 1):
+        return torch.linalg.vector_norm(t, dim=dim).float()
+    return (t * t).sum(dim, dtype=torch.float32).sqrt()
 
 
 def _chunk_sum(per_feature: torch.Tensor, n: int) -> torch.Tensor:

@@ -34,6 +34,19 @@ def test_activation_mlp_is_each_channels_output_norm_times_its_down_column():
     torch.testing.assert_close(got, expected.detach() / tokens.shape[0] ** 0.5, rtol=1e-5, atol=1e-6)  # per token: RMS
 
 
+def test_channel_rms_of_bf16_activations_accumulates_in_float32():
+    """The RMS over tokens (a strided reduction) sums the squares in float32: 1e-4 relative error
+    in bf16, where a bf16-accumulated norm was off by ~4e-3 (enough to reorder near-tied channels)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2048, 96) * torch.linspace(0.1, 3.0, 96)
+    low = hidden.to(torch.bfloat16)
+    exact = low.double().square().mean(0).sqrt()
+    for got in (importance.channel_rms(low, None), importance.channel_rms(low, torch.ones(2048))):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), exact, rtol=1e-3, atol=0)
+    torch.testing.assert_close(importance.output_column_norms(low.t().contiguous().t()).double(), exact * 2048**0.5, rtol=1e-3, atol=0)
+
+
 def test_activation_plain_mlp_uses_the_activation_and_transposed_conv1d():
     model = build("gpt2")
     handle = apply_sat(model, SATConfig(metric="activation", activation_tokens=1000))
