@@ -316,7 +316,7 @@ class _BackwardKeptLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, idx, dim, full_input_grad):
         ctx.dim, ctx.x_shape, ctx.has_bias, ctx.full_input_grad = dim, x.shape, b is not None, full_input_grad
-        saved_x = x if dim == KEEP_OUTPUTS else x.index_select(-1, idx)  # an output projection's idx is a tensor
+        saved_x = x if dim == KEEP_OUTPUTS else _columns(x, idx)  # an output projection's idx is a tensor
         ctx.save_for_backward(saved_x, w, *_keep_index(ctx, idx))
         return F.linear(x, w, b)
 
@@ -330,7 +330,7 @@ class _BackwardKeptLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0] and ctx.full_input_grad:
             grad_x = (g2 @ w).reshape(ctx.x_shape)
         if ctx.dim == KEEP_OUTPUTS:
-            g_kept = g2.index_select(1, idx)
+            g_kept = _columns(g2, idx)
             if ctx.needs_input_grad[0] and not ctx.full_input_grad:
                 grad_x = (g_kept @ w.index_select(0, idx)).reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
@@ -339,13 +339,31 @@ class _BackwardKeptLinear(torch.autograd.Function):
                 grad_b = g2.new_zeros(w.shape[0]).index_copy_(0, idx, g_kept.sum(0))
         else:
             if ctx.needs_input_grad[0] and not ctx.full_input_grad:
-                grad_x = g2.new_zeros(g2.shape[0], w.shape[1]).index_copy_(1, idx, g2 @ w.index_select(1, idx))
-                grad_x = grad_x.reshape(ctx.x_shape)
+                grad_x = _with_columns(g2 @ _columns(w, idx), idx, w.shape[1]).reshape(ctx.x_shape)
             if ctx.needs_input_grad[1]:
-                grad_w = w.new_zeros(w.shape).index_copy_(1, idx, g2.t() @ x2)
+                grad_w = _with_columns(g2.t() @ x2, idx, w.shape[1])
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def _columns(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(-1, idx)``, the columns ``idx``, selected from ``t`` flattened to 2-D:
+    on the CPU ``index_select`` along the last dim of a 3-D tensor measured 4x slower than on
+    the same data as a matrix (fp32 4 x 256 x 1536, half the columns: 0.99 ms against 0.23-0.35)."""
+    flat = t.reshape(-1, t.shape[-1]).index_select(1, idx)
+    return flat.reshape(*t.shape[:-1], idx.numel())
+
+
+def _with_columns(values: torch.Tensor, idx: torch.Tensor, width: int) -> torch.Tensor:
+    """A zero-filled tensor ``width`` columns wide holding ``values`` in the columns ``idx`` (unique).
+    On the CPU through ``scatter_`` over an expanded index, which measured 2.1-2.8x faster there than
+    ``index_copy_`` along the last dim (fp32 1024 x 1536 from 768 columns: 0.29 ms against 0.81, zeros
+    included; in SmolLM2-135M's step at 4 x 256 tokens 27 ms against 47); elsewhere unmeasured, so as it was."""
+    out = values.new_zeros(*values.shape[:-1], width)
+    if values.device.type != "cpu":
+        return out.index_copy_(-1, idx, values)
+    return out.scatter_(-1, idx.expand_as(values), values)
 
 
 def _keep_index(ctx, idx: KeptIndex) -> tuple[torch.Tensor, ...]:
@@ -421,7 +439,7 @@ class _SplitBackwardLinear(torch.autograd.Function):
         grad_x = (g2 @ w).reshape(ctx.x_shape) if ctx.needs_input_grad[0] and ctx.full_input_grad else None
         grad_w = grad_b = sparse_x = None
         if ctx.dim == KEEP_OUTPUTS:  # sparse rows: only the kept outputs' gradient is read
-            g_kept = g_sparse.index_select(1, idx)
+            g_kept = _columns(g_sparse, idx)
             if split_x:
                 sparse_x = g_kept @ w.index_select(0, idx)
             if need_w:
@@ -430,9 +448,9 @@ class _SplitBackwardLinear(torch.autograd.Function):
                 grad_b = g_dense.sum(0).index_add_(0, idx, g_kept.sum(0))
         else:  # sparse rows: only the kept inputs get (and pass on) gradient
             if split_x:
-                sparse_x = g_sparse.new_zeros(g_sparse.shape[0], w.shape[1]).index_copy_(1, idx, g_sparse @ w.index_select(1, idx))
+                sparse_x = _with_columns(g_sparse @ _columns(w, idx), idx, w.shape[1])
             if need_w:
-                grad_w = (g_dense.t() @ x_dense).index_add_(1, idx, g_sparse.t() @ x_sparse.index_select(1, idx))
+                grad_w = (g_dense.t() @ x_dense).index_add_(1, idx, g_sparse.t() @ _columns(x_sparse, idx))
             if need_b:
                 grad_b = g2.sum(0)
         if split_x:
