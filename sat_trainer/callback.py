@@ -167,7 +167,7 @@ class SATCallback(TrainerCallback, ExportableState):
             )
         self.handle = handle
         self.handle.draw_id = self.draw_id
-        self._omitted = OmittedUpdate(handle, self.config.omitted_update)
+        self._omitted = OmittedUpdate(handle, self.config.omitted_update, self.config.momentum_decay)
 
     def _restore(self, state) -> None:
         """On resume, continue the draw counter saved in the checkpoint's trainer state.

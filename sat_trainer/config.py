@@ -163,6 +163,15 @@ class SATConfig:
             "sparse_tokens context only optimizer (the loss tokens give the omitted channels real gradients)."
         },
     )
+    momentum_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "omitted_update momentum: each step a slice stays omitted, its first moment is multiplied by this "
+            "(in [0, 1]). 1: carried unchanged, so a slice omitted for many steps keeps moving in its last direction; "
+            "the optimizer's beta1 (0.9 for AdamW): what omitted_update optimizer does; between: a continued update "
+            "that fades, 1 / (1 - momentum_decay) steps' worth in all."
+        },
+    )
     maxip_tokens: int = field(
         default=64,
         metadata={"help": "maxip: number of tokens subsampled per draw to score neurons (>= 1)."},
@@ -299,6 +308,7 @@ def _check_types(cfg: SATConfig) -> None:
         "schedule": (str,),
         "draw_every": (str,),
         "omitted_update": (str,),
+        "momentum_decay": (int, float),
         "attention_unit": (str,),
         "omit_in": (str,),
         "compensation": (str,),
@@ -350,6 +360,10 @@ def _check_values(cfg: SATConfig) -> None:
         _fail("calibration_batches", cfg.calibration_batches, "an integer >= 1")
     if cfg.layer_rates == "auto" and cfg.omission_rate == 0:
         _fail("layer_rates", cfg.layer_rates, "uniform, or auto with omission_rate > 0 (the schedule scales each block's peak rate by rate(t) / omission_rate)")
+    if not 0.0 <= cfg.momentum_decay <= 1.0:
+        _fail("momentum_decay", cfg.momentum_decay, "a number in [0, 1]")
+    if cfg.momentum_decay != 1.0 and cfg.omitted_update != "momentum":
+        _fail("momentum_decay", cfg.momentum_decay, "1 unless omitted_update is momentum (it scales that mode's continued first moment)")
     if not cfg.temperature > 0:
         _fail("temperature", cfg.temperature, "a number > 0")
     if not 0.0 < cfg.ladder_sparse_fraction < 1.0:

@@ -47,6 +47,8 @@ def test_callback_accepts_yaml_path_and_dict(tmp_path):
         ({"temperature": True}, "temperature", "float"),
         ({"omitted_update": "momentum", "sparse_tokens": "context"}, "omitted_update", "discard"),
         ({"omitted_update": "freeze", "sparse_tokens": "context"}, "omitted_update", "discard"),
+        ({"momentum_decay": 1.5, "omitted_update": "momentum"}, "momentum_decay", "[0, 1]"),
+        ({"momentum_decay": 0.97, "omitted_update": "optimizer"}, "momentum_decay", "unless omitted_update is momentum"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(data, key, fragment):

@@ -194,6 +194,34 @@ def test_omitted_update_momentum_continues_the_first_moment(tmp_path, omit_in):
         assert torch.count_nonzero(moment[omitted]) > 0
 
 
+@pytest.mark.parametrize("decay", [1.0, 0.97, 0.9, 0.0])
+def test_momentum_decay_scales_the_omitted_first_moment(decay):
+    """momentum_decay d: after an AdamW step (beta1 0.8 here, not the default) every omitted slice's
+    first moment is d times what it was; kept slices' moments take their own gradient. d = beta1 is
+    what omitted_update optimizer does (zero gradient), d = 0 stops the continued update."""
+    from sat_trainer.omitted_update import continue_momentum
+
+    model = build("llama")
+    handle = sparse(model, targets=["mlp", "attention"], omitted_update="momentum", momentum_decay=decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.999))
+    handle.set_rate(0.0)
+    handle.new_step()
+    model(batch(), labels=batch()).loss.backward()
+    optimizer.step()  # a dense step: every slice's first moment is nonzero
+    optimizer.zero_grad()
+    handle.set_rate(0.5)
+    handle.new_step()
+    model(batch(seed=2), labels=batch(seed=2)).loss.backward()
+    slices = [s for u in handle.units for s in u.omitted_parameters()]
+    assert sum(t.dim() == 2 for t, _, _ in slices) >= 8  # MLP rows and columns, attention groups (and biases)
+    before = [optimizer.state[t]["exp_avg"].index_select(dim, idx).clone() for t, dim, idx in slices]
+    continue_momentum(handle, optimizer, decay)
+    optimizer.step()
+    for (tensor, dim, idx), moment in zip(slices, before):
+        assert torch.count_nonzero(moment) > 0
+        torch.testing.assert_close(optimizer.state[tensor]["exp_avg"].index_select(dim, idx), decay * moment, atol=1e-7, rtol=1e-6)
+
+
 def test_omitted_update_momentum_refuses_an_optimizer_without_a_first_moment():
     from sat_trainer import SATError
     from sat_trainer.omitted_update import continue_momentum

@@ -154,7 +154,7 @@ def measure(
         apply_table(handle, calibration)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
-    train_step = _trainer_step(model, batch, args, OmittedUpdate(handle, cfg.omitted_update))
+    train_step = _trainer_step(model, batch, args, OmittedUpdate(handle, cfg.omitted_update, cfg.momentum_decay))
     kept: dict[float, float] = {0.0: 1.0}
 
     def at_rate(rate: float) -> Callable[[], float]:
