@@ -115,16 +115,17 @@ def test_measure_times_the_omitted_update_with_the_sat_steps(monkeypatch):
     calls: list[int] = []
     real = omitted_update.continue_momentum
 
-    def spy(handle, optimizer):
+    def spy(handle, optimizer, decay):
+        assert decay == 0.97  # the config's momentum_decay reaches the timed step
         calls.append(sum(len(u.omitted_parameters()) for u in handle.units))
-        real(handle, optimizer)
+        real(handle, optimizer, decay)
 
     monkeypatch.setattr(omitted_update, "continue_momentum", spy)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
     args = transformers.TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
     ids = torch.randint(0, 64, (2, 16))
-    cfg = SATConfig(omission_rate=0.5, schedule="constant", omitted_update="momentum")
+    cfg = SATConfig(omission_rate=0.5, schedule="constant", omitted_update="momentum", momentum_decay=0.97)
     step_timing.measure(model, {"input_ids": ids, "labels": ids}, args, cfg, [0.0, 0.5], rounds=2)
     assert len(calls) == 6  # 3 rounds x (dense + SAT at 0.5)
     assert sorted(calls) == [0, 0, 0, 6, 6, 6]  # SAT: gate and up rows, down columns, per layer; dense: none
