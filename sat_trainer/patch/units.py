@@ -6,7 +6,9 @@ the output projection reads only those. Everything between them in the block's u
 forward is shape-agnostic: the MLP's activation and product are elementwise, and Llama-style
 attention views q/k/v as ``(*shape, -1, head_dim)`` and reads ``num_key_value_groups``, which
 dropping whole KV groups leaves intact (so RoPE, sliding windows, soft-capping, Qwen3/Gemma3
-q/k norms, biases, eager and sdpa all keep working). Each projection's own forward hooks still
+q/k norms, biases, eager and sdpa all keep working). With a dense forward (``omit_in: backward``)
+the attention core between them is split by head instead, so its backward runs for the kept heads
+only (:mod:`sat_trainer.patch.attention_core`). Each projection's own forward hooks still
 fire, because the module is still called (under ZeRO-3 the whole block is made a leaf module,
 see :func:`sat_trainer.patch.model.apply_sat`, since a draw reads all its projections at once).
 
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from .. import adapters, importance, selection
+from . import attention_core
 from ..errors import SATError
 from ..ops import (
     KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, GivenRows, KeptIndex, SliceCache, backward_kept_linear, in_features, kept_linear,
@@ -103,6 +106,7 @@ class BlockUnit:
         self._scores_cache: torch.Tensor | None = None  # reused for score_every draws
         self._scored_at = 0
         self._index: dict[nn.Module, torch.Tensor] = {}
+        self._heads: tuple | None = None  # backward_heads() of the current draw
         self._drawer: nn.Module | None = None  # the input member the block's forward calls first
         self.slices = SliceCache()
         self.rate_scale = 1.0  # layer_rates auto: this block's peak rate over omission_rate (sat_trainer.calibration)
@@ -160,8 +164,11 @@ class BlockUnit:
             self._bind(member, functools.partial(_input_forward, self, member, member.forward))
         for member in self._out_members:
             self._bind(member, functools.partial(_output_forward, self, member, member.forward))
+        if self.kind == "attention":
+            attention_core.attach(self.block, self)
 
     def unpatch(self) -> None:
+        attention_core.detach(self.block)
         self._set_query_heads_per_group(None)
         self._head_counts.set(None)
         for proj, previous in reversed(self._saved_forwards):
@@ -263,6 +270,22 @@ class BlockUnit:
     def _kept_rows(self) -> list[int]:
         """Rows of each fused segment the sliced forward computes at the current kept count."""
         return [part.size // self.n * self.k() if part.sliced else part.size for part in self._parts]
+
+    @torch.compiler.disable
+    def backward_heads(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        """``((kept query heads, kept KV heads), (omitted query heads, omitted KV heads))`` when this
+        attention block's core may run its backward for the kept heads only
+        (:mod:`sat_trainer.patch.attention_core`): a dense forward whose input gradient goes through the
+        kept units alone (``omit_in: backward``), KV-group units, sparse and drawn; else None."""
+        if not (self.kind == "attention" and self.backward_only and not self.full_input_grad and not self.query_heads and self.is_sparse()):
+            return None
+        if self._drawn_for != (self._handle.draw_id, self.k()):
+            return None
+        if self._heads is None:
+            kept = torch.zeros(self.n, dtype=torch.uint8, device=self.kept_units.device).index_fill_(0, self.kept_units, 1)
+            omitted = torch.argsort(kept, stable=True)[: self.n - self.k()]  # ascending, and no host sync (nonzero)
+            self._heads = tuple((_expand(units, self.heads_per_unit), units) for units in (self.kept_units, omitted))
+        return self._heads
 
     def output_index(self, member: nn.Module) -> torch.Tensor | None:
         """Kept input features of output-side ``member`` (drawn by the input side)."""
@@ -382,6 +405,7 @@ class BlockUnit:
 
     def _index_members(self, kept: torch.Tensor) -> None:
         self.slices.clear()
+        self._heads = None
         self._index = {}
         for member, side in self._members_with_side():
             self._index[member] = _feature_index(kept, self._layout(member, side)[1], self.n)
