@@ -3,11 +3,12 @@
 With a dense forward, SAT's projections already restrict the backward to the kept units: the
 output projection passes no gradient to the omitted heads' outputs, and q/k/v read only the kept
 heads' gradients. Between them the attention core (softmax(q k^T) v) would still run its
-backward for every head, on an all-zero gradient for the omitted ones: on SmolLM2-135M at 4 x 256
-tokens, rate 0.5, about 80 ms of a ~4 s CPU step (docs/benchmarks.md). Heads are independent in
+backward for every head, on an all-zero gradient for the omitted ones. Heads are independent in
 the core, so the block's call is split in two: the kept heads' attention with autograd, the
 omitted heads' under ``no_grad`` (their outputs are the dense forward's; nothing of them is saved
-for backward), and the outputs put back in head order. The gradients are the same as unsplit.
+for backward), and the outputs put back in head order. The gradients are the same as unsplit; the
+step is 1-3% shorter on the CPU at rate 0.5 (the split's own gathers take back about half of the
+core's saved backward; docs/benchmarks.md).
 
 transformers 5 attention modules call ``ALL_ATTENTION_FUNCTIONS.get_interface(...)(self, q, k, v,
 mask, **kwargs)`` with ``q`` ``(batch, heads, tokens, head_dim)`` and return ``(batch, tokens,

@@ -37,13 +37,13 @@ import torch
 from torch import nn
 
 from .. import adapters, importance, selection
-from . import attention_core
 from ..errors import SATError
 from ..ops import (
     KEEP_INPUTS, KEEP_OUTPUTS, Conv1D, GivenRows, KeptIndex, SliceCache, backward_kept_linear, in_features, kept_linear,
     out_features, out_major_weight, split_rows_linear,
 )
 from ..schedule import kept_count
+from . import attention_core
 from .registry import BlockShape
 
 if TYPE_CHECKING:
