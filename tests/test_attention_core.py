@@ -4,15 +4,13 @@ sdpa cases), this file checks that the split happens, and only where it may."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from reference import loss_and_grads
-from tiny import batch, build, sat_config, sparse
+from tiny import batch, build, eager_and_compiled_steps, sat_config, sparse
 from transformers.modeling_utils import AttentionInterface
 
-from sat_trainer import apply_sat, remove_sat
+from sat_trainer import remove_sat
 from sat_trainer.patch import attention_core
 
 
@@ -80,25 +78,12 @@ def test_eval_and_no_grad_run_the_core_whole(core_calls):
 def test_compiled_split_matches_eager():
     """Under torch.compile the split's kept heads are read outside the graph: the loss and every
     gradient are eager's, draw after draw (the kept KV groups change between draws)."""
-    base = build("llama", "sdpa")
-    runs = []
-    for compiled in (False, True):
-        torch._dynamo.reset()
-        model = copy.deepcopy(base)
-        handle = apply_sat(model, sat_config(omission_rate=0.5, omit_in="backward", targets=["mlp", "attention"], metric="uniform"))
-        forward = torch.compile(model, backend="eager") if compiled else model
-        model.train()
-        handle.set_rate(0.5)
-        steps = []
-        for step in range(3):
-            handle.new_step()
-            model.zero_grad(set_to_none=True)
-            forward(input_ids=batch(seed=step), labels=batch(seed=step)).loss.backward()
-            steps.append(({n: p.grad.clone() for n, p in model.named_parameters()}, handle.kept()))
-        runs.append(steps)
-    for (grads_e, kept_e), (grads_c, kept_c) in zip(*runs):
+    config = sat_config(omission_rate=0.5, omit_in="backward", targets=["mlp", "attention"], metric="uniform")
+    runs = eager_and_compiled_steps(build("llama", "sdpa"), config, 0.5)
+    for (loss_e, grads_e, kept_e), (loss_c, grads_c, kept_c) in zip(*runs):
+        torch.testing.assert_close(loss_c, loss_e, atol=0, rtol=0)
         assert all(torch.equal(kept_c[n], kept_e[n]) for n in kept_e)
         for name in grads_e:
             torch.testing.assert_close(grads_c[name], grads_e[name], atol=1e-6, rtol=1e-5, msg=name)
-    attention = [n for n in runs[0][0][1] if "self_attn" in n]
-    assert attention and any(not torch.equal(runs[0][0][1][n], runs[0][2][1][n]) for n in attention)
+    attention = [n for n in runs[0][0][2] if "self_attn" in n]
+    assert attention and any(not torch.equal(runs[0][0][2][n], runs[0][2][2][n]) for n in attention)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from reference import loss_and_grads
-from tiny import batch, build, sat_config, sparse
+from tiny import batch, build, eager_and_compiled_steps, sat_config, sparse
 
 from sat_trainer import apply_sat
 from sat_trainer.schedule import omission_rate_at
@@ -44,23 +42,8 @@ def test_compiled_dense_forward_draws_at_the_output_as_eager_does():
     """omit_in backward + activation_scores forward under torch.compile: the MLP's kept set, drawn
     at the down projection (outside the graph) and read in backward, is eager's, and so are the
     loss and every gradient, draw after draw."""
-    base = build("llama")
-    runs = []
-    for compiled in (False, True):
-        torch._dynamo.reset()
-        model = copy.deepcopy(base)
-        handle = apply_sat(model, sat_config(omission_rate=0.5, omit_in="backward", activation_scores="forward", targets=["mlp"]))
-        forward = torch.compile(model, backend="eager") if compiled else model
-        model.train()
-        handle.set_rate(0.5)
-        steps = []
-        for step in range(3):
-            handle.new_step()
-            model.zero_grad(set_to_none=True)
-            loss = forward(input_ids=batch(seed=step), labels=batch(seed=step)).loss
-            loss.backward()
-            steps.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, handle.kept()))
-        runs.append(steps)
+    config = sat_config(omission_rate=0.5, omit_in="backward", activation_scores="forward", targets=["mlp"])
+    runs = eager_and_compiled_steps(build("llama"), config, 0.5)
     for (loss_e, grads_e, kept_e), (loss_c, grads_c, kept_c) in zip(*runs):
         torch.testing.assert_close(loss_c, loss_e, atol=0, rtol=0)
         assert all(torch.equal(kept_c[n], kept_e[n]) for n in kept_e)

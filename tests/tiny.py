@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import transformers
 from torch import nn
@@ -140,6 +142,31 @@ def sat_config(**kwargs) -> SATConfig:
     MLP only), so every test that does not choose its targets covers both kinds of block, with
     :data:`PAPER_SAT`'s mode and schedule unless told otherwise."""
     return SATConfig(**{"targets": ["mlp", "attention"], **PAPER_SAT, **kwargs})
+
+
+def eager_and_compiled_steps(base: nn.Module, config: SATConfig, rate: float, steps: int = 3) -> list[list[tuple]]:
+    """Two runs of ``steps`` SAT steps on copies of ``base`` at ``rate``, eager then under
+    ``torch.compile`` (backend eager), each step a new draw on batch ``seed=step``: per run, per
+    step, ``(loss, every parameter's gradient, the handle's kept sets)``."""
+    from sat_trainer import apply_sat
+
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        handle = apply_sat(model, config)
+        forward = torch.compile(model, backend="eager") if compiled else model
+        model.train()
+        handle.set_rate(rate)
+        run = []
+        for step in range(steps):
+            handle.new_step()
+            model.zero_grad(set_to_none=True)
+            loss = forward(input_ids=batch(seed=step), labels=batch(seed=step)).loss
+            loss.backward()
+            run.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, handle.kept()))
+        runs.append(run)
+    return runs
 
 
 def demo_run_args(task: str, base, out, steps: int = 4, *extra: str) -> list[str]:
