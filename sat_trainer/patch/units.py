@@ -282,10 +282,14 @@ class BlockUnit:
         if self._drawn_for != (self._handle.draw_id, self.k()):
             return None
         if self._heads is None:
-            kept = torch.zeros(self.n, dtype=torch.uint8, device=self.kept_units.device).index_fill_(0, self.kept_units, 1)
-            omitted = torch.argsort(kept, stable=True)[: self.n - self.k()]  # ascending, and no host sync (nonzero)
-            self._heads = tuple((_expand(units, self.heads_per_unit), units) for units in (self.kept_units, omitted))
+            self._heads = tuple((_expand(units, self.heads_per_unit), units) for units in (self.kept_units, self._omitted_units()))
         return self._heads
+
+    def _omitted_units(self) -> torch.Tensor:
+        """The units the current draw omits, ascending; without a host sync (``nonzero`` would be one):
+        a stable sort of the kept mask puts the omitted units first, in index order."""
+        kept = torch.zeros(self.n, dtype=torch.uint8, device=self.kept_units.device).index_fill_(0, self.kept_units, 1)
+        return torch.argsort(kept, stable=True)[: self.n - self.kept_units.numel()]
 
     def output_index(self, member: nn.Module) -> torch.Tensor | None:
         """Kept input features of output-side ``member`` (drawn by the input side)."""
@@ -350,9 +354,7 @@ class BlockUnit:
         of output-side members. Empty when the block runs dense."""
         if not self.is_sparse() or self._drawn_for is None:
             return []
-        mask = torch.ones(self.n, dtype=torch.bool, device=self.kept_units.device)
-        mask[self.kept_units] = False
-        omitted_units = mask.nonzero().squeeze(1)
+        omitted_units = self._omitted_units()
         out = []
         for member, input_side in self._members_with_side():
             dim, parts = self._layout(member, input_side)
