@@ -222,6 +222,45 @@ def test_momentum_decay_scales_the_omitted_first_moment(decay):
         torch.testing.assert_close(optimizer.state[tensor]["exp_avg"].index_select(dim, idx), decay * moment, atol=1e-7, rtol=1e-6)
 
 
+def test_momentum_snr_shrinks_each_omitted_moment_by_its_signal_to_noise_ratio():
+    """momentum_snr: after an AdamW step every omitted element's first moment is
+    (beta1 + (1 - beta1) s) m, s = m^2 / (m^2 + (v - m^2)(1 - beta1)/(1 + beta1)) from the
+    bias-corrected moments (a reference written out here, with the step count as a number): elements
+    whose moment is all signal continue as under momentum, noisy ones decay towards optimizer's beta1."""
+    from sat_trainer.omitted_update import continue_momentum
+
+    beta1, beta2 = 0.8, 0.99
+    model = build("llama")
+    handle = sparse(model, targets=["mlp"], omitted_update="momentum_snr")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(beta1, beta2))
+    handle.set_rate(0.0)
+    for seed in (0, 1, 3):  # dense steps on different batches: moments with signal and noise
+        handle.new_step()
+        model(batch(seed=seed), labels=batch(seed=seed)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    handle.set_rate(0.5)
+    handle.new_step()
+    model(batch(seed=2), labels=batch(seed=2)).loss.backward()
+    slices = [s for u in handle.units for s in u.omitted_parameters()]
+    expected, shrinks = [], []
+    for tensor, dim, idx in slices:
+        state = optimizer.state[tensor]
+        steps = float(state["step"])
+        m = state["exp_avg"].index_select(dim, idx).double()
+        m_hat2 = (m / (1 - beta1**steps)) ** 2
+        v_hat = state["exp_avg_sq"].index_select(dim, idx).double() / (1 - beta2**steps)
+        shrink = m_hat2 / (m_hat2 + (v_hat - m_hat2).clamp_min(0) * (1 - beta1) / (1 + beta1))
+        expected.append(((beta1 + (1 - beta1) * shrink) * m).float())
+        shrinks.append(shrink.flatten())
+    shrinks = torch.cat(shrinks)
+    assert shrinks.min() < 0.5 < shrinks.max() <= 1 + 1e-9  # both kinds of element are there
+    continue_momentum(handle, optimizer, shrink=True)
+    optimizer.step()
+    for (tensor, dim, idx), moment in zip(slices, expected):
+        torch.testing.assert_close(optimizer.state[tensor]["exp_avg"].index_select(dim, idx), moment, atol=1e-7, rtol=1e-5)
+
+
 def test_omitted_update_momentum_refuses_an_optimizer_without_a_first_moment():
     from sat_trainer import SATError
     from sat_trainer.omitted_update import continue_momentum
