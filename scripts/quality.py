@@ -28,6 +28,7 @@ Examples:
     python scripts/quality.py --config configs/demo_sft.yaml --variants dense default
     python scripts/quality.py --variants dense default --seeds 0 1 2
     python scripts/quality.py --variants training.max_steps=160               # SAT given more steps
+    python scripts/quality.py --variants dense dense,training.learning_rate=6e-5   # dense's learning-rate frontier
     python scripts/quality.py --config configs/smollm2_cpt.yaml --variants dense omit_in=backward --equal-time
     python scripts/quality.py --report --plot docs/bench/quality_cpt.png
 """
@@ -51,14 +52,20 @@ from sat_trainer.errors import SATError
 
 
 def variant_overrides(variant: str) -> tuple[bool, list[str]]:
-    """``dense`` / ``default`` / ``k=v[,k=v...]`` -> (dense?, overrides). A bare key is one of the
-    sat: block (``targets=[mlp,attention]`` works); a dotted one (``training.max_steps=160``) is
-    passed as is, with SAT on."""
+    """``dense`` / ``default`` / ``k=v[,k=v...]`` / ``dense,k=v[,...]`` -> (dense?, overrides). A bare
+    key is one of the sat: block (``targets=[mlp,attention]`` works); a dotted one
+    (``training.max_steps=160``) is passed as is, with SAT on. ``dense,training.learning_rate=6e-5``
+    is dense with dotted overrides only (a dense learning-rate sweep: SAT's quality is judged against
+    dense's whole frontier, not one dense run); it is compared to ``dense`` like any variant."""
     if variant == "dense":
         return True, []
     if variant == "default":
         return False, []
     items = re.split(r",(?![^\[]*\])", variant)  # commas inside [...] belong to a list value
+    if items[0] == "dense":
+        if not all("." in item.split("=")[0] and "=" in item for item in items[1:]):
+            raise SystemExit(f"variant {variant!r}: after 'dense,' only dotted overrides (training.learning_rate=6e-5), no sat settings")
+        return True, items[1:]
     return False, [item if "." in item.split("=")[0] else f"sat.{item}" for item in items]
 
 
@@ -101,7 +108,7 @@ def train_variants(args: argparse.Namespace) -> dict[str, list[dict]]:
             results.setdefault(variant, []).append(rows[variant])
         if args.equal_time and "dense" in rows:
             for variant, row in rows.items():
-                if variant != "dense":
+                if row["sat"] is not None:
                     steps = equal_time_steps_of(args, rows["dense"], row)
                     label = f"{variant}@equal-time"
                     results.setdefault(label, []).append(train_one(args, task, seed, variant, [f"training.max_steps={steps}"], label))
@@ -126,7 +133,7 @@ def train_one(args: argparse.Namespace, task: str, seed: int, variant: str, extr
     report = run(cfg, dense=dense)
     row = {"config": args.config, "variant": label, "seed": seed, "train_time_s": report["train_time_s"],
            "held_out_loss": report["held_out_loss"], "evals": report["history"]["held_out"],
-           "sat": report["config"]["sat"] if not dense else None, "steps": report["steps"]}
+           "sat": report["config"]["sat"] if not dense else None, "steps": report["steps"], "set": args.set}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -49,6 +49,9 @@ def test_quality_variant_names_become_overrides():
     assert quality.variant_overrides("metric=maxip,selection=topk") == (False, ["sat.metric=maxip", "sat.selection=topk"])
     assert quality.variant_overrides("training.max_steps=160") == (False, ["training.max_steps=160"])
     assert quality.variant_overrides("default") == (False, [])
+    assert quality.variant_overrides("dense,training.learning_rate=6e-5") == (True, ["training.learning_rate=6e-5"])
+    with pytest.raises(SystemExit, match="only dotted overrides"):
+        quality.variant_overrides("dense,omission_rate=0.5")  # a sat setting on a dense run means nothing
     assert quality.variant_overrides("targets=[mlp,attention],metric=uniform") == (
         False, ["sat.targets=[mlp,attention]", "sat.metric=uniform"])
 
