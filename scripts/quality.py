@@ -31,6 +31,7 @@ Examples:
     python scripts/quality.py --variants dense dense,training.learning_rate=6e-5   # dense's learning-rate frontier
     python scripts/quality.py --config configs/smollm2_cpt.yaml --variants dense omit_in=backward --equal-time
     python scripts/quality.py --report --plot docs/bench/quality_cpt.png
+    python scripts/quality.py --config configs/smollm2_cpt.yaml --report --min-steps 200 --json A.jsonl B.jsonl --frontier F.png
 """
 
 from __future__ import annotations
@@ -81,20 +82,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--set", action="append", default=[], help="override for every variant, e.g. training.max_steps=60")
     p.add_argument("--out", default="runs/quality")
-    p.add_argument("--json", default="docs/bench/quality.jsonl")
+    p.add_argument("--json", nargs="+", default=["docs/bench/quality.jsonl"],
+                   help="JSON-lines file(s): training appends to the first, --report reads them all")
     p.add_argument("--equal-time", action="store_true", help="also run each SAT variant for the steps that fit in dense's train-step time")
     p.add_argument("--report", action="store_true", help="train nothing: tabulate the rows already in --json")
+    p.add_argument("--min-steps", type=int, default=0, help="--report: only rows of at least this many steps (one protocol among several)")
     p.add_argument("--step-times", help="re-time every curve with the step times of these benchmark.py JSON rows")
     p.add_argument("--plot", help="also write a PNG of held-out loss (first eval set) against training time")
+    p.add_argument("--frontier", help="also write a PNG of the final held-out losses, first eval set against the second "
+                   "(new domain against forgetting), with dense's runs (e.g. a learning-rate sweep) joined as its frontier")
     args = p.parse_args(argv)
     keep_freed_memory()  # no page faults per step on CPU (sat_trainer.app.cpu_memory): steadier timings
-    results = saved_results(args.json, args.config) if args.report else train_variants(args)
+    results = saved_results(args.json, args.config, args.min_steps) if args.report else train_variants(args)
     if args.step_times:
         times = step_times(args.step_times)
         results = {v: [retime(r, times) for r in rows] for v, rows in results.items()}
     print(table(results))
     if args.plot:
         plot(results, args.plot)
+    if args.frontier:
+        frontier(results, args.frontier)
 
 
 def train_variants(args: argparse.Namespace) -> dict[str, list[dict]]:
@@ -134,8 +141,8 @@ def train_one(args: argparse.Namespace, task: str, seed: int, variant: str, extr
     row = {"config": args.config, "variant": label, "seed": seed, "train_time_s": report["train_time_s"],
            "held_out_loss": report["held_out_loss"], "evals": report["history"]["held_out"],
            "sat": report["config"]["sat"] if not dense else None, "steps": report["steps"], "set": args.set}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.json, "a") as f:
+    Path(args.json[0]).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.json[0], "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
 
@@ -175,15 +182,17 @@ def retime(row: dict, times: dict[str, StepTimes]) -> dict:
         raise SystemExit(f"--step-times: {row['variant']}: {err}") from None
 
 
-def saved_results(path: str, config: str) -> dict[str, list[dict]]:
-    """Rows of ``config`` in the JSON-lines file, the latest per (variant, seed), dense first."""
+def saved_results(paths: list[str], config: str, min_steps: int = 0) -> dict[str, list[dict]]:
+    """Rows of ``config`` (of at least ``min_steps`` steps) in the JSON-lines files, the latest per
+    (variant, seed), dense first."""
     latest: dict[tuple[str, int], dict] = {}
-    for line in Path(path).read_text().splitlines():
-        row = json.loads(line)
-        if row["config"] == config:
-            latest[(row["variant"], row["seed"])] = row
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line)
+            if row["config"] == config and row["steps"] >= min_steps:
+                latest[(row["variant"], row["seed"])] = row
     if not latest:
-        raise SystemExit(f"no rows for {config} in {path}")
+        raise SystemExit(f"no rows for {config} of >= {min_steps} steps in {', '.join(paths)}")
     results: dict[str, list[dict]] = {}
     for (variant, _), row in sorted(latest.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0] != "default")):
         results.setdefault(variant, []).append(row)
@@ -232,6 +241,42 @@ def plot(results: dict[str, list[dict]], path: str) -> None:
     ax.set_ylabel(f"held-out loss: {first}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def frontier(results: dict[str, list[dict]], path: str) -> None:
+    """Final held-out loss on the first eval set (x) against the second (y), the lowest seed's rows:
+    dense's runs (``dense`` and ``dense,...`` variants, e.g. learning rates) joined in x order as the
+    frontier a dense user reaches by tuning, SAT's variants as labelled points. A SAT point is only
+    better than dense if it lies below and left of that line, not merely left of the ``dense`` point:
+    a larger effective learning rate moves along the line (docs/benchmarks.md)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed = min(r["seed"] for rows in results.values() for r in rows)
+    points = {v: r["held_out_loss"] for v, rows in results.items() for r in rows if r["seed"] == seed}
+    sets = list(next(iter(points.values())))
+    if len(sets) < 2:
+        raise SystemExit("--frontier needs two held-out sets (the new domain and the old one)")
+    first, second = sets[:2]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    dense = sorted((loss[first], loss[second], v) for v, loss in points.items() if v.split(",")[0] == "dense")
+    ax.plot([d[0] for d in dense], [d[1] for d in dense], color="black", marker="s", label="dense")
+    for x, y, v in dense:
+        ax.annotate(v.replace("dense,", "").replace("training.", ""), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    for v, loss in points.items():
+        if v.split(",")[0] != "dense":
+            ax.scatter(loss[first], loss[second], marker="o")
+            ax.annotate(v, (loss[first], loss[second]), fontsize=7, xytext=(4, -8), textcoords="offset points")
+    ax.set_xlabel(f"final held-out loss: {first}")
+    ax.set_ylabel(f"final held-out loss: {second}")
+    ax.set_title(f"seed {seed}: lower left is better", fontsize=9)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -33,8 +33,12 @@ def test_quality_table_compares_the_first_configured_eval_set_and_time_to_dense_
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in (stale, sat, dense)))
 
-    results = quality.saved_results(str(path), "c.yaml")
+    results = quality.saved_results([str(path)], "c.yaml")
     assert list(results) == ["dense", "default"] and results["default"][0]["held_out_loss"]["new"] == 3.9  # latest row wins
+    longer = tmp_path / "long.jsonl"  # a second file, another protocol: --min-steps picks it out
+    longer.write_text(json.dumps({**dense, "variant": "dense,training.learning_rate=1e-4", "steps": 200}) + "\n")
+    assert list(quality.saved_results([str(path), str(longer)], "c.yaml")) == ["dense", "default", "dense,training.learning_rate=1e-4"]
+    assert list(quality.saved_results([str(path), str(longer)], "c.yaml", min_steps=200)) == ["dense,training.learning_rate=1e-4"]
     line = quality.table(results).splitlines()[-1]
     # "new" (listed first in the config) is compared, not the alphabetically first "base"
     assert "-2.50% (new)" in line and "1.67x" in line and "| 0.50x |" in line
