@@ -37,7 +37,7 @@ from transformers.trainer_callback import ExportableState
 
 from .config import SATConfig, to_config
 from .errors import SATError
-from .omitted_update import CONTINUED, OmittedUpdate
+from .omitted_update import OmittedUpdate
 from .patch.model import SATHandle, apply_sat, handle_of
 from .schedule import omission_rate_at
 
@@ -81,15 +81,15 @@ class SATCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs):
         if model is None:
             raise RuntimeError("SATCallback needs the Trainer to pass the model to its callbacks")
-        if self.config.omitted_update in ("freeze", *CONTINUED) and getattr(args, "deepspeed", None):
+        if self.config.omitted_update in ("freeze", "momentum") and getattr(args, "deepspeed", None):
             raise SATError(
                 f"omitted_update {self.config.omitted_update!r} cannot run under DeepSpeed: accelerate runs the DeepSpeed engine's optimizer "
                 "step inside backward, before on_pre_optimizer_step could reach the omitted slices (and under ZeRO-3 "
                 "they are empty shards outside forward); use omitted_update 'optimizer'"
             )
-        if self.config.omitted_update in CONTINUED and getattr(args, "fp16", False) and not getattr(args, "max_grad_norm", 0):
+        if self.config.omitted_update == "momentum" and getattr(args, "fp16", False) and not getattr(args, "max_grad_norm", 0):
             raise SATError(
-                f"omitted_update {self.config.omitted_update!r} under fp16 needs max_grad_norm > 0: without clipping the gradients are still "
+                "omitted_update 'momentum' under fp16 needs max_grad_norm > 0: without clipping the gradients are still "
                 "loss-scaled at on_pre_optimizer_step, and the first moment written into them would be unscaled once more "
                 "by the optimizer step; set max_grad_norm or train in bf16"
             )

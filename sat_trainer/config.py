@@ -22,7 +22,7 @@ SELECTIONS = ("topk", "sampling")
 SCHEDULES = ("ladder", "constant", "linear", "cosine")
 TARGETS = ("mlp", "attention")
 DRAW_EVERY = ("step", "micro_batch")
-OMITTED_UPDATES = ("optimizer", "freeze", "momentum", "momentum_snr")
+OMITTED_UPDATES = ("optimizer", "freeze", "momentum")
 ATTENTION_UNITS = ("kv_group", "query_head")
 OMIT_IN = ("forward_backward", "backward", "weight_gradient")
 COMPENSATIONS = ("none", "mean")
@@ -159,9 +159,7 @@ class SATConfig:
             "help": "optimizer: omitted rows get zero gradient and the optimizer still moves them (momentum, "
             "weight decay); freeze: their weights are restored after the optimizer step (SATCallback); momentum "
             "(Adam-family optimizers): their gradient is replaced by their own first moment (exp_avg) before the "
-            "optimizer step, so they continue their recent direction instead of missing the update; momentum_snr: "
-            "that first moment shrunk elementwise by its signal-to-noise ratio (from Adam's second moment), so "
-            "consistent directions continue and noisy ones fade as under optimizer. With "
+            "optimizer step, so they continue their recent direction instead of missing the update. With "
             "sparse_tokens context only optimizer (the loss tokens give the omitted channels real gradients)."
         },
     )

@@ -194,26 +194,6 @@ def test_omitted_update_momentum_continues_the_first_moment(tmp_path, omit_in):
         assert torch.count_nonzero(moment[omitted]) > 0
 
 
-def test_omitted_update_momentum_snr_reaches_the_trainer_step(tmp_path):
-    """Through the callback, momentum_snr writes each omitted row's shrunk first moment: the same sign,
-    never larger, smaller somewhere (the exact shrink is checked against a reference further below)."""
-    watcher = _MomentumWatcher()
-    sat = sat_config(omission_rate=0.5, schedule="constant", targets=["mlp"], omit_in="backward", omitted_update="momentum_snr")
-    targs = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
-        report_to=[], use_cpu=True, optim="adamw_torch", disable_tqdm=True, save_strategy="no",
-    )
-    transformers.Trainer(model=build("llama"), args=targs, train_dataset=_Stream(), callbacks=[SATCallback(sat), watcher]).train()
-    shrunk = []
-    for grad, moment, kept in watcher.records[1:]:
-        omitted = torch.ones(96, dtype=torch.bool)
-        omitted[kept] = False
-        g, m = grad[omitted], moment[omitted]
-        assert torch.count_nonzero(g) > 0 and torch.all(g * m >= 0) and torch.all(g.abs() <= m.abs() * (1 + 1e-6))
-        shrunk.append(torch.any(g.abs() < 0.9 * m.abs()))
-    assert any(shrunk)  # after one step a moment is all signal (v = m^2); later ones have noise to shrink
-
-
 @pytest.mark.parametrize("decay", [1.0, 0.97, 0.9, 0.0])
 def test_momentum_decay_scales_the_omitted_first_moment(decay):
     """momentum_decay d: after an AdamW step (beta1 0.8 here, not the default) every omitted slice's
@@ -242,45 +222,6 @@ def test_momentum_decay_scales_the_omitted_first_moment(decay):
         torch.testing.assert_close(optimizer.state[tensor]["exp_avg"].index_select(dim, idx), decay * moment, atol=1e-7, rtol=1e-6)
 
 
-def test_momentum_snr_shrinks_each_omitted_moment_by_its_signal_to_noise_ratio():
-    """momentum_snr: after an AdamW step every omitted element's first moment is
-    (beta1 + (1 - beta1) s) m, s = m^2 / (m^2 + (v - m^2)(1 - beta1)/(1 + beta1)) from the
-    bias-corrected moments (a reference written out here, with the step count as a number): elements
-    whose moment is all signal continue as under momentum, noisy ones decay towards optimizer's beta1."""
-    from sat_trainer.omitted_update import continue_momentum
-
-    beta1, beta2 = 0.8, 0.99
-    model = build("llama")
-    handle = sparse(model, targets=["mlp"], omitted_update="momentum_snr")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(beta1, beta2))
-    handle.set_rate(0.0)
-    for seed in (0, 1, 3):  # dense steps on different batches: moments with signal and noise
-        handle.new_step()
-        model(batch(seed=seed), labels=batch(seed=seed)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    handle.set_rate(0.5)
-    handle.new_step()
-    model(batch(seed=2), labels=batch(seed=2)).loss.backward()
-    slices = [s for u in handle.units for s in u.omitted_parameters()]
-    expected, shrinks = [], []
-    for tensor, dim, idx in slices:
-        state = optimizer.state[tensor]
-        steps = float(state["step"])
-        m = state["exp_avg"].index_select(dim, idx).double()
-        m_hat2 = (m / (1 - beta1**steps)) ** 2
-        v_hat = state["exp_avg_sq"].index_select(dim, idx).double() / (1 - beta2**steps)
-        shrink = m_hat2 / (m_hat2 + (v_hat - m_hat2).clamp_min(0) * (1 - beta1) / (1 + beta1))
-        expected.append(((beta1 + (1 - beta1) * shrink) * m).float())
-        shrinks.append(shrink.flatten())
-    shrinks = torch.cat(shrinks)
-    assert shrinks.min() < 0.5 < shrinks.max() <= 1 + 1e-9  # both kinds of element are there
-    continue_momentum(handle, optimizer, shrink=True)
-    optimizer.step()
-    for (tensor, dim, idx), moment in zip(slices, expected):
-        torch.testing.assert_close(optimizer.state[tensor]["exp_avg"].index_select(dim, idx), moment, atol=1e-7, rtol=1e-5)
-
-
 def test_omitted_update_momentum_refuses_an_optimizer_without_a_first_moment():
     from sat_trainer import SATError
     from sat_trainer.omitted_update import continue_momentum
@@ -294,7 +235,7 @@ def test_omitted_update_momentum_refuses_an_optimizer_without_a_first_moment():
         continue_momentum(handle, optimizer)
 
 
-@pytest.mark.parametrize("mode", ["freeze", "momentum", "momentum_snr"])
+@pytest.mark.parametrize("mode", ["freeze", "momentum"])
 def test_omitted_update_that_acts_before_the_step_is_refused_under_deepspeed(mode):
     """accelerate steps a DeepSpeed engine inside backward, before on_pre_optimizer_step: freeze
     would save weights that already moved, momentum would write gradients already consumed, so
@@ -309,16 +250,15 @@ def test_omitted_update_that_acts_before_the_step_is_refused_under_deepspeed(mod
         callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(), model=build("llama"))
 
 
-@pytest.mark.parametrize("mode", ["momentum", "momentum_snr"])
 @pytest.mark.parametrize("max_grad_norm, refused", [(0.0, True), (1.0, False)])
-def test_omitted_update_momentum_under_fp16_needs_clipping(max_grad_norm, refused, mode):
+def test_omitted_update_momentum_under_fp16_needs_clipping(max_grad_norm, refused):
     """Without clipping, fp16's gradients are still loss-scaled when on_pre_optimizer_step runs;
     the unscaled first moment written there would be divided by the scale again."""
     from types import SimpleNamespace
 
     from sat_trainer import SATError
 
-    callback = SATCallback(sat_config(omitted_update=mode))
+    callback = SATCallback(sat_config(omitted_update="momentum"))
     args = SimpleNamespace(deepspeed=None, fp16=True, max_grad_norm=max_grad_norm)
     begin = lambda: callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(), model=build("llama"))
     if refused:
