@@ -264,19 +264,19 @@ def frontier(results: dict[str, list[dict]], path: str) -> None:
     if len(sets) < 2:
         raise SystemExit("--frontier needs two held-out sets (the new domain and the old one)")
     first, second = sets[:2]
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(8, 7))
     dense = sorted((loss[first], loss[second], v) for v, loss in points.items() if v.split(",")[0] == "dense")
-    ax.plot([d[0] for d in dense], [d[1] for d in dense], color="black", marker="s", label="dense")
+    ax.plot([d[0] for d in dense], [d[1] for d in dense], color="black", marker="s", label="dense (joined: its frontier)")
     for x, y, v in dense:
         ax.annotate(v.replace("dense,", "").replace("training.", ""), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    for v, loss in points.items():
-        if v.split(",")[0] != "dense":
-            ax.scatter(loss[first], loss[second], marker="o")
-            ax.annotate(v, (loss[first], loss[second]), fontsize=7, xytext=(4, -8), textcoords="offset points")
+    markers = "o^vD<>Pp*hX"
+    for i, v in enumerate(v for v in points if v.split(",")[0] != "dense"):
+        ax.scatter(points[v][first], points[v][second], marker=markers[i % len(markers)], s=40, label=v)
     ax.set_xlabel(f"final held-out loss: {first}")
     ax.set_ylabel(f"final held-out loss: {second}")
     ax.set_title(f"seed {seed}: lower left is better", fontsize=9)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
