@@ -258,19 +258,20 @@ def frontier(results: dict[str, list[dict]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seed = min(r["seed"] for rows in results.values() for r in rows)
-    points = {v: r["held_out_loss"] for v, rows in results.items() for r in rows if r["seed"] == seed}
+    seed = min(r["seed"] for rs in results.values() for r in rs)
+    rows = {v: r for v, rs in results.items() for r in rs if r["seed"] == seed}
+    points = {v: r["held_out_loss"] for v, r in rows.items()}
     sets = list(next(iter(points.values())))
     if len(sets) < 2:
         raise SystemExit("--frontier needs two held-out sets (the new domain and the old one)")
     first, second = sets[:2]
     fig, ax = plt.subplots(figsize=(8, 7))
-    dense = sorted((loss[first], loss[second], v) for v, loss in points.items() if v.split(",")[0] == "dense")
+    dense = sorted((loss[first], loss[second], v) for v, loss in points.items() if rows[v]["sat"] is None)
     ax.plot([d[0] for d in dense], [d[1] for d in dense], color="black", marker="s", label="dense (joined: its frontier)")
     for x, y, v in dense:
         ax.annotate(v.replace("dense,", "").replace("training.", ""), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     markers = "o^vD<>Pp*hX"
-    for i, v in enumerate(v for v in points if v.split(",")[0] != "dense"):
+    for i, v in enumerate(v for v in points if rows[v]["sat"] is not None):
         ax.scatter(points[v][first], points[v][second], marker=markers[i % len(markers)], s=40, label=v)
     ax.set_xlabel(f"final held-out loss: {first}")
     ax.set_ylabel(f"final held-out loss: {second}")
