@@ -8,7 +8,7 @@ import torch
 import transformers
 from torch import nn
 
-from sat_trainer import SATConfig
+from sat_trainer import SATConfig, apply_sat
 
 VOCAB = 96
 
@@ -148,8 +148,6 @@ def eager_and_compiled_steps(base: nn.Module, config: SATConfig, rate: float, st
     """Two runs of ``steps`` SAT steps on copies of ``base`` at ``rate``, eager then under
     ``torch.compile`` (backend eager), each step a new draw on batch ``seed=step``: per run, per
     step, ``(loss, every parameter's gradient, the handle's kept sets)``."""
-    from sat_trainer import apply_sat
-
     runs = []
     for compiled in (False, True):
         torch._dynamo.reset()
@@ -181,8 +179,6 @@ def demo_run_args(task: str, base, out, steps: int = 4, *extra: str) -> list[str
 
 def sparse(model: nn.Module, rate: float = 0.5, **kwargs):
     """Patch ``model`` (both targets unless told), set ``rate`` in training mode and start a draw."""
-    from sat_trainer import apply_sat
-
     handle = apply_sat(model, sat_config(omission_rate=rate, **kwargs))
     model.train()
     handle.set_rate(rate)
