@@ -200,7 +200,7 @@ def saved_results(paths: list[str], config: str, min_steps: int = 0) -> dict[str
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    """Mean (and spread over seeds) per variant, relative to dense when dense ran."""
+    """Mean (and spread over seeds) per variant; against dense, seed by seed, where dense ran that seed."""
     dense = results.get("dense")
     sets = list(next(iter(results.values()))[0]["held_out_loss"])  # config order: the new domain first
     head = "| variant | " + " | ".join(f"held-out {s}" for s in sets) + " | vs dense | train-step s | speedup | time to dense's loss |"
@@ -212,16 +212,24 @@ def table(results: dict[str, list[dict]]) -> str:
             spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
             cells.append(f"{statistics.mean(values):.4f}{spread}")
         time = statistics.mean(r["train_time_s"] for r in rows)
-        if dense:
+        pairs = _paired_by_seed(rows, dense or [])
+        if pairs:
             first = sets[0]
-            ratio = statistics.mean(r["held_out_loss"][first] for r in rows) / statistics.mean(d["held_out_loss"][first] for d in dense)
-            dense_time = statistics.mean(d["train_time_s"] for d in dense)
-            reach = [time_to_reach(r["evals"], first, d["held_out_loss"][first]) for r, d in zip(rows, dense)]
-            reach_cell = "not reached" if any(t is None for t in reach) else f"{statistics.mean(reach) / dense_time:.2f}x"
-            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {100 * (ratio - 1):+.2f}% ({first}) | {time:.1f} | {dense_time / time:.2f}x | {reach_cell} |")
+            ratio = statistics.mean(r["held_out_loss"][first] / d["held_out_loss"][first] for r, d in pairs)
+            speedup = statistics.mean(d["train_time_s"] / r["train_time_s"] for r, d in pairs)
+            reach = [time_to_reach(r["evals"], first, d["held_out_loss"][first]) for r, d in pairs]
+            reach_cell = "not reached" if None in reach else f"{statistics.mean(t / d['train_time_s'] for t, (_, d) in zip(reach, pairs)):.2f}x"
+            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {100 * (ratio - 1):+.2f}% ({first}) | {time:.1f} | {speedup:.2f}x | {reach_cell} |")
         else:
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | | {time:.1f} | | |")
     return "\n".join(lines)
+
+
+def _paired_by_seed(rows: list[dict], dense: list[dict]) -> list[tuple[dict, dict]]:
+    """Each row with dense's row of the same seed (rows whose seed dense did not run are left out), so a
+    variant is compared on the batches and order it saw, whatever order the runs were made in."""
+    by_seed = {d["seed"]: d for d in dense}
+    return [(r, by_seed[r["seed"]]) for r in rows if r["seed"] in by_seed]
 
 
 def plot(results: dict[str, list[dict]], path: str) -> None:

@@ -119,3 +119,16 @@ def test_equal_time_from_step_times_uses_the_medians_not_the_runs_clock(tmp_path
     # dense's 10 steps are 20 s at the medians; SAT at a constant 0.5 takes 1 s a step: 20 of them fit
     assert quality.equal_time_steps_of(argparse.Namespace(step_times=str(bench)), dense, sat) == 20
     assert quality.equal_time_steps_of(argparse.Namespace(step_times=None), dense, sat) == 2  # 100 s at the run's 50 s a step
+
+
+def test_quality_table_pairs_each_variant_with_dense_of_its_own_seed():
+    quality = _load("quality")
+    evals = lambda t, new: [{"step": 10, "train_time_s": t, "new": new}]  # noqa: E731
+    results = {
+        "dense": [_row("dense", 0, {"new": 4.0}, evals(100, 4.0), 100), _row("dense", 1, {"new": 2.0}, evals(50, 2.0), 50)],
+        # seed 1 first: pairing by list order would set it against seed 0's dense
+        "default": [_row("default", 1, {"new": 2.2}, evals(50, 2.2), 50), _row("default", 0, {"new": 4.4}, evals(100, 4.4), 100),
+                    _row("default", 2, {"new": 9.0}, evals(10, 9.0), 10)],  # no dense run for seed 2: left out of the comparison
+    }
+    line = quality.table(results).splitlines()[-1]
+    assert "+10.00% (new)" in line and "| 1.00x | not reached |" in line
