@@ -123,7 +123,10 @@ def test_equal_time_from_step_times_uses_the_medians_not_the_runs_clock(tmp_path
 
 def test_quality_table_pairs_each_variant_with_dense_of_its_own_seed():
     quality = _load("quality")
-    evals = lambda t, new: [{"step": 10, "train_time_s": t, "new": new}]  # noqa: E731
+
+    def evals(time: float, new: float) -> list[dict]:
+        return [{"step": 10, "train_time_s": time, "new": new}]
+
     results = {
         "dense": [_row("dense", 0, {"new": 4.0}, evals(100, 4.0), 100), _row("dense", 1, {"new": 2.0}, evals(50, 2.0), 50)],
         # seed 1 first: pairing by list order would set it against seed 0's dense
