@@ -26,6 +26,7 @@ cost curves). The peak rates then follow the schedule: a block with peak rate r_
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 from typing import TYPE_CHECKING
@@ -154,15 +155,9 @@ def _gradient_costs(handle: SATHandle, model: torch.nn.Module, batches: list[dic
     """Per unit and rate: the share of the dense gradient's squared norm on the weights of the units
     SAT would omit (lowest scores), averaged over batches."""
     handle.rate = 0.0
-    # each unit scores from what it scores from in training: the block's input, or (a block that draws at its
-    # output projection) the down projection's input of every channel, all tokens
+    # each unit scores from what it scores from in training (BlockUnit.hook_scored)
     inputs: dict[str, torch.Tensor] = {}
-    hooks = [
-        (u.output if u._draws_at_output else u.inputs[0]).register_forward_pre_hook(
-            lambda m, a, u=u: inputs.__setitem__(u.name, a[0].detach())
-        )
-        for u in handle.units
-    ]
+    hooks = [u.hook_scored(functools.partial(inputs.__setitem__, u.name)) for u in handle.units]
     per_batch = []
     try:
         for b in batches:
@@ -174,7 +169,7 @@ def _gradient_costs(handle: SATHandle, model: torch.nn.Module, batches: list[dic
                 unit.reset_draws()  # every channel measured on this batch, as a first draw does (not a window)
                 with torch.no_grad():
                     generator = torch.Generator(device=inputs[unit.name].device).manual_seed(0)
-                    scores = unit._scores(inputs[unit.name], generator, hidden=unit._draws_at_output)
+                    scores = unit._scores(inputs[unit.name], generator, hidden=unit._draws_in_forward)
                     share = unit.unit_gradient_square() / total
                 rows.append([_omitted_share(scores, share, unit.groups, kept_count(unit.n // unit.groups, r)) for r in rates])
             per_batch.append(rows)

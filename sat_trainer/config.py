@@ -198,7 +198,9 @@ class SATConfig:
                   "(docs/benchmarks.md). With omit_in backward or weight_gradient, forward reads this step's own dense "
                   "forward: the kept set is drawn at the down projection from every channel's output on all tokens (no "
                   "subsample, nothing stale) and gate/up read it in backward. auto: forward when the forward is dense "
-                  "(omit_in backward, weight_gradient), else subsample. Attention is always scored on the subsample."},
+                  "(omit_in backward, weight_gradient), else subsample. Attention (kv_group units) likewise: with a dense "
+                  "forward and forward (or auto) it is drawn at the value projection from every head's values on all "
+                  "tokens; otherwise, and for query_head units, scored on the subsample."},
     )
     remeasure_every: int = field(
         default=8,

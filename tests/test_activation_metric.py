@@ -77,6 +77,19 @@ def test_activation_attention_is_value_through_output_norm_per_kv_group():
     torch.testing.assert_close(unit._scores(x, torch.Generator().manual_seed(0)), torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_value_scores_weigh_each_tokens_square_per_head_and_per_group():
+    """The second-moment form equals the per-token sum it replaces: sum_t w_t ||W_o[:, head] v_t||^2,
+    per query head and summed over a group's heads, with 4 query heads reading 2 KV groups."""
+    torch.manual_seed(0)
+    values, o_weight, weights = torch.randn(10, 2 * 8), torch.randn(24, 4 * 8), torch.rand(10) * 3
+    per_head = torch.stack([
+        (weights * (values[:, (h // 2) * 8 : (h // 2 + 1) * 8] @ o_weight[:, h * 8 : (h + 1) * 8].t()).square().sum(1)).sum()
+        for h in range(4)
+    ])
+    torch.testing.assert_close(importance.value_scores(values, o_weight, 2, True, weights), per_head.sqrt(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(importance.value_scores(values, o_weight, 2, False, weights), per_head.reshape(2, 2).sum(1).sqrt(), rtol=1e-5, atol=1e-6)
+
+
 def test_activation_attention_of_a_fused_qkv_reads_its_value_rows():
     """Phi-3's qkv_proj holds [q | k | v] (8, 4, 4 heads of head_dim 16): a KV group is scored by
     its value rows (the last 64) through o_proj, as v_proj would be."""
@@ -289,6 +302,38 @@ def test_backward_only_scores_come_from_the_dense_forward(monkeypatch):
         h = hidden[step] * mask.reshape(-1, 1)
         expected = h.norm(dim=0) * mlp.down_proj.weight.detach().norm(dim=0)
         assert torch.equal(kept[step], expected.topk(48).indices.sort().values)
+
+
+def test_backward_only_attention_scores_come_from_the_dense_forwards_values(monkeypatch):
+    """The same for attention's KV groups (activation_scores auto): no subsample goes through v_proj;
+    each draw keeps the top groups of that forward's own values (all real tokens, pads zeroed)
+    pushed through their query heads' o_proj columns, drawn at the value projection."""
+    subsamples = []
+    monkeypatch.setattr(importance, "activation_attention", lambda *a, **k: subsamples.append(a))
+    model = build("llama")  # 8 query heads, 4 KV groups, head_dim 16
+    handle = apply_sat(model, sat_config(metric="activation", targets=["attention"], omit_in="backward"))
+    model.train()
+    handle.set_rate(0.5)
+    attn = model.model.layers[0].self_attn
+    values = []
+    hook = attn.v_proj.register_forward_hook(lambda m, a, out: values.append(out.detach().reshape(-1, 4, 16)))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    kept = []
+    for step in range(3):
+        handle.new_step()
+        model(batch(seed=step), attention_mask=mask)
+        kept.append(handle.kept()["model.layers.0.self_attn"])
+    hook.remove()
+    assert subsamples == []
+    o_weight = attn.o_proj.weight.detach()
+    for step in range(3):
+        v = values[step] * mask.reshape(-1, 1, 1)
+        scores = torch.stack([
+            torch.cat([v[:, g] @ o_weight[:, h * 16 : (h + 1) * 16].t() for h in (2 * g, 2 * g + 1)], 1).norm() for g in range(4)
+        ])
+        groups = scores.topk(2).indices.sort().values
+        assert torch.equal(kept[step], torch.stack([2 * groups, 2 * groups + 1], 1).reshape(-1))
 
 
 def test_backward_after_a_later_draw_is_refused():

@@ -127,3 +127,27 @@ def test_bad_calibration_settings_are_named():
         sat_config(layer_rates="auto", omission_rate=0.0)
     with pytest.raises(SATConfigError, match="loss_budget"):
         sat_config(loss_budget=0)
+
+
+def test_backward_calibration_scores_attention_from_each_batchs_values(trained, monkeypatch):
+    """The same for attention's KV groups: each calibration batch scores them from its own dense
+    forward's values (v_proj's output, every token), as a training draw does."""
+    from sat_trainer import calibration
+
+    model = _model_with_a_dear_first_layer(trained)
+    config = sat_config(targets=["attention"], omission_rate=0.5, layer_rates="auto", omit_in="backward",
+                        activation_tokens=16, activation_token_fraction=0.1)  # a subsample would be 20 of 192 tokens
+    handle = apply_sat(model, config)
+    values = []
+    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, a, out, o=layer.self_attn.o_proj: values.append((o, out.detach().clone())))
+             for layer in model.model.layers]
+    scored = []
+    real = calibration._omitted_share
+    monkeypatch.setattr(calibration, "_omitted_share", lambda scores, *a: scored.append(scores.clone()) or real(scores, *a))
+    calibrate(handle, model, _batches())
+    for h in hooks:
+        h.remove()
+    per_draw = scored[:: len(handle.config.calibration_rates)]
+    assert len(per_draw) == len(values) == 6  # 2 batches x 3 blocks
+    for scores, (o_proj, v) in zip(per_draw, values):
+        torch.testing.assert_close(scores, importance.value_scores(v.reshape(-1, v.shape[-1]), o_proj.weight, 4))

@@ -52,8 +52,9 @@ def test_backward_only_forward_is_dense_and_gradients_are_cut(family, attn, atte
 @pytest.mark.parametrize("omit_in", ["backward", "weight_gradient"])
 def test_dense_forward_draws_at_the_output_projection_and_stays_exact(family, omit_in):
     """activation_scores forward with a dense forward: the MLP's kept set is drawn at its down
-    projection from that forward's own outputs, after gate/up ran (they read it in backward);
-    attention still draws at its input. Exact against the masked reference for that kept set."""
+    projection from that forward's own outputs, after gate/up ran (they read it in backward), and
+    attention's at its value projection from its values (phi3: the v rows of the fused qkv).
+    Exact against the masked reference for that kept set."""
     model = build(family)
     draws = []
     handle = _assert_matches_masked_reference(model, metric="activation", omit_in=omit_in, activation_scores="forward")
@@ -62,9 +63,15 @@ def test_dense_forward_draws_at_the_output_projection_and_stays_exact(family, om
         unit._draw = lambda x, key, hidden=False, u=unit, f=original: (draws.append((u.name, hidden, x.shape[-1])), f(x, key, hidden))[1]
     handle.new_step()
     loss_and_grads(model, batch())
-    # one draw per block: an MLP's from its channels' outputs (the down projection's input), attention's from its input
-    assert sorted(draws) == sorted((u.name, u.kind == "mlp", u.n if u.kind == "mlp" else model.config.hidden_size) for u in handle.units)
+    # one draw per block, from this forward: an MLP's from its channels' outputs (the down projection's input),
+    # attention's from its values (every KV head's head_dim features)
+    assert sorted(draws) == sorted((u.name, True, u.n if u.kind == "mlp" else _value_width(model.config)) for u in handle.units)
     remove_sat(model)
+
+
+def _value_width(cfg) -> int:
+    """Features of the value projection's output: every KV head's head_dim."""
+    return cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
 @pytest.mark.parametrize("family,attn", CASES, ids=[f"{f}-{a}" for f, a in CASES])

@@ -75,8 +75,13 @@ class BlockUnit:
         self._observes = shape.kind == "mlp" and handle.config.metric == "activation" and handle.config._scores_from_forward()
         # ... and when the forward is dense too, a draw waits for the block's own activations: the kept set only
         # matters in backward, so it is drawn at the output projection from this forward's outputs of every
-        # channel (read_hidden), not from the previous forward's; the input projections read it in backward
-        self._draws_at_output = self._observes and self.backward_only
+        # channel (read_hidden), not from the previous forward's; the input projections read it in backward.
+        # Attention (KV-group units) likewise, at its value projection from every head's values (read_values)
+        scores_values = (
+            shape.kind == "attention" and handle.config.metric == "activation" and handle.config._scores_from_forward()
+            and not self.query_heads
+        )
+        self._draws_in_forward = self.backward_only and (self._observes or scores_values)
         # ... and when each draw scores every channel on a subsample of the micro-batch it is drawn for (the
         # default under forward_backward), the subsample's full-width gate/up outputs are kept for that
         # micro-batch's sliced forward, which then computes only the other token rows (given_rows)
@@ -130,8 +135,11 @@ class BlockUnit:
         self.n, self.heads_per_unit, self.groups = 0, 1, 1
         self._logical: list[tuple[nn.Module, _Part]] = []
         self._parts: tuple[_Part, ...] = ()
+        self._values: tuple[nn.Module, _Part] | None = None  # what read_values reads: v's base layer and its rows
         if self.fallback is None:
             self._logical = self._split_logical_inputs([projections[a].base for a in self.shape.inputs])
+            if self.kind == "attention" and self._draws_in_forward:
+                self._values = self._logical[2]
             sizes = [part.size for _, part in self._logical]
             self.n, self.heads_per_unit, self.groups = _unit_layout(self.name, self.shape, self.block, sizes, self.query_heads)
             # a fused input's parts: its segments; query_head units slice q only, so k and v stay whole
@@ -223,8 +231,8 @@ class BlockUnit:
 
     def input_index(self, member: nn.Module, x: torch.Tensor) -> KeptIndex | None:
         """Kept output features of input-side ``member``; the first input member the block calls
-        (learned on the first call) draws if this draw is new. A block that draws at its output
-        projection (``_draws_at_output``) returns a callable that gives them in backward.
+        (learned on the first call) draws if this draw is new. A block that draws later in its forward
+        (``_draws_in_forward``) returns a callable that gives them in backward.
 
         Under ``torch.compile`` only that member's :meth:`_prepare` is left out of the graph (one
         graph break per block, not per projection); the rest reads state that changes only when
@@ -234,8 +242,8 @@ class BlockUnit:
             self._prepare(member, x)
         if not self.is_sparse():
             return None
-        if self._draws_at_output:
-            # drawn at the output projection (read_hidden), read in backward: a callable every time, drawn or
+        if self._draws_in_forward:
+            # drawn later in this forward (read_hidden, read_values), read in backward: a callable every time, drawn or
             # not, since a checkpoint's recompute must save the tensors its forward saved
             return functools.partial(self._index_drawn_later, member, (self._handle.draw_id, self.k()))
         return self._index[member]
@@ -244,8 +252,8 @@ class BlockUnit:
     def _index_drawn_later(self, member: nn.Module, key: tuple[int, int]) -> torch.Tensor:
         if self._drawn_for != key:
             raise SATError(
-                f"{self.name}: backward ran for a draw its output projection never made or that a later draw replaced; "
-                "with omit_in backward and activation_scores forward SAT draws at the block's output projection"
+                f"{self.name}: backward ran for a draw its forward never made or that a later draw replaced; with omit_in "
+                "backward and activation_scores forward SAT draws at the block's output projection (MLP) or value projection (attention)"
             )
         return self._index[member]
 
@@ -262,7 +270,7 @@ class BlockUnit:
         sliced_forward = sparse and not self.backward_only
         self._set_query_heads_per_group(self.k() // self.groups if sliced_forward else None)
         self._head_counts.set(self._kept_rows() if sliced_forward else None)
-        if sparse and not self._draws_at_output:  # else read_hidden draws, from this forward's activations
+        if sparse and not self._draws_in_forward:  # else read_hidden or read_values draws, from this forward's activations
             key = (self._handle.draw_id, self.k())
             if self._drawn_for != key:
                 self._draw(x, key)
@@ -383,7 +391,8 @@ class BlockUnit:
 
     def _draw(self, x: torch.Tensor, key: tuple[int, int], hidden: bool = False) -> None:
         """Draw the kept set for ``key`` from the block's input ``x``, or (``hidden``, a draw
-        :meth:`read_hidden` makes) from the down projection's input of every channel."""
+        :meth:`read_hidden` or :meth:`read_values` makes) from the down projection's input of every
+        channel or the values of every head."""
         cfg = self._handle.config
         generator = selection.generator_for(cfg.seed, key[0], self.index, x.device) if _draws_random(cfg) else None
         self._sample_outputs = None  # a draw from cached scores (score_every) measures nothing to reuse
@@ -423,6 +432,30 @@ class BlockUnit:
             self._draw(h, key, hidden=True)
         else:
             self.observe(h)
+
+    def hook_scored(self, store: Callable[[torch.Tensor], None]) -> torch.utils.hooks.RemovableHandle:
+        """Hook that passes ``store`` (detached) what this block's draws score in training, each time the
+        block runs: the block's input, or, for a block that draws in its forward (``_draws_in_forward``,
+        then ``_scores(..., hidden=True)``), the down projection's input or the values (:meth:`read_values`)."""
+        if self._values is not None:
+            return self._values[0].register_forward_hook(lambda m, a, out: store(self._value_rows(out).detach()))
+        module = self.output if self._draws_in_forward else self.inputs[0]
+        return module.register_forward_pre_hook(lambda m, a: store(a[0].detach()))
+
+    @torch.compiler.disable
+    def read_values(self, out: torch.Tensor) -> None:
+        """The value projection's output ``out`` (its base layer's: a fused qkv's whole output), each
+        time an attention block that draws in its forward runs sparse: a draw waiting for this
+        forward's values is made from every head's values on all real tokens (a checkpoint's
+        recompute or a later micro-batch of the same draw changes nothing)."""
+        key = (self._handle.draw_id, self.k())
+        if self._drawn_for != key:
+            self._draw(self._value_rows(out), key, hidden=True)
+
+    def _value_rows(self, out: torch.Tensor) -> torch.Tensor:
+        """The values in the value projection's base output: all of it, or a fused qkv's v features."""
+        part = self._values[1]
+        return out if part.size == out.shape[-1] else out[..., part.start : part.start + part.size]
 
     def observe(self, h: torch.Tensor) -> None:
         """Refresh the RMS (and, with compensation, the mean) of the channels whose outputs ``h`` the
@@ -481,6 +514,9 @@ class BlockUnit:
         x, mask = self._zero_padding(x)  # and subsamples draw real tokens first
         if cfg.metric == "wanda":
             return importance.wanda(x, in_weights, self.n)
+        kv_groups = self.groups if self.query_heads else self.n
+        if hidden:  # this dense forward's own values, every real token (read_values)
+            return importance.value_scores(x.reshape(-1, x.shape[-1]), out_major_weight(self.output), kv_groups, self.query_heads)
         starts = self._handle.sequence_starts_for(x)
         if cfg.metric == "maxip":
             return importance.maxip(x, in_weights[0], self.n, cfg.maxip_tokens, generator, mask, starts)
@@ -488,7 +524,6 @@ class BlockUnit:
         size = importance.subsample_size(tokens, cfg.activation_tokens, cfg.activation_token_fraction)
         sample, weights = importance.subsample_tokens(x, size, generator, mask, starts)
         values, value_bias = self._logical_weight(2)  # v_proj, or the v segment of a fused qkv_proj
-        kv_groups = self.groups if self.query_heads else self.n
         return importance.activation_attention(
             sample, values, value_bias, out_major_weight(self.output), kv_groups, self.query_heads, weights
         )
@@ -586,12 +621,15 @@ class BlockUnit:
 
 
 def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor) -> torch.Tensor:
-    return _sliced(unit, proj, dense, x, unit.input_index(proj, x), KEEP_OUTPUTS)
+    out = _sliced(unit, proj, dense, x, unit.input_index(proj, x), KEEP_OUTPUTS)
+    if unit._values is not None and proj is unit._values[0] and unit.is_sparse():
+        unit.read_values(out)
+    return out
 
 
 def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.Tensor) -> torch.Tensor:
     if unit._observes and proj is unit.output and unit.is_sparse():
-        if unit._draws_at_output:
+        if unit._draws_in_forward:
             unit.read_hidden(h)
         else:
             unit.observe(h)
