@@ -108,6 +108,8 @@ def build(args, after: dict | None = None, **overrides) -> torch.nn.Module:
 
         targets = ["gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    if args.gradient_checkpointing:  # as Trainer's gradient_checkpointing=True with use_reentrant False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(args.device).train()
 
 
@@ -325,6 +327,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast: fp32 weights, bf16 autocast (Trainer's bf16=True)")
     p.add_argument("--kernels", choices=["hf", "liger"], default="hf", help="liger: Liger-Kernel's Llama patch (rope, rms_norm, swiglu, fused linear cross-entropy)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (dense, SAT, pruned)")
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true",
+                   help="every model (dense, SAT, pruned) recomputes each decoder layer's activations in backward (non-reentrant)")
     p.add_argument("--context-fraction", dest="context_fraction", type=float, default=0.0,
                    help="label the first this fraction of each sequence -100, as an SFT prompt (with --sat sparse_tokens=context "
                    "those tokens run sparse and the rest dense; no bound is timed then)")
@@ -345,7 +349,8 @@ def parser() -> argparse.ArgumentParser:
 
 def describe(args) -> str:
     return (f"{args.shape}, batch {args.batch} x {args.seq}, omit_in {args.omit_in}, {args.precision}, kernels {args.kernels}"
-            f"{', compiled' if args.compile else ''}{', LoRA r16' if args.lora else ''}, device {args.device}"
+            f"{', compiled' if args.compile else ''}{', gradient checkpointing' if args.gradient_checkpointing else ''}"
+            f"{', LoRA r16' if args.lora else ''}, device {args.device}"
             f"{''.join(', ' + item for item in args.sat)}")
 
 
@@ -407,6 +412,7 @@ def write_row(args, row: dict) -> None:
 def context(args) -> dict:
     """What a JSON row needs besides its numbers to be reproduced."""
     return {"shape": args.shape, "device": args.device, "precision": args.precision, "kernels": args.kernels, "compile": args.compile,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "batch": args.batch, "seq": args.seq, "metric": args.metric, "selection": args.selection, "dense_layers": args.dense_layers,
             "sat": args.sat, "context_fraction": args.context_fraction}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ SCRIPTS = Path(__file__).parent.parent / "scripts"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a script's dataclasses look their module up while being defined
     spec.loader.exec_module(module)
     return module
 
@@ -135,3 +137,12 @@ def test_quality_table_pairs_each_variant_with_dense_of_its_own_seed():
     }
     line = quality.table(results).splitlines()[-1]
     assert "+10.00% (new)" in line and "| 1.00x | not reached |" in line
+
+
+def test_benchmark_gradient_checkpointing_reaches_every_model_it_times():
+    """--gradient-checkpointing: dense, SAT (a copy of dense) and the pruned model all recompute their layers."""
+    benchmark = _load("benchmark")
+    args = benchmark.parser().parse_args(["--shape", "tiny", "--gradient-checkpointing"])
+    assert benchmark.build(args).is_activation_checkpointing
+    assert benchmark.build_pruned(args, "both", 0.5).is_activation_checkpointing
+    assert not benchmark.build(benchmark.parser().parse_args(["--shape", "tiny"])).is_activation_checkpointing
