@@ -1,6 +1,6 @@
 """A tiny SAT Trainer run, launched once plainly and once under torch.distributed (2 ranks, gloo).
 
-Usage: python ddp_worker.py OUT_DIR METRIC PER_DEVICE_BATCH STEPS
+Usage: python ddp_worker.py OUT_DIR METRIC PER_DEVICE_BATCH STEPS [OMIT_IN]
 Writes OUT_DIR/kept_rank<R>.json (kept sets per step) and, on rank 0, OUT_DIR/final.pt.
 """
 
@@ -41,6 +41,7 @@ class Recorder(transformers.TrainerCallback):
 
 def main():
     out, metric, batch, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    omit_in = sys.argv[5] if len(sys.argv) > 5 else "forward_backward"
     rank = int(os.environ.get("RANK", 0))
     recorder = Recorder()
     args = transformers.TrainingArguments(
@@ -48,7 +49,7 @@ def main():
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, optim="adamw_torch",
         lr_scheduler_type="constant", disable_tqdm=True, dataloader_drop_last=True,
     )
-    sat = sat_config(omission_rate=0.5, metric=metric, selection="sampling", ladder_sparse_fraction=0.6)
+    sat = sat_config(omission_rate=0.5, metric=metric, selection="sampling", ladder_sparse_fraction=0.6, omit_in=omit_in)
     trainer = transformers.Trainer(model=build("llama"), args=args, train_dataset=Stream(), callbacks=[SATCallback(sat), recorder])
     trainer.train()
     world = int(os.environ.get("WORLD_SIZE", 1))

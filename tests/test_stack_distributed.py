@@ -26,9 +26,9 @@ def _launch(args: list[str], processes: int, env: dict) -> None:
         pytest.fail(f"worker exited with {proc.returncode}:\n{proc.stderr[-6000:]}")
 
 
-def _run(out: Path, metric: str, batch: int, processes: int) -> None:
+def _run(out: Path, metric: str, batch: int, processes: int, omit_in: str = "forward_backward") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _launch([str(WORKER), str(out), metric, str(batch), str(STEPS)], processes, {"MASTER_ADDR": "127.0.0.1"})
+    _launch([str(WORKER), str(out), metric, str(batch), str(STEPS), omit_in], processes, {"MASTER_ADDR": "127.0.0.1"})
 
 
 def _kept(out: Path, rank: int) -> dict:
@@ -36,10 +36,13 @@ def _kept(out: Path, rank: int) -> dict:
     return data
 
 
-@pytest.mark.parametrize("metric", ["wanda", "activation", "magnitude"])
-def test_ddp_ranks_agree_and_match_one_process(tmp_path, metric):
+@pytest.mark.parametrize("metric,omit_in", [("wanda", "forward_backward"), ("activation", "forward_backward"),
+                                            ("magnitude", "forward_backward"), ("activation", "backward")])
+def test_ddp_ranks_agree_and_match_one_process(tmp_path, metric, omit_in):
+    """omit_in backward with activation: MLP and attention draw inside the forward, from each rank's own
+    activations (down's input, v's output), and their scores are averaged over ranks: the same sets."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    _run(ddp, metric, batch=2, processes=2)
+    _run(ddp, metric, batch=2, processes=2, omit_in=omit_in)
     r0, r1 = _kept(ddp, 0), _kept(ddp, 1)
     assert r0["world"] == r1["world"] == 2
     assert len(r0["kept"]) == STEPS and r0["kept"] == r1["kept"]
