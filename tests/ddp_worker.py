@@ -1,7 +1,7 @@
 """A tiny SAT Trainer run, launched once plainly and once under torch.distributed (2 ranks, gloo).
 
 Usage: python ddp_worker.py OUT_DIR METRIC PER_DEVICE_BATCH STEPS [OMIT_IN]
-Writes OUT_DIR/kept_rank<R>.json (kept sets per step) and, on rank 0, OUT_DIR/final.pt.
+Writes OUT_DIR/kept_rank<R>.json (kept sets and their scores per step) and, on rank 0, OUT_DIR/final.pt.
 """
 
 import json
@@ -32,11 +32,15 @@ class Stream(torch.utils.data.Dataset):
 
 
 class Recorder(transformers.TrainerCallback):
+    """Each step's kept sets, and the scores they were drawn from (identical on every rank once averaged)."""
+
     def __init__(self):
-        self.kept = {}
+        self.kept, self.scores = {}, {}
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.kept[state.global_step] = {n: k.tolist() for n, k in handle_of(model).kept().items()}
+        handle = handle_of(model)
+        self.kept[state.global_step] = {n: k.tolist() for n, k in handle.kept().items()}
+        self.scores[state.global_step] = {u.name: u._scores_cache.tolist() for u in handle.units if u._scores_cache is not None}
 
 
 def main():
@@ -53,7 +57,7 @@ def main():
     trainer = transformers.Trainer(model=build("llama"), args=args, train_dataset=Stream(), callbacks=[SATCallback(sat), recorder])
     trainer.train()
     world = int(os.environ.get("WORLD_SIZE", 1))
-    (out / f"kept_rank{rank}.json").write_text(json.dumps({"world": world, "kept": recorder.kept}))
+    (out / f"kept_rank{rank}.json").write_text(json.dumps({"world": world, "kept": recorder.kept, "scores": recorder.scores}))
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, out / "final.pt")
     leave_process_group()

@@ -39,13 +39,18 @@ def _kept(out: Path, rank: int) -> dict:
 @pytest.mark.parametrize("metric,omit_in", [("wanda", "forward_backward"), ("activation", "forward_backward"),
                                             ("magnitude", "forward_backward"), ("activation", "backward")])
 def test_ddp_ranks_agree_and_match_one_process(tmp_path, metric, omit_in):
-    """omit_in backward with activation: MLP and attention draw inside the forward, from each rank's own
-    activations (down's input, v's output), and their scores are averaged over ranks: the same sets."""
+    """Every rank draws the same sets from the same scores. With a data-dependent metric each rank measures
+    its own half of the batch (omit_in backward: inside the forward, from down's input and v's output), so
+    the scores are the same only because they are averaged over ranks."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     _run(ddp, metric, batch=2, processes=2, omit_in=omit_in)
     r0, r1 = _kept(ddp, 0), _kept(ddp, 1)
     assert r0["world"] == r1["world"] == 2
     assert len(r0["kept"]) == STEPS and r0["kept"] == r1["kept"]
+    assert r0["scores"].keys() == r1["scores"].keys() and r0["scores"]
+    for step, units in r0["scores"].items():
+        for name, scores in units.items():
+            torch.testing.assert_close(torch.tensor(scores), torch.tensor(r1["scores"][step][name]), msg=f"step {step}: {name}")
     assert any(len(k) < 96 for k in r0["kept"]["0"].values())  # sparse steps really omitted something
     if metric != "magnitude":
         return  # activation norms of a rank's half batch differ from the whole batch's: only rank agreement is owed
