@@ -275,6 +275,19 @@ def test_activation_metric_reads_the_config_when_the_mlp_kernels_were_swapped():
     torch.testing.assert_close(handle.units[0]._scores(x, torch.Generator().manual_seed(0)), expected)
 
 
+def _padded_draws(model, handle, block: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Three training forwards of a batch whose second row ends in 6 pads, a new draw each: the
+    attention mask and each draw's kept set of ``block``."""
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    kept = []
+    for step in range(3):
+        handle.new_step()
+        model(batch(seed=step), attention_mask=mask)
+        kept.append(handle.kept()[block])
+    return mask, kept
+
+
 def test_backward_only_scores_come_from_the_dense_forward(monkeypatch):
     """omit_in backward + activation_scores forward: no subsample ever goes through gate/up; each
     draw keeps the top channels of that same forward's own outputs (all real tokens, pads
@@ -289,13 +302,7 @@ def test_backward_only_scores_come_from_the_dense_forward(monkeypatch):
     mlp = model.model.layers[0].mlp
     hidden = []
     hook = mlp.down_proj.register_forward_pre_hook(lambda m, a: hidden.append(a[0].detach().reshape(-1, 96)))
-    mask = torch.ones(2, 16, dtype=torch.long)
-    mask[1, 10:] = 0
-    kept = []
-    for step in range(3):
-        handle.new_step()
-        model(batch(seed=step), attention_mask=mask)
-        kept.append(handle.kept()["model.layers.0.mlp"])
+    mask, kept = _padded_draws(model, handle, "model.layers.0.mlp")
     hook.remove()
     assert subsamples == []
     for step in range(3):
@@ -317,13 +324,7 @@ def test_backward_only_attention_scores_come_from_the_dense_forwards_values(monk
     attn = model.model.layers[0].self_attn
     values = []
     hook = attn.v_proj.register_forward_hook(lambda m, a, out: values.append(out.detach().reshape(-1, 4, 16)))
-    mask = torch.ones(2, 16, dtype=torch.long)
-    mask[1, 10:] = 0
-    kept = []
-    for step in range(3):
-        handle.new_step()
-        model(batch(seed=step), attention_mask=mask)
-        kept.append(handle.kept()["model.layers.0.self_attn"])
+    mask, kept = _padded_draws(model, handle, "model.layers.0.self_attn")
     hook.remove()
     assert subsamples == []
     o_weight = attn.o_proj.weight.detach()

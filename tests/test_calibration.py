@@ -82,26 +82,35 @@ def test_calibration_gives_the_dear_layer_less_and_meets_the_budget(trained, omi
     assert model(**batches[0]).loss.isfinite()  # draws after the calibration start afresh
 
 
-def test_backward_calibration_scores_every_channel_on_every_batch_as_training_does(trained, monkeypatch):
-    """omit_in backward (activation scores from the forward by default): each calibration batch
-    scores all channels from its own dense forward's down projection input, on every token, as a
-    training draw does (not from a subsample, not a rotating window after the first batch)."""
+def _backward_calibration_draws(trained, monkeypatch, targets: list[str], record) -> tuple[list, list]:
+    """Calibrate ``targets`` under omit_in backward (activation scores from the forward by default) with a
+    subsample floor that would score 20 of the batch's 192 tokens: (the scores of each block's draw, in
+    order, what ``record(layer, seen)`` hooked into ``seen`` on each block's forward)."""
     from sat_trainer import calibration
 
     model = _model_with_a_dear_first_layer(trained)
-    config = sat_config(targets=["mlp"], omission_rate=0.5, layer_rates="auto", omit_in="backward",
+    config = sat_config(targets=targets, omission_rate=0.5, layer_rates="auto", omit_in="backward",
                         activation_tokens=16, activation_token_fraction=0.1)  # a subsample would be 20 of 192 tokens
     handle = apply_sat(model, config)
-    downs = []
-    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: downs.append((m, a[0].detach().clone())))
-             for layer in model.model.layers]
+    seen = []
+    hooks = [record(layer, seen) for layer in model.model.layers]
     scored = []
     real = calibration._omitted_share
     monkeypatch.setattr(calibration, "_omitted_share", lambda scores, *a: scored.append(scores.clone()) or real(scores, *a))
     calibrate(handle, model, _batches())
     for h in hooks:
         h.remove()
-    per_draw = scored[:: len(handle.config.calibration_rates)]
+    return scored[:: len(handle.config.calibration_rates)], seen
+
+
+def test_backward_calibration_scores_every_channel_on_every_batch_as_training_does(trained, monkeypatch):
+    """omit_in backward (activation scores from the forward by default): each calibration batch
+    scores all channels from its own dense forward's down projection input, on every token, as a
+    training draw does (not from a subsample, not a rotating window after the first batch)."""
+    per_draw, downs = _backward_calibration_draws(
+        trained, monkeypatch, ["mlp"],
+        lambda layer, seen: layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append((m, a[0].detach().clone()))),
+    )
     assert len(per_draw) == len(downs) == 6  # 2 batches x 3 blocks
     for scores, (down, hidden) in zip(per_draw, downs):
         full = importance.channel_rms(hidden.reshape(-1, hidden.shape[-1]), None) * importance.output_column_norms(down.weight)
@@ -132,22 +141,12 @@ def test_bad_calibration_settings_are_named():
 def test_backward_calibration_scores_attention_from_each_batchs_values(trained, monkeypatch):
     """The same for attention's KV groups: each calibration batch scores them from its own dense
     forward's values (v_proj's output, every token), as a training draw does."""
-    from sat_trainer import calibration
-
-    model = _model_with_a_dear_first_layer(trained)
-    config = sat_config(targets=["attention"], omission_rate=0.5, layer_rates="auto", omit_in="backward",
-                        activation_tokens=16, activation_token_fraction=0.1)  # a subsample would be 20 of 192 tokens
-    handle = apply_sat(model, config)
-    values = []
-    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, a, out, o=layer.self_attn.o_proj: values.append((o, out.detach().clone())))
-             for layer in model.model.layers]
-    scored = []
-    real = calibration._omitted_share
-    monkeypatch.setattr(calibration, "_omitted_share", lambda scores, *a: scored.append(scores.clone()) or real(scores, *a))
-    calibrate(handle, model, _batches())
-    for h in hooks:
-        h.remove()
-    per_draw = scored[:: len(handle.config.calibration_rates)]
+    per_draw, values = _backward_calibration_draws(
+        trained, monkeypatch, ["attention"],
+        lambda layer, seen: layer.self_attn.v_proj.register_forward_hook(
+            lambda m, a, out, o=layer.self_attn.o_proj: seen.append((o, out.detach().clone()))
+        ),
+    )
     assert len(per_draw) == len(values) == 6  # 2 batches x 3 blocks
     for scores, (o_proj, v) in zip(per_draw, values):
         torch.testing.assert_close(scores, importance.value_scores(v.reshape(-1, v.shape[-1]), o_proj.weight, 4))
