@@ -621,8 +621,9 @@ class BlockUnit:
 
 
 def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor) -> torch.Tensor:
-    out = _sliced(unit, proj, dense, x, unit.input_index(proj, x), KEEP_OUTPUTS)
-    if unit._values is not None and proj is unit._values[0] and unit.is_sparse():
+    idx = unit.input_index(proj, x)  # None: the block runs dense
+    out = _sliced(unit, proj, dense, x, idx, KEEP_OUTPUTS)
+    if idx is not None and unit._values is not None and proj is unit._values[0]:
         unit.read_values(out)
     return out
 
