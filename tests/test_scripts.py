@@ -146,3 +146,19 @@ def test_benchmark_gradient_checkpointing_reaches_every_model_it_times():
     assert benchmark.build(args).is_activation_checkpointing
     assert benchmark.build_pruned(args, "both", 0.5).is_activation_checkpointing
     assert not benchmark.build(benchmark.parser().parse_args(["--shape", "tiny"])).is_activation_checkpointing
+
+
+def test_profile_step_shows_what_only_sat_runs_and_refuses_what_has_no_bound():
+    """The op table has the three models' columns, and the backward-kept op (SAT only) costs SAT time
+    and the pruned model none; flags that time no pruned model are refused."""
+    profile_step = _load("profile_step")
+    args = profile_step.parse(["--shape", "tiny", "--targets", "mlp", "--omit-in", "backward", "--warmup", "1", "--profile-steps", "1"])
+    times = profile_step.op_times(args, "mlp", 0.5)
+    assert times["sat"]["_BackwardKeptLinear"][0] > 0 and "_BackwardKeptLinear" not in times["pruned"]
+    mm = [times[name]["aten::mm"][2] for name in profile_step.MODELS]  # calls per step: the same matmuls, at other sizes
+    assert mm[0] == mm[1] == mm[2] > 0
+    text = profile_step.table(times, top=5)
+    assert text.splitlines()[2].startswith("| **all ops** |") and len(text.splitlines()) == 8
+    for bad in (["--table", "cpu"], ["--no-bound"], ["--omit-in", "weight_gradient"], ["--profile-steps", "0"]):
+        with pytest.raises(SystemExit):
+            profile_step.parse(bad)
