@@ -179,18 +179,30 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def compare(args, targets: str, rate: float) -> Row:
+def has_bound(args, config: SATConfig) -> bool:
+    """Whether a pruned model is timed: none matches a dense input gradient, layers of different widths,
+    or tokens of different widths."""
+    split = config.sparse_tokens == "context" and args.context_fraction > 0
+    return args.bound and args.omit_in != "weight_gradient" and not args.dense_layers and not split
+
+
+def training_steps(args, targets: str, rate: float):
+    """``(SAT's handle, {"dense", "sat"[, "pruned"]: step})``: the models one comparison times, each a
+    training step returning ``(seconds, of which the forward)``; SAT's makes a new draw first, as in training."""
     dense = build(args)
     sat = copy.deepcopy(dense)
     handle = apply_sat(sat, sat_config(args, targets, rate))
     handle.set_rate(rate)
     steps = {"dense": make_step(dense, args), "sat": make_step(sat, args)}
-    # no pruned model times a dense input gradient, layers of different widths, or tokens of different widths
-    split = handle.config.sparse_tokens == "context" and args.context_fraction > 0
-    if args.bound and args.omit_in != "weight_gradient" and not args.dense_layers and not split:
+    if has_bound(args, handle.config):
         steps["pruned"] = make_step(build_pruned(args, targets, rate), args)
     sat_step = steps["sat"]
-    steps["sat"] = lambda: (handle.new_step(), sat_step())[1]  # a new draw per step, as in training
+    steps["sat"] = lambda: (handle.new_step(), sat_step())[1]
+    return handle, steps
+
+
+def compare(args, targets: str, rate: float) -> Row:
+    handle, steps = training_steps(args, targets, rate)
     times = interleaved(steps, args.warmup, args.steps)
     total = {name: [t for t, _ in ts] for name, ts in times.items()}
     d, s = statistics.median(total["dense"]), statistics.median(total["sat"])

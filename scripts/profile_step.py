@@ -7,7 +7,7 @@ backward, fused AdamW), one model after another within each round, and prints ea
 step for the three, sorted by what SAT spends beyond the pruned model. Ops only SAT runs (gathers,
 scatters, the draw, the autograd functions' Python) and ops SAT runs larger (zero-filled full-size
 weight gradients, AdamW over every parameter) come first. Under ``--omit-in backward`` SAT's forward
-is dense's, so the forward's share of an op's difference is in the dense column.
+is dense's: an op of the forward compares with the dense column, one of the backward with the pruned one.
 
 Self times are host times: on a GPU they show launch and Python overhead; the device's own time
 per op is the last three columns there (zero on the CPU). The profiler's own overhead inflates
@@ -19,18 +19,15 @@ small ops, so totals exceed the timed steps of ``benchmark.py``; compare ops wit
 
 from __future__ import annotations
 
-import copy
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark  # noqa: E402
 
-from sat_trainer import apply_sat  # noqa: E402
 from sat_trainer.app.cpu_memory import keep_freed_memory  # noqa: E402
 
 MODELS = ("dense", "sat", "pruned")
@@ -46,14 +43,7 @@ def parser():
 
 def op_times(args, targets: str, rate: float) -> dict[str, dict[str, tuple[float, float, float]]]:
     """``{model: {op: (host ms per step, device ms per step, calls per step)}}`` over the profiled steps."""
-    dense = benchmark.build(args)
-    sat = copy.deepcopy(dense)
-    handle = apply_sat(sat, benchmark.sat_config(args, targets, rate))
-    handle.set_rate(rate)
-    steps = {"dense": benchmark.make_step(dense, args), "sat": benchmark.make_step(sat, args),
-             "pruned": benchmark.make_step(benchmark.build_pruned(args, targets, rate), args)}
-    sat_step = steps["sat"]
-    steps["sat"] = lambda: (handle.new_step(), sat_step())[1]  # a new draw per step, as in training
+    _, steps = benchmark.training_steps(args, targets, rate)
     for _ in range(args.warmup):
         for step in steps.values():
             step()
@@ -92,15 +82,13 @@ def parse(argv: list[str] | None = None):
     """``benchmark.py``'s arguments, less those that time no pruned model or do other work (refused)."""
     p = parser()
     args = p.parse_args(argv)
-    unused = {"--table": args.table, "--memory": args.memory, "--ladder-steps": args.ladder_steps, "--json": args.json,
-              "--plot": args.plot, "--no-bound": not args.bound, "--dense-layers": args.dense_layers}
+    unused = {"--table": args.table, "--memory": args.memory, "--ladder-steps": args.ladder_steps, "--json": args.json, "--plot": args.plot}
     for flag, given in unused.items():
         if given:
             p.error(f"{flag} is benchmark.py's; this script profiles one comparison against the pruned model")
-    if args.omit_in == "weight_gradient":
-        p.error("--omit-in weight_gradient has no pruned-dense bound to compare with (its input gradient is dense)")
-    if args.context_fraction > 0 and benchmark.sat_config(args, args.targets[0], args.rates[0]).sparse_tokens == "context":
-        p.error("--sat sparse_tokens=context with --context-fraction runs tokens at two widths: no pruned model matches it")
+    if not benchmark.has_bound(args, benchmark.sat_config(args, args.targets[0], args.rates[0])):
+        p.error("no pruned model matches this comparison (--no-bound, --omit-in weight_gradient, --dense-layers, "
+                "or --sat sparse_tokens=context with --context-fraction)")
     if args.profile_steps < 1:
         p.error("--profile-steps must be at least 1")
     return args

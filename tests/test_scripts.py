@@ -159,6 +159,6 @@ def test_profile_step_shows_what_only_sat_runs_and_refuses_what_has_no_bound():
     assert mm[0] == mm[1] == mm[2] > 0
     text = profile_step.table(times, top=5)
     assert text.splitlines()[2].startswith("| **all ops** |") and len(text.splitlines()) == 8
-    for bad in (["--table", "cpu"], ["--no-bound"], ["--omit-in", "weight_gradient"], ["--profile-steps", "0"]):
+    for bad in (["--table", "cpu"], ["--no-bound"], ["--dense-layers", "0"], ["--omit-in", "weight_gradient"], ["--profile-steps", "0"]):
         with pytest.raises(SystemExit):
             profile_step.parse(bad)
