@@ -72,20 +72,18 @@ class BlockUnit:
         # (the score is their product). With activation_scores forward, the training forward refreshes the channels
         # it computes (observe(): the kept ones, or all of them when the forward is dense) and each draw re-measures
         # a rotating window of the channels on the token subsample (_activation_mlp_scores)
-        self._observes = shape.kind == "mlp" and handle.config.metric == "activation" and handle.config._scores_from_forward()
+        cfg = handle.config
+        from_forward = cfg.metric == "activation" and cfg._scores_from_forward()
+        self._observes = shape.kind == "mlp" and from_forward
         # ... and when the forward is dense too, a draw waits for the block's own activations: the kept set only
         # matters in backward, so it is drawn at the output projection from this forward's outputs of every
         # channel (read_hidden), not from the previous forward's; the input projections read it in backward.
         # Attention (KV-group units) likewise, at its value projection from every head's values (read_values)
-        scores_values = (
-            shape.kind == "attention" and handle.config.metric == "activation" and handle.config._scores_from_forward()
-            and not self.query_heads
-        )
+        scores_values = shape.kind == "attention" and from_forward and not self.query_heads
         self._draws_in_forward = self.backward_only and (self._observes or scores_values)
         # ... and when each draw scores every channel on a subsample of the micro-batch it is drawn for (the
         # default under forward_backward), the subsample's full-width gate/up outputs are kept for that
         # micro-batch's sliced forward, which then computes only the other token rows (given_rows)
-        cfg = handle.config
         self._reuses_sample = (
             shape.kind == "mlp" and cfg.metric == "activation" and not self._observes and not self.backward_only
             and cfg.sparse_tokens == "all"
