@@ -258,7 +258,7 @@ class SATConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def _scores_from_forward(self) -> bool:
+    def scores_from_forward(self) -> bool:
         """Whether activation MLP scores come from the training forward (activation_scores, auto resolved)."""
         if self.activation_scores == "auto":
             return self.omit_in != "forward_backward"

@@ -317,13 +317,13 @@ class _BackwardKeptLinear(torch.autograd.Function):
     def forward(ctx, x, w, b, idx, dim, full_input_grad):
         ctx.dim, ctx.x_shape, ctx.has_bias, ctx.full_input_grad = dim, x.shape, b is not None, full_input_grad
         saved_x = x if dim == KEEP_OUTPUTS else _columns(x, idx)  # an output projection's idx is a tensor
-        ctx.save_for_backward(saved_x, w, *_keep_index(ctx, idx))
+        ctx.save_for_backward(saved_x, w, *_save_kept_index(ctx, idx))
         return F.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, grad):
         x, w, *rest = ctx.saved_tensors
-        idx = _kept_index(ctx, rest)
+        idx = _saved_kept_index(ctx, rest)
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_w = grad_b = None
@@ -366,7 +366,7 @@ def _with_columns(values: torch.Tensor, idx: torch.Tensor, width: int) -> torch.
     return out.scatter_(-1, idx.expand_as(values), values)
 
 
-def _keep_index(ctx, idx: KeptIndex) -> tuple[torch.Tensor, ...]:
+def _save_kept_index(ctx, idx: KeptIndex) -> tuple[torch.Tensor, ...]:
     """Keep a dense-forward op's kept features for its backward: a tensor is returned to be saved
     with the others; a callable (a kept set drawn after this forward) is kept on ``ctx`` and
     called when backward runs."""
@@ -374,8 +374,8 @@ def _keep_index(ctx, idx: KeptIndex) -> tuple[torch.Tensor, ...]:
     return () if callable(idx) else (idx,)
 
 
-def _kept_index(ctx, saved: list[torch.Tensor]) -> torch.Tensor:
-    """The kept features :func:`_keep_index` kept: read now, in backward."""
+def _saved_kept_index(ctx, saved: list[torch.Tensor]) -> torch.Tensor:
+    """The kept features :func:`_save_kept_index` kept: read now, in backward."""
     return ctx.index_later() if ctx.index_later is not None else saved[0]
 
 
@@ -423,13 +423,13 @@ class _SplitBackwardLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, rows, idx, dim, full_input_grad):
         ctx.dim, ctx.x_shape, ctx.has_bias, ctx.full_input_grad = dim, x.shape, b is not None, full_input_grad
-        ctx.save_for_backward(x, w, *rows, *_keep_index(ctx, idx))
+        ctx.save_for_backward(x, w, *rows, *_save_kept_index(ctx, idx))
         return F.linear(x, w, b)
 
     @staticmethod
     def backward(ctx, grad):
         x, w, dense_rows, sparse_rows, *rest = ctx.saved_tensors
-        idx = _kept_index(ctx, rest)
+        idx = _saved_kept_index(ctx, rest)
         g2 = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         g_dense, x_dense = g2.index_select(0, dense_rows), x2.index_select(0, dense_rows)

@@ -73,7 +73,7 @@ class BlockUnit:
         # it computes (observe(): the kept ones, or all of them when the forward is dense) and each draw re-measures
         # a rotating window of the channels on the token subsample (_activation_mlp_scores)
         cfg = handle.config
-        from_forward = cfg.metric == "activation" and cfg._scores_from_forward()
+        from_forward = cfg.metric == "activation" and cfg.scores_from_forward()
         self._observes = shape.kind == "mlp" and from_forward
         # ... and when the forward is dense too, a draw waits for the block's own activations: the kept set only
         # matters in backward, so it is drawn at the output projection from this forward's outputs of every
