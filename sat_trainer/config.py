@@ -41,13 +41,13 @@ class SATConfig:
         metadata={"help": "Peak fraction of MLP channels / attention KV groups omitted per step, in [0, 1). Default "
                   "0.5, measured with the default omit_in backward (SmolLM2-135M CPT: +0.27% held-out loss with the "
                   "default dense start); with omit_in forward_backward 0.5 cost +3.5% and 0.25 +1.8% there "
-                  "(docs/benchmarks.md): lower it when you choose forward_backward."},
+                  "(docs/journal/benchmarks.md): lower it when you choose forward_backward."},
     )
     targets: list[str] = field(
         default_factory=lambda: ["mlp"],
         metadata={"help": "Which blocks omit neurons: any non-empty subset of ['mlp', 'attention']. "
                   "Default mlp: omitting attention groups as well cost +1.5% (CPT) and +33% (SFT) held-out "
-                  "loss in docs/benchmarks.md, MLP channels alone +0.1% and +1.9%."},
+                  "loss in docs/journal/benchmarks.md, MLP channels alone +0.1% and +1.9%."},
     )
     attention_unit: str = field(
         default="kv_group",
@@ -63,7 +63,7 @@ class SATConfig:
                   "gradients are skipped, so they miss this step's update). At the same rate backward saves about "
                   "2/3 and weight_gradient 1/3 of what forward_backward saves. Default backward: every step trains the "
                   "real model, and on SmolLM2-135M CPT it lost about half of what forward_backward lost at the same "
-                  "FLOPs saved (+2.26% against +4.75%, docs/benchmarks.md); forward_backward is the paper's SAT."},
+                  "FLOPs saved (+2.26% against +4.75%, docs/journal/benchmarks.md); forward_backward is the paper's SAT."},
     )
     compensation: str = field(
         default="none",
@@ -83,12 +83,12 @@ class SATConfig:
         default="activation",
         metadata={"help": "Importance score: uniform (random), magnitude, wanda, maxip or activation (what each "
                   "unit actually outputs on a token subsample, times its output weights' norm). Default activation: "
-                  "on SmolLM2-135M magnitude and wanda picked channels worse than random (docs/benchmarks.md)."},
+                  "on SmolLM2-135M magnitude and wanda picked channels worse than random (docs/journal/benchmarks.md)."},
     )
     selection: str = field(
         default="topk",
         metadata={"help": "topk keeps the highest scores; sampling draws kept units with p ~ score^(1/temperature). "
-                  "Default topk: best held-out loss and least forgetting in docs/benchmarks.md."},
+                  "Default topk: best held-out loss and least forgetting in docs/journal/benchmarks.md."},
     )
     temperature: float = field(
         default=1.0,
@@ -195,7 +195,7 @@ class SATConfig:
                   "training forward computed (no extra matmul) and each draw re-measures only a rotating "
                   "1/remeasure_every of the channels on the subsample. forward is cheaper but its scores are a batch "
                   "or more old: on SmolLM2-135M CPT it cost +1.4-1.7% held-out loss where subsample cost +0.8% "
-                  "(docs/benchmarks.md). With omit_in backward or weight_gradient, forward reads this step's own dense "
+                  "(docs/journal/benchmarks.md). With omit_in backward or weight_gradient, forward reads this step's own dense "
                   "forward: the kept set is drawn at the down projection from every channel's output on all tokens (no "
                   "subsample, nothing stale) and gate/up read it in backward. auto: forward when the forward is dense "
                   "(omit_in backward, weight_gradient), else subsample. Attention (kv_group units) likewise: with a dense "

@@ -27,7 +27,7 @@ Definitions (x: the block's input, all tokens of the micro-batch that draws; W: 
   of ``o_proj`` (``||W_o[:, head] v_t||``): the attention weights are ignored (each head outputs
   a convex mix of its values, so this bounds what the group can write). On a real pretrained LLM
   the weight-and-input scores (magnitude, wanda) rank channels no better than chance while this
-  one tracks the channel's true contribution (docs/benchmarks.md). Where the channel outputs come
+  one tracks the channel's true contribution (docs/journal/benchmarks.md). Where the channel outputs come
   from is the caller's choice (:class:`sat_trainer.patch.units.BlockUnit`): a random token
   subsample (:func:`subsample_size`) pushed through gate/up, or the outputs the training forward
   computed anyway (``activation_scores: forward``), which costs no matmul.

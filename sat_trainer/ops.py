@@ -57,7 +57,7 @@ from transformers.pytorch_utils import Conv1D
 
 SLICEABLE = (nn.Linear, Conv1D)
 KEEP_OUTPUTS, KEEP_INPUTS = 0, 1  # the out-major weight dim that is sliced
-# Devices where the custom op runs; elsewhere autograd's index_select path (docs/benchmarks.md,
+# Devices where the custom op runs; elsewhere autograd's index_select path (docs/journal/benchmarks.md,
 # issue 10: on an H100 the op was 1-6% faster per step; on the 2-core CPU 8% slower, its Python
 # forward/backward costing more than the zero-filled scatter it saves).
 KEPT_OP_DEVICES = ("cuda",)
@@ -416,7 +416,7 @@ class _SplitBackwardLinear(torch.autograd.Function):
     The rows are gathered once each in backward, where the kept-size matmuls save FLOPs; the
     forward is the dense one. Before, each projection gathered both row sets, ran two matmuls and
     scattered both into a zero-filled output in forward, and autograd did the reverse in backward:
-    on SmolLM2's SFT shape that cost more than the omitted FLOPs saved (docs/benchmarks.md). The
+    on SmolLM2's SFT shape that cost more than the omitted FLOPs saved (docs/journal/benchmarks.md). The
     input is saved whole, as the dense layer saves it (the dense rows need all of it).
     """
 

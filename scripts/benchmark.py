@@ -17,7 +17,7 @@ Examples:
     python scripts/benchmark.py --shape smollm2 --batch 4 --rates 0.5 0.75 --omit-in backward
     python scripts/benchmark.py --shape realistic --ladder-steps 40
     python scripts/benchmark.py --shape 1b --device cuda --precision bf16 --kernels liger --compile
-    python scripts/benchmark.py --table cpu --rates 0.25 0.5 --targets mlp both --warmup 1 --steps 5 --json docs/bench/issue15_cpu.jsonl
+    python scripts/benchmark.py --table cpu --rates 0.25 0.5 --targets mlp both --warmup 1 --steps 5 --json docs/journal/bench/issue15_cpu.jsonl
 """
 
 from __future__ import annotations

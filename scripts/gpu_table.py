@@ -1,6 +1,6 @@
 """The whole GPU speed table in one command (about 6 minutes on one H100): every row is
 ``scripts/benchmark.py``'s dense / SAT / pruned-dense comparison or its ladder run, at the
-shapes and settings of docs/benchmarks.md's GPU section. Rows go to ``OUT/rows.jsonl`` (one JSON
+shapes and settings of docs/journal/benchmarks.md's GPU section. Rows go to ``OUT/rows.jsonl`` (one JSON
 object per row, the settings included; ``--rows`` renames it) and a Markdown log to ``OUT/log.md``.
 
     python scripts/gpu_table.py --out $OUT                 # on a CUDA machine

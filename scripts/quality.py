@@ -30,7 +30,7 @@ Examples:
     python scripts/quality.py --variants training.max_steps=160               # SAT given more steps
     python scripts/quality.py --variants dense dense,training.learning_rate=6e-5   # dense's learning-rate frontier
     python scripts/quality.py --config configs/smollm2_cpt.yaml --variants dense omit_in=backward --equal-time
-    python scripts/quality.py --report --plot docs/bench/quality_cpt.png
+    python scripts/quality.py --report --plot docs/journal/bench/quality_cpt.png
     python scripts/quality.py --config configs/smollm2_cpt.yaml --report --min-steps 200 --json A.jsonl B.jsonl --frontier F.png
 """
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--set", action="append", default=[], help="override for every variant, e.g. training.max_steps=60")
     p.add_argument("--out", default="runs/quality")
-    p.add_argument("--json", nargs="+", default=["docs/bench/quality.jsonl"],
+    p.add_argument("--json", nargs="+", default=["docs/journal/bench/quality.jsonl"],
                    help="JSON-lines file(s): training appends to the first, --report reads them all")
     p.add_argument("--equal-time", action="store_true", help="also run each SAT variant for the steps that fit in dense's train-step time")
     p.add_argument("--report", action="store_true", help="train nothing: tabulate the rows already in --json")
@@ -260,7 +260,7 @@ def frontier(results: dict[str, list[dict]], path: str) -> None:
     dense's runs (``dense`` and ``dense,...`` variants, e.g. learning rates) joined in x order as the
     frontier a dense user reaches by tuning, SAT's variants as labelled points. A SAT point is only
     better than dense if it lies below and left of that line, not merely left of the ``dense`` point:
-    a larger effective learning rate moves along the line (docs/benchmarks.md)."""
+    a larger effective learning rate moves along the line (docs/journal/benchmarks.md)."""
     import matplotlib
 
     matplotlib.use("Agg")

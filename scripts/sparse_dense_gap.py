@@ -5,7 +5,7 @@ learning rate), then measures the loss of one held-out batch twice: dense (``eva
 model is used afterwards) and sparse (training mode at the same rate, the network SAT trained).
 A dense loss far above the sparse one means the omitted units, put back, disturb what the kept
 ones learned; the ladder's dense rungs then have that gap to repair. A dense run of the same
-steps gives the reference. This is how docs/benchmarks.md found that omitting attention groups
+steps gives the reference. This is how docs/journal/benchmarks.md found that omitting attention groups
 hurts SFT on the demo base while omitting MLP channels does not.
 
 Examples:

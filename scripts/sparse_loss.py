@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     p.add_argument("--variants", nargs="+", default=["default"], help="default (the config's sat: block) or k=v[,k=v] changes to it")
     p.add_argument("--no-correlation", action="store_true", help="skip the per-layer rank correlations")
-    p.add_argument("--json", default="docs/bench/sparse_loss.jsonl")
+    p.add_argument("--json", default="docs/journal/bench/sparse_loss.jsonl")
     args = p.parse_args(argv)
 
     task = task_of(args.config)

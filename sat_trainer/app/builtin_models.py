@@ -50,7 +50,7 @@ def _gguf_source() -> Path:
 def ensure_smollm2() -> Path:
     """The SmolLM2-135M-Instruct folder, converted from the GGUF file first if missing.
 
-    Saved in float32, the precision every quality number in docs/benchmarks.md was trained in (bf16
+    Saved in float32, the precision every quality number in docs/journal/benchmarks.md was trained in (bf16
     weights would also round the optimizer's small updates away); a GPU user's Trainer casts with
     ``bf16=True``. Which dtype steps faster on a CPU was not measured cleanly.
     """

@@ -5,7 +5,7 @@ and returns them with ``munmap`` when freed, and trims the heap's top past 128 K
 training step on the CPU frees and reallocates its activations, gradients and logits every step,
 so each step the kernel maps and zeroes them again: on SmolLM2-135M at 4 x 256 tokens, 200,000-460,000
 minor page faults and 1.5-3.3 s of system time per 10-12 s step, varying from step to step
-(docs/benchmarks.md). Setting ``M_MMAP_MAX`` to 0 and ``M_TRIM_THRESHOLD`` to 2 GiB, mallopt's largest
+(docs/journal/benchmarks.md). Setting ``M_MMAP_MAX`` to 0 and ``M_TRIM_THRESHOLD`` to 2 GiB, mallopt's largest
 (what the environment variables ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` do at start-up), keeps freed
 blocks for reuse: after the first steps a step faults next to nothing (0-333 times, measured). Dense and SAT runs gain alike; the
 cost is that the process keeps its peak heap until it exits, which a training process reaches

@@ -2,7 +2,7 @@
 
 Two training runs made one after the other see different machine load: on the project's 2-core
 CPU the same 40-step SAT run took 239, 249 and 266 s in one day, and sequential runs of one
-config differed by 19% (docs/benchmarks.md), more than SAT saves at a quality-safe rate. So the
+config differed by 19% (docs/journal/benchmarks.md), more than SAT saves at a quality-safe rate. So the
 comparison also times training steps of the dense model and of SAT at each rate of SAT's schedule
 *in one process, in turn* (one step of each per round, the order rotating every round), on one
 batch of the run's own training data: a load change then hits every variant alike. Dense's time

@@ -8,7 +8,7 @@ the core, so the block's call is split in two: the kept heads' attention with au
 omitted heads' under ``no_grad`` (their outputs are the dense forward's; nothing of them is saved
 for backward), and the outputs put back in head order. The gradients are the same as unsplit; the
 step is 1-3% shorter on the CPU at rate 0.5 (the split's own gathers take back about half of the
-core's saved backward; docs/benchmarks.md).
+core's saved backward; docs/journal/benchmarks.md).
 
 transformers 5 attention modules call ``ALL_ATTENTION_FUNCTIONS.get_interface(...)(self, q, k, v,
 mask, **kwargs)`` with ``q`` ``(batch, heads, tokens, head_dim)`` and return ``(batch, tokens,
