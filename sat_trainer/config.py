@@ -1,235 +1,390 @@
 """`SATConfig`: every SAT setting in one validated dataclass, loadable from YAML.
 
-Each field carries its help text in ``metadata["help"]`` (PEFT/TRL style) so the README table and
-error messages come from one place. Validation happens in ``__post_init__``: a bad value fails
-when the config is built, before any model is touched, with one message naming the key, the
-value and what is allowed.
+Each field describes itself in its ``metadata`` (PEFT/TRL style): ``help`` (what it does, what is
+allowed, when to change it), ``group`` (one of `GROUPS`) and, where its annotation alone does not
+say what is allowed, a ``range`` (a `Range`) or an ``allowed`` text with a ``check``. The type and
+range checks are derived from the annotations (``Literal`` types for the enums) and that metadata,
+and docs/configuration.md is generated from the same place (``scripts/config_reference.py``), so
+the error messages, the reference and the code cannot drift apart. Validation happens in
+``__post_init__``: a bad value fails when the config is built, before any model is touched, with
+one message naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+import itertools
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple, NoReturn, get_args, get_origin
 
 from .errors import SATConfigError
+from .value_range import ints, numbers
 from .yaml_io import load_yaml_file
 
-METRICS = ("uniform", "magnitude", "wanda", "maxip", "activation")
-SELECTIONS = ("topk", "sampling")
-SCHEDULES = ("ladder", "constant", "linear", "cosine")
-TARGETS = ("mlp", "attention")
-DRAW_EVERY = ("step", "micro_batch")
-OMITTED_UPDATES = ("optimizer", "freeze", "momentum")
-ATTENTION_UNITS = ("kv_group", "query_head")
-OMIT_IN = ("forward_backward", "backward", "weight_gradient")
-COMPENSATIONS = ("none", "mean")
-SPARSE_TOKENS = ("all", "context")
-LAYER_RATES = ("uniform", "auto")
-RATE_BUDGETS = ("flops", "loss")
-ACTIVATION_SCORES = ("auto", "forward", "subsample")
+Metric = Literal["uniform", "magnitude", "wanda", "maxip", "activation"]
+Selection = Literal["topk", "sampling"]
+Schedule = Literal["ladder", "constant", "linear", "cosine"]
+Target = Literal["mlp", "attention"]
+DrawEvery = Literal["step", "micro_batch"]
+OmittedUpdate = Literal["optimizer", "freeze", "momentum"]
+AttentionUnit = Literal["kv_group", "query_head"]
+OmitIn = Literal["forward_backward", "backward", "weight_gradient"]
+Compensation = Literal["none", "mean"]
+SparseTokens = Literal["all", "context"]
+LayerRates = Literal["uniform", "auto"]
+RateBudget = Literal["flops", "loss"]
+ActivationScores = Literal["auto", "forward", "subsample"]
+
+METRICS = get_args(Metric)
+SELECTIONS = get_args(Selection)
+
+OMITTED = "What is omitted"
+OMITTED_UNITS = "What omitted units do"
+SCORING = "Scoring and selection"
+SCHEDULE = "Schedule"
+LAYER_RATES = "Per-layer rates"
+SFT_SPLIT = "SFT token split"
+
+# Each group's heading in docs/configuration.md and what its settings have in common.
+GROUPS = {
+    OMITTED: "Which units of which blocks a step leaves out, how many, and in which pass. A unit is an MLP channel (a row "
+    "of gate/up and a column of down) or an attention unit (`attention_unit`).",
+    OMITTED_UNITS: "What happens to the units a step leaves out: their output in the forward and their update in the "
+    "optimizer step. `freeze` and `momentum` restore or rewrite parameters around the optimizer step, so they cannot "
+    "run under DeepSpeed, whose engine steps the optimizer itself; `momentum` under fp16 needs `max_grad_norm` > 0.",
+    SCORING: "How units are scored and which of them a draw keeps. A draw picks the kept units of every block; "
+    "draws depend only on (`seed`, draw number, layer), so every rank of a distributed run keeps the same units.",
+    SCHEDULE: "How the omission rate runs over training: dense for the first `dense_warmup_fraction` of the steps, "
+    "then the schedule, which peaks at `omission_rate`.",
+    LAYER_RATES: "Per-block peak rates measured at train start instead of one `omission_rate` for every block. The "
+    "calibration table is logged and saved in `report.json` (`sat_calibration`) and in checkpoints, so a resumed run "
+    "keeps its rates; each block's rate then follows the schedule, scaled by rate(t) / `omission_rate`.",
+    SFT_SPLIT: "In supervised fine-tuning most tokens are context (prompt, template, padding) and only the response "
+    "carries the loss: the loss tokens can run dense while the context runs sparse, in one step.",
+}
+
+
+def _layer_indices(value: Any) -> list[int]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise ValueError
+    return list(value)
+
+
+def _ascending_rates(value: Any) -> list[float]:
+    inside = numbers(0, 1, low_open=True, high_open=True)
+    if not isinstance(value, (list, tuple)) or not value or not all(inside.allows(r) for r in value):
+        raise ValueError
+    if any(a >= b for a, b in itertools.pairwise(value)):
+        raise ValueError
+    return [float(r) for r in value]
+
+
+def _ladder_rungs(value: Any) -> list[list[float]]:
+    below_one = numbers(0, 1, high_open=True)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError
+    if not all(isinstance(r, (list, tuple)) and len(r) == 2 and all(below_one.allows(v) for v in r) for r in value):
+        raise ValueError
+    starts, rates = [float(r[0]) for r in value], [float(r[1]) for r in value]
+    if starts[0] != 0.0 or any(a >= b for a, b in itertools.pairwise(starts)) or rates[-1] != 0.0:
+        raise ValueError
+    return value
 
 
 @dataclass
 class SATConfig:
-    """Settings of Sparsity-Accelerated Training. All fields are optional; see each field's help."""
+    """Settings of Sparsity-Accelerated Training; every field is optional and validated when the config is built.
+
+    Args:
+        **settings: any field by name, e.g. ``SATConfig(omission_rate=0.5, metric="activation")``; the YAML keys
+            (``sat:`` block of a ``sat-train`` scenario, or the top level of a file for `from_yaml`) are the same
+            names. What each field does, what it allows and its default: docs/configuration.md, generated from
+            this class (``python scripts/config_reference.py --write``).
+
+    Raises:
+        SATConfigError: a value of the wrong type, out of its range, or a combination that is refused; the
+            message names the key, the value and what is allowed.
+    """
 
     omission_rate: float = field(
         default=0.5,
-        metadata={"help": "Peak fraction of MLP channels / attention KV groups omitted per step, in [0, 1). Default "
-                  "0.5, measured with the default omit_in backward (SmolLM2-135M CPT: +0.27% held-out loss with the "
-                  "default dense start); with omit_in forward_backward 0.5 cost +3.5% and 0.25 +1.8% there "
-                  "(docs/journal/benchmarks.md): lower it when you choose forward_backward."},
+        metadata={
+            "help": "Peak fraction of each block's units omitted per step; the schedule scales it over training. Lower it "
+                    "with omit_in forward_backward, where the loss itself is the sparse network's.",
+            "group": OMITTED,
+            "range": numbers(0, 1, high_open=True),
+        },
     )
-    targets: list[str] = field(
+    targets: list[Target] = field(
         default_factory=lambda: ["mlp"],
-        metadata={"help": "Which blocks omit neurons: any non-empty subset of ['mlp', 'attention']. "
-                  "Default mlp: omitting attention groups as well cost +1.5% (CPT) and +33% (SFT) held-out "
-                  "loss in docs/journal/benchmarks.md, MLP channels alone +0.1% and +1.9%."},
+        metadata={
+            "help": "Which blocks omit units: a non-empty subset of mlp and attention (a single name is a list of one). "
+                    "Adding attention saves more time per step but costs more quality than MLP channels alone.",
+            "group": OMITTED,
+        },
     )
-    attention_unit: str = field(
+    attention_unit: AttentionUnit = field(
         default="kv_group",
-        metadata={"help": "What attention omits: kv_group (a KV head with all its query heads: q, k, v rows and o "
-                  "columns) or query_head (query heads, the same number in every KV group; k and v stay dense)."},
+        metadata={
+            "help": "What an attention block omits: kv_group (a KV head with all its query heads: q, k, v rows and o "
+                    "columns) or query_head (the same number of query heads in every KV group; k and v stay dense).",
+            "group": OMITTED,
+        },
     )
-    omit_in: str = field(
+    omit_in: OmitIn = field(
         default="backward",
-        metadata={"help": "Where omitted units are skipped: forward_backward (the sparse network is trained: "
-                  "forward and backward on the kept units) or backward (the forward runs dense, so the loss is the "
-                  "real model's; only the kept units get gradients and pass them on), or weight_gradient (forward and "
-                  "input gradients dense: every layer gets its exact gradient; only the omitted units' weight "
-                  "gradients are skipped, so they miss this step's update). At the same rate backward saves about "
-                  "2/3 and weight_gradient 1/3 of what forward_backward saves. Default backward: every step trains the "
-                  "real model, and on SmolLM2-135M CPT it lost about half of what forward_backward lost at the same "
-                  "FLOPs saved (+2.26% against +4.75%, docs/journal/benchmarks.md); forward_backward is the paper's SAT."},
+        metadata={
+            "help": "Where omitted units are skipped: forward_backward (the paper's SAT: the sparse network is trained), "
+                    "backward (the forward runs dense, so the loss is the real model's; only kept units get and pass on "
+                    "gradients) or weight_gradient (only the omitted units' weight gradients are skipped). Each saves less "
+                    "per step than the one before (about 2/3 and 1/3 of forward_backward's saving at the same rate) and "
+                    "changes training less.",
+            "group": OMITTED,
+        },
     )
-    compensation: str = field(
+    compensation: Compensation = field(
         default="none",
-        metadata={"help": "none, or mean (omit_in forward_backward, MLP blocks, metric activation): each omitted "
-                  "channel's output is replaced by its mean over the scoring subsample, i.e. the constant bias "
-                  "W_down[:, omitted] @ mean_h[omitted] (no gradient) is added to the down projection's output "
-                  "(FLAP-style; on SmolLM2-135M it removed about a quarter of the sparse network's extra loss at rate 0.5)."},
+        metadata={
+            "help": "none, or mean (omit_in forward_backward, metric activation, MLP blocks): each omitted channel's "
+                    "output is replaced by its mean over the scoring subsample, a constant added to the down projection's "
+                    "output (FLAP-style).",
+            "group": OMITTED_UNITS,
+        },
     )
-    sparse_tokens: str = field(
+    sparse_tokens: SparseTokens = field(
         default="all",
-        metadata={"help": "Which tokens omit units: all, or context (SFT; SparseLoRA's split, MLP blocks): the tokens "
-                  "that carry the loss (a label that is not -100, or the next token's) run dense, the context tokens "
-                  "(prompt, template, padding) sparse, in one step. Needs labels in the model's forward; one host "
-                  "sync per forward (not per block) finds the split. Forward without labels: all tokens sparse."},
+        metadata={
+            "help": "Which tokens omit units: all, or context (SparseLoRA's split; targets mlp only): tokens that carry "
+                    "the loss run every channel, the context tokens only the kept ones. Needs labels in the model's "
+                    "forward (one host sync per forward finds the split); a forward without labels runs all tokens sparse.",
+            "group": SFT_SPLIT,
+        },
     )
-    metric: str = field(
+    metric: Metric = field(
         default="activation",
-        metadata={"help": "Importance score: uniform (random), magnitude, wanda, maxip or activation (what each "
-                  "unit actually outputs on a token subsample, times its output weights' norm). Default activation: "
-                  "on SmolLM2-135M magnitude and wanda picked channels worse than random (docs/journal/benchmarks.md)."},
+        metadata={
+            "help": "How units are scored: uniform (random), magnitude, wanda, maxip or activation (what each unit "
+                    "outputs on a token subsample, times its output weights' norm). Keep activation on a pretrained model; "
+                    "the others are baselines.",
+            "group": SCORING,
+        },
     )
-    selection: str = field(
+    selection: Selection = field(
         default="topk",
-        metadata={"help": "topk keeps the highest scores; sampling draws kept units with p ~ score^(1/temperature). "
-                  "Default topk: best held-out loss and least forgetting in docs/journal/benchmarks.md."},
+        metadata={
+            "help": "Which units a draw keeps: topk, the highest-scoring; or sampling, drawn with probability ~ "
+                    "score^(1/temperature), so every unit trains sometimes.",
+            "group": SCORING,
+        },
     )
     temperature: float = field(
         default=1.0,
-        metadata={"help": "Sampling temperature (> 0): higher is closer to uniform, lower closer to topk."},
+        metadata={
+            "help": "selection sampling: the temperature; higher is closer to uniform, lower closer to topk.",
+            "group": SCORING,
+            "range": numbers(0, low_open=True),
+        },
     )
-    schedule: str = field(
+    schedule: Schedule = field(
         default="constant",
-        metadata={"help": "Omission-rate schedule over training: ladder (LORS, the paper's: ends dense), constant, "
-                  "linear or cosine. Default constant: with omit_in backward the forward is dense, so ending dense "
-                  "buys nothing (the ladder's dense last steps gained 0.0003-0.001 held-out loss on SmolLM2-135M); "
-                  "with forward_backward use ladder, so the trained network ends dense."},
+        metadata={
+            "help": "The omission rate over the steps after the dense start: ladder (LORS, the paper's: steps down to "
+                    "dense at the end), constant, linear or cosine. Use ladder with omit_in forward_backward, so the "
+                    "trained network ends dense; with a dense forward, ending dense buys little.",
+            "group": SCHEDULE,
+        },
     )
     ladder_sparse_fraction: float = field(
         default=0.75,
-        metadata={"help": "Ladder: fraction of total steps spent at the peak omission_rate, in (0, 1); the rest steps down to dense."},
+        metadata={
+            "help": "schedule ladder: fraction of the scheduled steps spent at the peak omission_rate; the rest steps "
+                    "down to dense.",
+            "group": SCHEDULE,
+            "range": numbers(0, 1, low_open=True, high_open=True),
+        },
     )
     ladder_num_rungs: int = field(
         default=2,
         metadata={
-            "help": "Ladder: number of rungs after the sparse phase, equally long, stepping the rate down "
-            "evenly; the last rung is 0 (dense). >= 1."
+            "help": "schedule ladder: number of equally long rungs after the sparse phase, stepping the rate down evenly; "
+                    "the last rung is 0 (dense).",
+            "group": SCHEDULE,
+            "range": ints(1),
         },
     )
     ladder_rungs: list[list[float]] | None = field(
         default=None,
         metadata={
-            "help": "Ladder: explicit [[start_fraction, rate], ...] overriding the two keys above; "
-            "first start 0, starts increasing in [0, 1), rates in [0, 1), last rate 0."
+            "help": "schedule ladder: explicit [[start_fraction, rate], ...] rungs that override ladder_sparse_fraction "
+                    "and ladder_num_rungs.",
+            "group": SCHEDULE,
+            "allowed": "a list of [start_fraction, rate] pairs, first start 0, starts increasing in [0, 1), rates in "
+                    "[0, 1), last rate 0",
+            "check": _ladder_rungs,
         },
     )
-    layer_rates: str = field(
+    layer_rates: LayerRates = field(
         default="uniform",
-        metadata={"help": "uniform: every block's peak rate is omission_rate; auto: a calibration at train start "
-                  "(calibration_batches training batches) measures each block's cost at each calibration_rate and "
-                  "assigns per-block peak rates that meet rate_budget at the least summed cost (a table in the log and "
-                  "in report.json). Cost: the relative loss increase (omit_in forward_backward) or the share of the "
-                  "squared gradient norm cut (backward, weight_gradient). dense_layers stays the manual form."},
+        metadata={
+            "help": "uniform: every block's peak rate is omission_rate; auto: a calibration at train start measures each "
+                    "block's cost at each of calibration_rates and gives each block its own peak rate, meeting rate_budget "
+                    "at the least summed cost. dense_layers is the manual form.",
+            "group": LAYER_RATES,
+        },
     )
-    rate_budget: str = field(
+    rate_budget: RateBudget = field(
         default="flops",
-        metadata={"help": "layer_rates auto: flops saves as many FLOPs as the uniform omission_rate over the same blocks; "
-                  "loss saves the most FLOPs whose summed calibrated cost stays within loss_budget."},
+        metadata={
+            "help": "layer_rates auto: flops saves as many FLOPs as the uniform omission_rate over the same blocks; loss "
+                    "saves the most FLOPs whose summed calibrated cost stays within loss_budget.",
+            "group": LAYER_RATES,
+        },
     )
     loss_budget: float = field(
         default=0.01,
-        metadata={"help": "layer_rates auto with rate_budget loss: the largest summed cost (> 0), e.g. 0.01 = +1% loss "
-                  "(forward_backward) or 1% of the squared gradient norm (backward)."},
+        metadata={
+            "help": "rate_budget loss: the largest summed cost, e.g. 0.01 = +1% loss (omit_in forward_backward, where a "
+                    "block's cost is its relative loss increase) or 1% of the squared gradient norm cut (backward, "
+                    "weight_gradient).",
+            "group": LAYER_RATES,
+            "range": numbers(0, low_open=True),
+        },
     )
     calibration_rates: list[float] = field(
         default_factory=lambda: [0.25, 0.5, 0.75],
-        metadata={"help": "layer_rates auto: the rates each block is measured at and may be given (ascending, in (0, 1))."},
+        metadata={
+            "help": "layer_rates auto: the rates each block is measured at and may be given.",
+            "group": LAYER_RATES,
+            "allowed": "a non-empty ascending list of rates in (0, 1)",
+            "check": _ascending_rates,
+        },
     )
     calibration_batches: int = field(
         default=2,
-        metadata={"help": "layer_rates auto: training batches the calibration measures on (>= 1)."},
+        metadata={
+            "help": "layer_rates auto: how many training batches (the first ones) the calibration measures on; more is "
+                    "steadier and slower to start.",
+            "group": LAYER_RATES,
+            "range": ints(1),
+        },
     )
     seed: int = field(
         default=0,
-        metadata={"help": "Seed of the selection RNG; draws depend only on (seed, draw number, layer)."},
+        metadata={
+            "help": "Seed of the selection's random draws, which depend only on (seed, draw number, layer).",
+            "group": SCORING,
+        },
     )
-    draw_every: str = field(
+    draw_every: DrawEvery = field(
         default="step",
-        metadata={"help": "step: one kept set per optimizer step; micro_batch: a new one per micro-batch."},
+        metadata={
+            "help": "step: one kept set per optimizer step, shared by its micro-batches; micro_batch: a new one per "
+                    "micro-batch.",
+            "group": SCORING,
+        },
     )
-    omitted_update: str = field(
+    omitted_update: OmittedUpdate = field(
         default="optimizer",
         metadata={
-            "help": "optimizer: omitted rows get zero gradient and the optimizer still moves them (momentum, "
-            "weight decay); freeze: their weights are restored after the optimizer step (SATCallback); momentum "
-            "(Adam-family optimizers): their gradient is replaced by their own first moment (exp_avg) before the "
-            "optimizer step, so they continue their recent direction instead of missing the update. With "
-            "sparse_tokens context only optimizer (the loss tokens give the omitted channels real gradients)."
+            "help": "What the optimizer does with omitted rows: optimizer (zero gradient; the optimizer still moves them "
+                    "by momentum and weight decay), freeze (their weights are restored after the step) or momentum "
+                    "(Adam-family optimizers: their gradient is replaced by their own first moment, so they continue their "
+                    "recent direction).",
+            "group": OMITTED_UNITS,
         },
     )
     momentum_decay: float = field(
         default=1.0,
         metadata={
-            "help": "omitted_update momentum: each step a slice stays omitted, its first moment is multiplied by this "
-            "(in [0, 1]). 1: carried unchanged, so a slice omitted for many steps keeps moving in its last direction; "
-            "the optimizer's beta1 (0.9 for AdamW): what omitted_update optimizer does; between: a continued update "
-            "that fades, 1 / (1 - momentum_decay) steps' worth in all."
+            "help": "omitted_update momentum: each step a slice stays omitted, its first moment is multiplied by this. 1 "
+                    "carries it unchanged, the optimizer's beta1 does what omitted_update optimizer does, and values "
+                    "between fade the continued update out over about 1 / (1 - momentum_decay) steps.",
+            "group": OMITTED_UNITS,
+            "range": numbers(0, 1),
         },
     )
     maxip_tokens: int = field(
         default=64,
-        metadata={"help": "maxip: number of tokens subsampled per draw to score neurons (>= 1)."},
+        metadata={
+            "help": "metric maxip: how many tokens are subsampled per draw to score units.",
+            "group": SCORING,
+            "range": ints(1),
+        },
     )
     activation_tokens: int = field(
         default=256,
-        metadata={"help": "activation: the fewest tokens of the micro-batch subsampled to measure units' outputs "
-                  "(>= 1; all tokens if the micro-batch has fewer); see activation_token_fraction."},
+        metadata={
+            "help": "metric activation: the fewest tokens of the micro-batch subsampled to measure units' outputs (all "
+                    "tokens if it has fewer); see activation_token_fraction.",
+            "group": SCORING,
+            "range": ints(1),
+        },
     )
     activation_token_fraction: float = field(
         default=0.125,
-        metadata={"help": "activation: the subsample is this fraction of the micro-batch's tokens, in (0, 1], when "
-                  "that is more than activation_tokens: scoring's share of the step then stays the same at every "
-                  "batch size."},
+        metadata={
+            "help": "metric activation: the subsample is this fraction of the micro-batch's tokens when that is more than "
+                    "activation_tokens, so scoring's share of the step stays the same at every batch size.",
+            "group": SCORING,
+            "range": numbers(0, 1, low_open=True),
+        },
     )
-    activation_scores: str = field(
+    activation_scores: ActivationScores = field(
         default="auto",
-        metadata={"help": "activation, MLP blocks: subsample: every draw measures every channel on a token subsample of "
-                  "the micro-batch about to run (a subsample-sized gate/up forward per block and draw), so the kept set "
-                  "follows the current input; forward: the kept channels are scored from the outputs the previous "
-                  "training forward computed (no extra matmul) and each draw re-measures only a rotating "
-                  "1/remeasure_every of the channels on the subsample. forward is cheaper but its scores are a batch "
-                  "or more old: on SmolLM2-135M CPT it cost +1.4-1.7% held-out loss where subsample cost +0.8% "
-                  "(docs/journal/benchmarks.md). With omit_in backward or weight_gradient, forward reads this step's own dense "
-                  "forward: the kept set is drawn at the down projection from every channel's output on all tokens (no "
-                  "subsample, nothing stale) and gate/up read it in backward. auto: forward when the forward is dense "
-                  "(omit_in backward, weight_gradient), else subsample. Attention (kv_group units) likewise: with a dense "
-                  "forward and forward (or auto) it is drawn at the value projection from every head's values on all "
-                  "tokens; otherwise, and for query_head units, scored on the subsample."},
+        metadata={
+            "help": "metric activation: subsample measures every unit on a token subsample of the micro-batch about to "
+                    "run; forward reads the training forward's own outputs (this step's when the forward is dense, else "
+                    "the previous one's, re-measuring 1/remeasure_every of the channels per draw). auto: forward when "
+                    "omit_in keeps the forward dense, else subsample.",
+            "group": SCORING,
+        },
     )
     remeasure_every: int = field(
         default=8,
-        metadata={"help": "activation_scores forward: every channel is re-measured on the subsample at least every "
-                  "this many draws (>= 1; 1 re-measures all of them each draw, as subsample does). With a dense forward "
-                  "every channel is measured each draw; only the down columns' norms are refreshed in these windows."},
+        metadata={
+            "help": "activation_scores forward with a sparse forward: every channel is re-measured on the subsample at "
+                    "least every this many draws (1: all of them each draw, as subsample does).",
+            "group": SCORING,
+            "range": ints(1),
+        },
     )
     score_every: int = field(
         default=1,
-        metadata={"help": "Re-score the units every this many draws (>= 1); draws in between reuse the last scores "
-                  "(topk then keeps the same set). Scoring is part of SAT's overhead on a GPU."},
+        metadata={
+            "help": "Re-score the units every this many draws; draws in between reuse the last scores, so topk keeps the "
+                    "same set. Raise it to cut scoring's share of the step.",
+            "group": SCORING,
+            "range": ints(1),
+        },
     )
     dense_layers: list[int] = field(
         default_factory=list,
-        metadata={"help": "Decoder layers (0-based; negative counts from the last) whose blocks are never omitted, "
-                  "e.g. [0, 1, 2, -1] (SparseLoRA keeps the first three and the last layer dense)."},
+        metadata={
+            "help": "Decoder layers whose blocks never omit units, e.g. [0, 1, 2, -1] (SparseLoRA keeps the first three "
+                    "and the last layer dense).",
+            "group": OMITTED,
+            "allowed": "a list of layer indices (integers; negative counts from the last layer)",
+            "check": _layer_indices,
+        },
     )
     dense_warmup_fraction: float = field(
         default=0.375,
-        metadata={"help": "Fraction of total steps trained dense before the schedule starts, in [0, 1); the "
-                  "schedule runs over the remaining steps. Default 0.375: an omitted update costs most in the first "
-                  "steps, where the loss falls fastest and the learning rate is high (SmolLM2-135M CPT, backward 0.5, "
-                  "2 seeds: +0.27% held-out loss with 0.375, +0.52% with 0.25 and +1.16% with none, the latter two over "
-                  "the ladder); the value itself was tuned on that model only."},
+        metadata={
+            "help": "Fraction of the steps trained dense before the schedule starts; an omitted update costs most in the "
+                    "first steps, where the loss falls fastest. 0 starts sparse, as the paper's SAT does.",
+            "group": SCHEDULE,
+            "range": numbers(0, 1, high_open=True),
+        },
     )
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _check_values(self)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked(f, getattr(self, f.name)))
+        _check_combinations(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SATConfig:
@@ -256,6 +411,7 @@ class SATConfig:
             raise SATConfigError(f"{path}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name (lists copied), as ``from_dict`` takes it back."""
         return dataclasses.asdict(self)
 
     def scores_from_forward(self) -> bool:
@@ -287,61 +443,91 @@ def field_help() -> dict[str, str]:
     return {f.name: f.metadata["help"] for f in dataclasses.fields(SATConfig)}
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
+class FieldDoc(NamedTuple):
+    """One row of the reference: a field's key, group, allowed values (``choices`` for an enum), default and help."""
+
+    name: str
+    group: str
+    allowed: str
+    choices: tuple[str, ...] | None
+    default: Any
+    help: str
+
+
+def field_docs() -> list[FieldDoc]:
+    """Every field of `SATConfig` in declaration order, as docs/configuration.md lists it."""
+    defaults = SATConfig().to_dict()
+    return [
+        FieldDoc(f.name, f.metadata["group"], _allowed(f), _choices(_hints()[f.name]), defaults[f.name], f.metadata["help"])
+        for f in dataclasses.fields(SATConfig)
+    ]
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    """The fields' annotations, resolved (``from __future__ import annotations`` leaves them strings)."""
+    return typing.get_type_hints(SATConfig)
+
+
+def _fail(key: str, value: Any, allowed: str) -> NoReturn:
     raise SATConfigError(f"SAT config key {key!r} has invalid value {value!r}; allowed: {allowed}")
 
 
-def _check_types(cfg: SATConfig) -> None:
-    expected: dict[str, tuple[type, ...]] = {
-        "omission_rate": (int, float),
-        "temperature": (int, float),
-        "ladder_sparse_fraction": (int, float),
-        "ladder_num_rungs": (int,),
-        "seed": (int,),
-        "maxip_tokens": (int,),
-        "activation_tokens": (int,),
-        "activation_token_fraction": (int, float),
-        "activation_scores": (str,),
-        "remeasure_every": (int,),
-        "score_every": (int,),
-        "dense_warmup_fraction": (int, float),
-        "metric": (str,),
-        "selection": (str,),
-        "schedule": (str,),
-        "draw_every": (str,),
-        "omitted_update": (str,),
-        "momentum_decay": (int, float),
-        "attention_unit": (str,),
-        "omit_in": (str,),
-        "compensation": (str,),
-        "sparse_tokens": (str,),
-        "layer_rates": (str,),
-        "rate_budget": (str,),
-        "loss_budget": (int, float),
-        "calibration_batches": (int,),
-    }
-    for key, types in expected.items():
-        value = getattr(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, types):
-            _fail(key, value, f"a value of type {' or '.join(t.__name__ for t in types)}")
-    if isinstance(cfg.targets, str):
-        cfg.targets = [cfg.targets]
-    if not isinstance(cfg.targets, (list, tuple)) or not all(isinstance(t, str) for t in cfg.targets):
-        _fail("targets", cfg.targets, f"a list drawn from {list(TARGETS)}")
-    cfg.targets = list(cfg.targets)
-    if not isinstance(cfg.dense_layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in cfg.dense_layers):
-        _fail("dense_layers", cfg.dense_layers, "a list of layer indices (integers; negative counts from the last layer)")
-    cfg.dense_layers = list(cfg.dense_layers)
+def _choices(hint: Any) -> tuple[str, ...] | None:
+    """The values of a ``Literal`` annotation, else None."""
+    return get_args(hint) if get_origin(hint) is Literal else None
 
 
-def _check_values(cfg: SATConfig) -> None:
-    if not 0.0 <= cfg.omission_rate < 1.0:
-        _fail("omission_rate", cfg.omission_rate, "a number in [0, 1)")
-    if not cfg.targets or any(t not in TARGETS for t in cfg.targets) or len(set(cfg.targets)) != len(cfg.targets):
-        _fail("targets", cfg.targets, f"a non-empty list without repeats drawn from {list(TARGETS)}")
-    for key, allowed in (("metric", METRICS), ("selection", SELECTIONS), ("schedule", SCHEDULES), ("draw_every", DRAW_EVERY), ("omitted_update", OMITTED_UPDATES), ("attention_unit", ATTENTION_UNITS), ("omit_in", OMIT_IN), ("compensation", COMPENSATIONS), ("sparse_tokens", SPARSE_TOKENS), ("layer_rates", LAYER_RATES), ("rate_budget", RATE_BUDGETS), ("activation_scores", ACTIVATION_SCORES)):
-        if getattr(cfg, key) not in allowed:
-            _fail(key, getattr(cfg, key), ", ".join(allowed))
+def _allowed(f: dataclasses.Field) -> str:
+    """What ``f`` allows, in the words its error message and the reference use."""
+    hint, spec = _hints()[f.name], f.metadata
+    if "allowed" in spec:
+        return ("null, or " if _nullable(hint) else "") + spec["allowed"]
+    if _choices(hint):
+        return ", ".join(_choices(hint))
+    if get_origin(hint) is list and _choices(get_args(hint)[0]):
+        return f"a non-empty list without repeats drawn from {list(_choices(get_args(hint)[0]))}"
+    if "range" in spec:
+        return spec["range"].describe()
+    return {int: "an integer", float: "a number"}[hint]
+
+
+def _nullable(hint: Any) -> bool:
+    return type(None) in get_args(hint)
+
+
+def _checked(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` as the field keeps it, checked against the field's annotation and metadata."""
+    hint, spec = _hints()[f.name], f.metadata
+    if value is None and _nullable(hint):
+        return None
+    if "check" in spec:
+        check: Callable[[Any], Any] = spec["check"]
+        try:
+            return check(value)
+        except (TypeError, ValueError):
+            _fail(f.name, value, _allowed(f))
+    if _choices(hint):
+        if isinstance(value, str) and value in _choices(hint):
+            return value
+        _fail(f.name, value, _allowed(f))
+    if get_origin(hint) is list:  # a list of Literal values (targets); one name alone is a list of one
+        items, choices = [value] if isinstance(value, str) else value, _choices(get_args(hint)[0])
+        if not isinstance(items, (list, tuple)) or not items or any(i not in choices for i in items):
+            _fail(f.name, value, _allowed(f))
+        if len(set(items)) != len(items):
+            _fail(f.name, value, _allowed(f))
+        return list(items)
+    types = (int,) if hint is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, types):
+        _fail(f.name, value, f"a value of type {' or '.join(t.__name__ for t in types)}")
+    if "range" in spec and not spec["range"].allows(value):
+        _fail(f.name, value, spec["range"].describe())
+    return value
+
+
+def _check_combinations(cfg: SATConfig) -> None:
+    """The combinations of individually valid values that are refused, each with the reason."""
     if cfg.compensation == "mean" and (cfg.omit_in != "forward_backward" or cfg.metric != "activation"):
         _fail("compensation", cfg.compensation, "none, or mean with omit_in forward_backward (a dense forward has nothing to "
               "compensate) and metric activation (the mean is taken over the channel outputs that metric computes)")
@@ -351,56 +537,7 @@ def _check_values(cfg: SATConfig) -> None:
     if cfg.sparse_tokens == "context" and cfg.omitted_update != "optimizer":
         _fail("omitted_update", cfg.omitted_update, "optimizer with sparse_tokens context: the loss tokens run every channel, so "
               "the omitted channels' gradients are real (those tokens' share), and freeze or momentum would discard them")
-    rates = cfg.calibration_rates
-    if not (isinstance(rates, (list, tuple)) and rates and all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < 1 for r in rates)
-            and all(a < b for a, b in zip(rates, rates[1:]))):
-        _fail("calibration_rates", rates, "a non-empty ascending list of rates in (0, 1)")
-    cfg.calibration_rates = [float(r) for r in rates]
-    if not cfg.loss_budget > 0:
-        _fail("loss_budget", cfg.loss_budget, "a number > 0")
-    if cfg.calibration_batches < 1:
-        _fail("calibration_batches", cfg.calibration_batches, "an integer >= 1")
     if cfg.layer_rates == "auto" and cfg.omission_rate == 0:
         _fail("layer_rates", cfg.layer_rates, "uniform, or auto with omission_rate > 0 (the schedule scales each block's peak rate by rate(t) / omission_rate)")
-    if not 0.0 <= cfg.momentum_decay <= 1.0:
-        _fail("momentum_decay", cfg.momentum_decay, "a number in [0, 1]")
     if cfg.momentum_decay != 1.0 and cfg.omitted_update != "momentum":
         _fail("momentum_decay", cfg.momentum_decay, "1 unless omitted_update is momentum (it scales that mode's continued first moment)")
-    if not cfg.temperature > 0:
-        _fail("temperature", cfg.temperature, "a number > 0")
-    if not 0.0 < cfg.ladder_sparse_fraction < 1.0:
-        _fail("ladder_sparse_fraction", cfg.ladder_sparse_fraction, "a number in (0, 1)")
-    if cfg.ladder_num_rungs < 1:
-        _fail("ladder_num_rungs", cfg.ladder_num_rungs, "an integer >= 1")
-    if not 0.0 < cfg.activation_token_fraction <= 1.0:
-        _fail("activation_token_fraction", cfg.activation_token_fraction, "a number in (0, 1]")
-    for key in ("maxip_tokens", "activation_tokens", "score_every", "remeasure_every"):
-        if getattr(cfg, key) < 1:
-            _fail(key, getattr(cfg, key), "an integer >= 1")
-    if not 0.0 <= cfg.dense_warmup_fraction < 1.0:
-        _fail("dense_warmup_fraction", cfg.dense_warmup_fraction, "a number in [0, 1)")
-    if cfg.ladder_rungs is not None:
-        _check_rungs(cfg.ladder_rungs)
-
-
-def _check_rungs(rungs: Any) -> None:
-    allowed = "a list of [start_fraction, rate] pairs, first start 0, starts increasing in [0, 1), rates in [0, 1), last rate 0"
-    ok = isinstance(rungs, (list, tuple)) and len(rungs) > 0
-    ok = ok and all(
-        isinstance(r, (list, tuple))
-        and len(r) == 2
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)
-        for r in rungs
-    )
-    if ok:
-        starts = [float(r[0]) for r in rungs]
-        rates = [float(r[1]) for r in rungs]
-        ok = (
-            starts[0] == 0.0
-            and all(0.0 <= s < 1.0 for s in starts)
-            and all(a < b for a, b in zip(starts, starts[1:]))
-            and all(0.0 <= r < 1.0 for r in rates)
-            and rates[-1] == 0.0
-        )
-    if not ok:
-        _fail("ladder_rungs", rungs, allowed)
