@@ -52,7 +52,9 @@ SFT_SPLIT = "SFT token split"
 # Each group's heading in docs/configuration.md and what its settings have in common.
 GROUPS = {
     OMITTED: "Which units of which blocks a step leaves out, how many, and in which pass. A unit is an MLP channel (a row "
-    "of gate/up and a column of down) or an attention unit (`attention_unit`).",
+    "of gate/up and a column of down) or an attention unit (`attention_unit`). At the same rate, `omit_in: backward` "
+    "saves about 2/3 and `weight_gradient` about 1/3 of what `forward_backward` saves (a step's matmul FLOPs are about "
+    "a third forward, a third input gradients and a third weight gradients).",
     OMITTED_UNITS: "What happens to the units a step leaves out: their output in the forward and their update in the "
     "optimizer step. `freeze` and `momentum` restore or rewrite parameters around the optimizer step, so they cannot "
     "run under DeepSpeed, whose engine steps the optimizer itself; `momentum` under fp16 needs `max_grad_norm` > 0.",
@@ -62,9 +64,12 @@ GROUPS = {
     "then the schedule, which peaks at `omission_rate`.",
     LAYER_RATES: "Per-block peak rates measured at train start instead of one `omission_rate` for every block. The "
     "calibration table is logged and saved in `report.json` (`sat_calibration`) and in checkpoints, so a resumed run "
-    "keeps its rates; each block's rate then follows the schedule, scaled by rate(t) / `omission_rate`.",
+    "keeps its rates; each block's rate then follows the schedule, scaled by rate(t) / `omission_rate`, so `auto` "
+    "needs `omission_rate` > 0.",
     SFT_SPLIT: "In supervised fine-tuning most tokens are context (prompt, template, padding) and only the response "
-    "carries the loss: the loss tokens can run dense while the context runs sparse, in one step.",
+    "carries the loss: the loss tokens can run dense while the context runs sparse, in one step. With "
+    "`sparse_tokens: context`, `targets` must be `[mlp]` (attention mixes tokens), `compensation` `none` and "
+    "`omitted_update` `optimizer` (the omitted channels' gradients are real: the loss tokens' share).",
 }
 
 
@@ -141,8 +146,7 @@ class SATConfig:
             "help": "Where omitted units are skipped: forward_backward (the paper's SAT: the sparse network is trained), "
                     "backward (the forward runs dense, so the loss is the real model's; only kept units get and pass on "
                     "gradients) or weight_gradient (only the omitted units' weight gradients are skipped). Each saves less "
-                    "per step than the one before (about 2/3 and 1/3 of forward_backward's saving at the same rate) and "
-                    "changes training less.",
+                    "per step than the one before and changes training less.",
             "group": OMITTED,
         },
     )
@@ -247,8 +251,8 @@ class SATConfig:
     loss_budget: float = field(
         default=0.01,
         metadata={
-            "help": "rate_budget loss: the largest summed cost, e.g. 0.01 = +1% loss (omit_in forward_backward, where a "
-                    "block's cost is its relative loss increase) or 1% of the squared gradient norm cut (backward, "
+            "help": "rate_budget loss: the largest summed cost, a fraction: of the loss (omit_in forward_backward, where "
+                    "a block's cost is the relative loss increase) or of the squared gradient norm (backward, "
                     "weight_gradient).",
             "group": LAYER_RATES,
             "range": numbers(0, low_open=True),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 
 from sat_trainer import SATCallback, SATConfig, SATConfigError
-from sat_trainer.config import field_help
+from sat_trainer.config import METRICS, SELECTIONS, Metric, Selection, field_help
 
 
 def test_yaml_top_level_and_sat_block(tmp_path):
@@ -49,6 +51,18 @@ def test_callback_accepts_yaml_path_and_dict(tmp_path):
         ({"omitted_update": "freeze", "sparse_tokens": "context"}, "omitted_update", "discard"),
         ({"momentum_decay": 1.5, "omitted_update": "momentum"}, "momentum_decay", "[0, 1]"),
         ({"momentum_decay": 0.97, "omitted_update": "optimizer"}, "momentum_decay", "unless omitted_update is momentum"),
+        ({"omit_in": "sideways"}, "omit_in", "forward_backward, backward, weight_gradient"),
+        ({"metric": 3}, "metric", "uniform, magnitude"),
+        ({"targets": "embeddings"}, "targets", "'mlp', 'attention'"),
+        ({"targets": ["mlp", "mlp"]}, "targets", "without repeats"),
+        ({"ladder_num_rungs": 2.0}, "ladder_num_rungs", "int"),
+        ({"loss_budget": float("nan")}, "loss_budget", "> 0"),
+        ({"activation_token_fraction": 0}, "activation_token_fraction", "(0, 1]"),
+        ({"calibration_rates": [0.5, 0.25]}, "calibration_rates", "ascending list of rates in (0, 1)"),
+        ({"calibration_rates": [0.5, 1.0]}, "calibration_rates", "ascending list of rates in (0, 1)"),
+        ({"dense_layers": [0, 1.5]}, "dense_layers", "layer indices"),
+        ({"ladder_rungs": "ladder"}, "ladder_rungs", "[start_fraction, rate] pairs"),
+        ({"layer_rates": "auto", "omission_rate": 0}, "layer_rates", "omission_rate > 0"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(data, key, fragment):
@@ -72,16 +86,16 @@ def test_every_field_has_help():
     assert all(text.strip() for text in field_help().values())
 
 
-def test_readme_settings_table_matches_the_config():
-    """The README's SAT settings table lists every key with its real default."""
-    import dataclasses
-    import re
-    from pathlib import Path
+def test_enum_values_come_from_the_literal_annotations():
+    assert METRICS == typing.get_args(Metric) and "activation" in METRICS
+    assert SELECTIONS == typing.get_args(Selection) == ("topk", "sampling")
+    hints = typing.get_type_hints(SATConfig)
+    assert typing.get_origin(hints["omit_in"]) is typing.Literal and typing.get_origin(hints["targets"]) is list
 
-    import yaml
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", readme, flags=re.M))
-    defaults = SATConfig().to_dict()
-    assert rows.keys() == {f.name for f in dataclasses.fields(SATConfig)}
-    assert {k: yaml.safe_load(v) for k, v in rows.items()} == defaults
+def test_valid_values_are_kept_as_given_and_normalised():
+    cfg = SATConfig(targets=("attention", "mlp"), dense_layers=(0, -1), calibration_rates=[0.2, 1 / 2], temperature=2,
+                    ladder_rungs=[[0, 0.5], [0.5, 0]], schedule="ladder", omit_in="forward_backward", compensation="mean")
+    assert cfg.targets == ["attention", "mlp"] and cfg.dense_layers == [0, -1] and cfg.calibration_rates == [0.2, 0.5]
+    assert cfg.temperature == 2 and cfg.ladder_rungs == [[0, 0.5], [0.5, 0]]
+    assert SATConfig.from_dict(cfg.to_dict()) == cfg
