@@ -217,7 +217,8 @@ def table(results: dict[str, list[dict]]) -> str:
             first = sets[0]
             ratio = statistics.mean(r["held_out_loss"][first] / d["held_out_loss"][first] for r, d in pairs)
             speedup = statistics.mean(d["train_time_s"] / r["train_time_s"] for r, d in pairs)
-            reach = [time_to_reach(r["evals"], first, d["held_out_loss"][first]) for r, d in pairs]
+            # dense's last curve point: the curve's own held-out blocks (data.curve_eval_samples), not the whole set's loss
+            reach = [time_to_reach(r["evals"], first, d["evals"][-1].get(first, d["held_out_loss"][first])) for r, d in pairs]
             reach_cell = "not reached" if None in reach else f"{statistics.mean(t / d['train_time_s'] for t, (_, d) in zip(reach, pairs)):.2f}x"
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {100 * (ratio - 1):+.2f}% ({first}) | {time:.1f} | {speedup:.2f}x | {reach_cell} |")
         else:

@@ -79,14 +79,14 @@ def test_comparison_table_retimes_the_curve_at_the_interleaved_times():
     # as run, SAT's clock was slow (a busy machine: 48 s); interleaved, its ladder takes 27 s of dense's 40
     sat = _report(40, 48.0, [(0, 5.0), (20, 3.5), (40, 2.9)])
     times = StepTimes(dense_s=1.0, sat_s={0.0: 1.0, 0.25: 0.8, 0.5: 0.6}, kept_flops={0.0: 1.0, 0.25: 0.75, 0.5: 0.5}, rounds=3)
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in comparison_table(dense, [("SAT", sat)], times, LADDER).splitlines()}
-    assert rows["speedup, as run"][-1].strip(" |") == "0.83x"
+    table = comparison_table(dense, [("SAT", sat)], times, LADDER)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()}
+    assert not [line for line in table.splitlines() if line.startswith("|") and "as run" in line]  # the machine's load: no headline
     assert rows["speedup per step, interleaved"][-1].strip(" |") == f"{40 / 27:.2f}x"
     assert rows["FLOP ideal, same schedule"][-1].strip(" |") == f"{40 / 23.75:.2f}x"
     # re-timed, step 20 is at 12 s (all at rate 0.5) and step 40 at 27 s; dense's final 3.0 lies 5/6 of the way from
     # 3.5 to 2.9: at 12 + 15 * 5 / 6 = 24.5 s of dense's 40 s
-    assert rows["train-step time to dense's final new loss, interleaved"][-1].strip(" |") == "0.61x"
-    assert rows["train-step time to dense's final new loss, as run"][-1].strip(" |") == f"{(24 + 24 * 5 / 6) / 40:.2f}x"
+    assert rows["train-step time to dense's final new loss, re-timed"][-1].strip(" |") == "0.61x"
     assert "interleaved" not in comparison_table(dense, [("SAT", sat)])
 
 

@@ -94,8 +94,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: RunConfig, starts: dict[Path, str | None]) -> int:
-    from .plots import plot_comparison
-    from .report import comparison_table, equal_time_steps
+    from .report import equal_time_steps, write_comparison
     from .run import run, time_steps
 
     if not args.compare_dense:
@@ -112,9 +111,7 @@ def _run(args: argparse.Namespace, cfg: RunConfig, starts: dict[Path, str | None
         steps = times.equal_time_steps(cfg.sat, dense["steps"]) if times is not None else equal_time_steps(dense, runs[0][1])
         timed = dataclasses.replace(cfg, training={**cfg.training, "max_steps": steps})
         runs.append((f"SAT, equal time ({steps} steps)", run(timed, output_dir=folders["sat_equal_time"], resume_from=starts[folders["sat_equal_time"]])))
-    table = comparison_table(dense, runs, times, cfg.sat)
-    (cfg.output_dir / "compare.md").write_text(table + "\n")
-    plot_comparison([*runs, ("dense", dense)], cfg.output_dir / "report.png")
+    table = write_comparison(cfg.output_dir, dense, runs, times, cfg.sat)
     print("\n" + table)
     print(f"\nrun folders: {', '.join(str(f) for f in folders.values())}; curves: {cfg.output_dir / 'report.png'}")
     return 0

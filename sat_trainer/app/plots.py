@@ -4,8 +4,10 @@ Both show the held-out losses (from step 0: ``sat-train`` evaluates before the f
 training loss beside them (raw, faint, and smoothed over a trailing window of logged points),
 the omission rate, and a dotted line where the ladder changes rung, in every panel, so a bend
 in a loss curve can be read against the rate change that caused it. A comparison takes any
-number of runs (``[(label, report), ...]``) and puts them on one time axis (seconds inside
-training steps), which is what SAT is meant to save.
+number of runs (``[(label, report), ...]``) and puts them on one time axis, each history row's
+``train_time_s``: ``sat-train --compare-dense`` passes the runs re-timed at the interleaved step
+times (:func:`.report.comparison_curves`), so the axis is what SAT is meant to save and not the
+machine's load while each run ran.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 LINESTYLES = ("-", "--", ":", "-.")
+TIME_AXIS = "time inside training steps (s)"
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -38,8 +41,8 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
     _save(report_figure(report), path)
 
 
-def plot_comparison(runs: list[tuple[str, dict[str, Any]]], path: Path) -> None:
-    _save(comparison_figure(runs), path)
+def plot_comparison(runs: list[tuple[str, dict[str, Any]]], path: Path, xlabel: str = TIME_AXIS) -> None:
+    _save(comparison_figure(runs, xlabel), path)
 
 
 def report_figure(report: dict[str, Any]):
@@ -59,9 +62,10 @@ def report_figure(report: dict[str, Any]):
     return fig
 
 
-def comparison_figure(runs: list[tuple[str, dict[str, Any]]]):
-    """Several runs of one scenario (e.g. SAT and dense) against time inside training steps:
-    held-out and training loss, omission rate; colour is the held-out set, line style the run."""
+def comparison_figure(runs: list[tuple[str, dict[str, Any]]], xlabel: str = TIME_AXIS):
+    """Several runs of one scenario (e.g. SAT and dense) against their history's ``train_time_s``
+    (``xlabel`` says which clock that is): held-out (a marker at each evaluation) and training loss,
+    omission rate; colour is the held-out set, line style the run."""
     plt = _pyplot()
     fig, axes = plt.subplots(3, 1, figsize=(7, 9), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1]})
     names = held_out_names([r for _, r in runs])
@@ -73,7 +77,7 @@ def comparison_figure(runs: list[tuple[str, dict[str, Any]]]):
         for ax in axes:
             _mark_rungs(ax, steps, x="train_time_s", style=style, label_rates=ax is axes[0])
     axes[2].legend(fontsize=8)
-    axes[2].set_xlabel("time inside training steps (s)")
+    axes[2].set_xlabel(xlabel)
     task = runs[0][1]["config"].get("task", "") if runs else ""
     legend = ", ".join(f"{label} ({LINESTYLES[i % len(LINESTYLES)]})" for i, (label, _) in enumerate(runs))
     _finish(fig, axes, f"sat-train {task}: {legend}")

@@ -2,7 +2,8 @@
 
 The run folder (``training.output_dir``) holds the Trainer's checkpoints, ``final/`` (a plain HF
 model and tokenizer, LoRA merged in; the adapter alone under ``adapter/``), ``report.json`` and
-``report.png``.
+``report.png``. With ``data.curve_eval_samples`` the held-out curves are evaluated on a subset of
+each held-out set and the report's held-out losses on the whole sets (:func:`curve_subsets`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..errors import SATTrainingError
 from .guard import NonFiniteGuard
 from .model_source import check_model
 from ..patch.model import remove_sat
-from .report import ReportCallback, build_report, write_report
+from .report import FULL_EVAL_PREFIX, ReportCallback, build_report, write_report
 from .run_config import RunConfig
 from .step_timing import StepTimes
 from .training_args import training_arguments
@@ -47,6 +48,7 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
     source = resume_from if resume_from and cfg.lora is None else model_path
     check_model(source, sat=cfg.sat if mode == "sat" else None, lora=cfg.lora, max_length=cfg.data.max_length)
     tokenizer, model, (train_set, eval_sets, collator) = _load(cfg, source)
+    curve_sets = curve_subsets(eval_sets, cfg.data.curve_eval_samples)
     args = training_arguments(cfg.training, has_eval=bool(eval_sets), output_dir=str(out), resumed=resume_from is not None)
     guard = NonFiniteGuard(cfg.max_skipped_steps)
     callbacks = [guard, ReportCallback()] if mode == "dense" else [SATCallback(cfg.sat), guard, ReportCallback()]
@@ -54,7 +56,7 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
         model=model,
         args=args,
         train_dataset=train_set,
-        eval_dataset=eval_sets or None,
+        eval_dataset=curve_sets or None,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
@@ -68,7 +70,9 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
     diverged = guard.diverged_at is not None
     if not diverged:
         if eval_sets and (not record.evals or record.evals[-1]["step"] != trainer.state.global_step):
-            trainer.evaluate()
+            trainer.evaluate()  # the curves end at the last step
+        if any(len(curve_sets[name]) < len(full) for name, full in eval_sets.items()):
+            trainer.evaluate(eval_dataset=eval_sets, metric_key_prefix=FULL_EVAL_PREFIX)  # the report's held-out losses
         _save_final(trainer.model, tokenizer, out, lora=cfg.lora is not None)
     report = build_report(
         record, mode=mode, config=_config_record(cfg, model_path), wall_time_s=wall, status="diverged" if diverged else "completed",
@@ -100,6 +104,23 @@ def time_steps(cfg: RunConfig, dense_steps: int, *, calibration: dict | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(times.to_dict(), indent=2))
     return times
+
+
+def curve_subsets(eval_sets: dict[str, Any], samples: int | None) -> dict[str, Any]:
+    """The held-out sets the curves' points are evaluated on: ``samples`` blocks (CPT) or records (SFT)
+    of each set, evenly spaced over it (a set's first ones would be its first document only), or the
+    whole set when ``samples`` is None or not smaller.
+
+    Why a subset: a point costs a forward pass over every held-out set, and a curve wants many
+    points (a time to dense's loss is read off it between points), so on a slow machine whole-set
+    points would cost a good part of a short run's time. The curves need a consistent trend, not the
+    last digit, so their points use this subset, the final point included (a curve that switched
+    sets at its end would jump); the report's held-out losses (the headline numbers) come from one
+    more evaluation on the whole sets after the last step.
+    """
+    if samples is None:
+        return eval_sets
+    return {name: ds.select([i * len(ds) // samples for i in range(samples)]) if samples < len(ds) else ds for name, ds in eval_sets.items()}
 
 
 def _load(cfg: RunConfig, source: str) -> tuple[Any, torch.nn.Module, tuple]:

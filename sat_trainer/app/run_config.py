@@ -7,6 +7,7 @@ One file per scenario (``configs/<scenario>.yaml``)::
       train: builtin:shakespeare-continual
       eval: {continual: builtin:shakespeare-continual, base: builtin:shakespeare-base}
       max_length: 256              # CPT: packed block length; SFT: truncation length
+      curve_eval_samples: 8        # optional: a cheaper held-out subset for the curves' points
     training: {max_steps: 200, learning_rate: 3.0e-4, ...}   # transformers.TrainingArguments
     sat: {omission_rate: 0.5, ...}                            # SATConfig; omit or `sat: null` for dense
     lora: {r: 16, target_modules: [...]}                      # optional peft.LoraConfig fields
@@ -35,7 +36,8 @@ from ..yaml_io import load_yaml_file, parse_value
 
 TASKS = ("cpt", "sft")
 SECTIONS = ("model", "data", "training", "sat", "lora", "max_skipped_steps")
-DATA_RANGES = {"max_length": ints(8), "max_train_samples": ints(1, nullable=True), "max_eval_samples": ints(1, nullable=True)}
+DATA_RANGES = {"max_length": ints(8), "max_train_samples": ints(1, nullable=True), "max_eval_samples": ints(1, nullable=True),
+               "curve_eval_samples": ints(1, nullable=True)}
 
 
 @dataclass
@@ -49,6 +51,11 @@ class DataConfig:
     text_field: str = field(default="text", metadata={"help": "Column holding raw text (CPT, local/hub data)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training blocks (CPT) or records (SFT); None: all."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on blocks (CPT) or records (SFT) per held-out set."})
+    curve_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Blocks or records per held-out set at each point of the curves (evenly spaced over the set); "
+                          "the run's final held-out losses use the whole set. None: every point uses the whole set."},
+    )
 
 
 @dataclass
