@@ -11,7 +11,14 @@ import pytest
 from sat_trainer import SATConfig
 from sat_trainer.app import report as report_module
 from sat_trainer.app.plots import comparison_figure
-from sat_trainer.app.report import AS_RUN, ReportCallback, build_report, comparison, comparison_table, write_comparison
+from sat_trainer.app.report import (
+    AS_RUN,
+    ReportCallback,
+    build_report,
+    comparison,
+    comparison_table,
+    write_comparison,
+)
 from sat_trainer.app.run import curve_subsets
 from sat_trainer.app.run_config import load_run_config
 from sat_trainer.app.step_timing import StepTimes
@@ -25,7 +32,8 @@ def _report(mode: str, steps: int, seconds_per_step: float, curve: list[tuple[in
     """A run whose own clock ran at ``seconds_per_step`` (as run: the machine's load included)."""
     rates = [0.5 if mode == "sat" and s < 0.75 * steps else 0.0 for s in range(steps)]
     history = {
-        "steps": [{"step": s + 1, "train_time_s": seconds_per_step * (s + 1), "tokens": 10 * (s + 1), "omission_rate": r} for s, r in enumerate(rates)],
+        "steps": [{"step": s + 1, "train_time_s": seconds_per_step * (s + 1), "tokens": 10 * (s + 1), "omission_rate": r}
+                  for s, r in enumerate(rates)],
         "train_loss": [{"step": s, "train_time_s": seconds_per_step * s, "loss": loss + 0.5} for s, loss in curve if s],
         "held_out": [{"step": s, "train_time_s": seconds_per_step * s, "new": loss, "old": 4.0} for s, loss in curve],
     }
@@ -56,8 +64,8 @@ def test_headline_rows_are_interleaved_and_the_as_run_times_are_labelled_as_load
     # re-timed, SAT's step 35 (3.23) is at 30 * 0.6 + 5 = 23 s, step 40 (2.98) at 27 s: dense's 3.0 at 26.2 s of dense's 40
     assert rows["train-step time to dense's final new loss, re-timed"] == ["1.00x", f"{(23 + 4 * 0.23 / 0.25) / 40:.2f}x"]
     load = [line for line in table.splitlines() if line.startswith(f"wall time {AS_RUN}")]
-    assert load == [f"wall time {AS_RUN} (s): dense 70.0, SAT, equal steps 90.0 (the runs ran one after the other; speed is "
-                    "compared on the interleaved step times above)"]
+    assert load == [(f"wall time {AS_RUN} (s): dense 70.0, SAT, equal steps 90.0 (the runs ran one after the other; speed is "
+                     "compared on the interleaved times above)")]
 
 
 def test_without_interleaved_times_the_speed_rows_say_they_are_as_run():

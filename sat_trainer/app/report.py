@@ -37,7 +37,7 @@ class ReportCallback(TrainerCallback, ExportableState):
         self.steps: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self.losses: list[dict[str, Any]] = []
-        self.final_held_out: dict[str, Any] = {}  # {"step": n, set: loss} on the whole held-out sets, when the curves use a subset
+        self.final_held_out: dict[str, Any] = {}  # {"step": n, set: loss} on the whole sets, when the curves use a subset
         self.train_time = 0.0
         self.wall_time_before = 0.0  # wall seconds of the sessions before a resume
         self._session_start = time.perf_counter()
@@ -208,7 +208,6 @@ def comparison_table(
     loss on the re-timed curve. Without ``times`` the speed rows are the runs' own clocks, labelled as run."""
     numbers = comparison(dense, runs, times, sat)
     cols = numbers["runs"]
-    when = "interleaved" if times is not None else AS_RUN
     cells: dict[str, list[str]] = {"steps": [str(c["steps"]) for c in cols]}
 
     def row(name: str, cell: Callable[[dict], str]) -> None:
@@ -222,10 +221,11 @@ def comparison_table(
     else:
         row(f"train-step time, {AS_RUN} (s)", lambda c: f"{c['train_step_time_s']:.1f}")
         row(f"speedup per step, {AS_RUN}", lambda c: _times(c["speedup_per_step"]))
-    for name in sorted(dense["held_out_loss"]):
+    for name in dense["held_out_loss"]:  # the config's order: the target domain first
         row(f"held-out loss: {name}", lambda c, n=name: f"{c['held_out_loss'].get(n, float('nan')):.4f}")
-    for name in sorted(dense["held_out_loss"]):
-        row(f"held-out loss vs dense: {name}", lambda c, n=name: f"{100 * c['held_out_vs_dense'][n]:+.2f}%" if n in c["held_out_vs_dense"] else "-")
+    for name in dense["held_out_loss"]:
+        row(f"held-out loss vs dense: {name}",
+            lambda c, n=name: f"{100 * c['held_out_vs_dense'][n]:+.2f}%" if n in c["held_out_vs_dense"] else "-")
     first = numbers["target"]["held_out_set"]
     if first is not None:
         retimed_or_as_run = "re-timed" if times is not None else AS_RUN
@@ -235,12 +235,12 @@ def comparison_table(
     lines = [head, "|---|" + "---|" * len(cols), *[f"| {name} | " + " | ".join(c) + " |" for name, c in cells.items()]]
     lines.append("")
     lines.append(f"wall time {AS_RUN} (s): " + ", ".join(f"{c['label']} {c['wall_time_as_run_s']:.1f}" for c in cols)
-                 + (" (the runs ran one after the other; speed is compared on the interleaved step times above)" if times is not None else ""))
+                 + (" (the runs ran one after the other; speed is compared on the interleaved times above)" if times else ""))
     if numbers["curve_eval_samples"]:
         lines.append(f"held-out curves and the time to dense's loss: {numbers['curve_eval_samples']} blocks or records of each "
                      "held-out set per point; held-out loss rows: the whole sets")
     if times is None:
-        lines.append(f"speed rows: each run's own clock, one run after the other ({when}; --timing-rounds 0)")
+        lines.append(f"speed rows: each run's own clock, one run after the other ({AS_RUN}; --timing-rounds 0)")
     return "\n".join(lines)
 
 
@@ -263,7 +263,7 @@ def write_comparison(out_dir: Path, dense: dict[str, Any], runs: list[tuple[str,
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.md").write_text(table + "\n")
     (out_dir / "compare.json").write_text(json.dumps(_finite(comparison(dense, runs, times, sat)), indent=2, allow_nan=False))
-    xlabel = "train-step time, re-timed at the interleaved step times (s)" if times is not None else f"time inside training steps, {AS_RUN} (s)"
+    xlabel = "train-step time, re-timed at the interleaved step times (s)" if times else f"time in training steps, {AS_RUN} (s)"
     plot_comparison(comparison_curves(dense, runs, times, sat), out_dir / "report.png", xlabel=xlabel)
     return table
 

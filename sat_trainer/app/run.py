@@ -120,7 +120,8 @@ def curve_subsets(eval_sets: dict[str, Any], samples: int | None) -> dict[str, A
     """
     if samples is None:
         return eval_sets
-    return {name: ds.select([i * len(ds) // samples for i in range(samples)]) if samples < len(ds) else ds for name, ds in eval_sets.items()}
+    return {name: ds.select([i * len(ds) // samples for i in range(samples)]) if samples < len(ds) else ds
+            for name, ds in eval_sets.items()}
 
 
 def _load(cfg: RunConfig, source: str) -> tuple[Any, torch.nn.Module, tuple]:
