@@ -15,7 +15,8 @@ SET_UP = (
     " && sat-train cpt --config configs/smollm2_cpt.yaml --compare-dense\n"
     "python -m pytest -q\n"
 )
-USER_DOCS = [README, ROOT / "docs" / "results.md", *sorted((ROOT / "docs" / "guide").glob("*.md"))]
+GUIDE = ROOT / "docs" / "guide"
+USER_DOCS = [README, ROOT / "docs" / "results.md", *sorted(GUIDE.glob("*.md")), ROOT / "examples" / "README.md"]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -69,3 +70,14 @@ def test_relative_links_point_to_existing_files_and_headings(doc):
         elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text()):
             broken.append(target)
     assert not broken, f"{doc.relative_to(ROOT)}: links to nothing: {broken}"
+
+
+def test_the_trainer_guide_lists_every_public_method_of_the_handle():
+    """docs/guide/trainer.md's SATHandle table names each public method once, and nothing else."""
+    import inspect
+
+    from sat_trainer import SATHandle
+
+    public = sorted(name for name, member in vars(SATHandle).items() if not name.startswith("_") and inspect.isfunction(member))
+    table = (GUIDE / "trainer.md").read_text().split("<!-- handle-methods -->")[1].split("<!-- /handle-methods -->")[0]
+    assert sorted(re.findall(r"^\| `(\w+)\(", table, flags=re.M)) == public
