@@ -155,9 +155,9 @@ def _gradient_costs(handle: SATHandle, model: torch.nn.Module, batches: list[dic
     """Per unit and rate: the share of the dense gradient's squared norm on the weights of the units
     SAT would omit (lowest scores), averaged over batches."""
     handle.rate = 0.0
-    # each unit scores from what it scores from in training (BlockUnit.hook_scored)
+    # each unit scores from what it scores from in training (BlockScorer.record_scored_input)
     inputs: dict[str, torch.Tensor] = {}
-    hooks = [u.hook_scored(functools.partial(inputs.__setitem__, u.name)) for u in handle.units]
+    hooks = [u.scorer.record_scored_input(functools.partial(inputs.__setitem__, u.name)) for u in handle.units]
     per_batch = []
     try:
         for b in batches:
@@ -169,7 +169,7 @@ def _gradient_costs(handle: SATHandle, model: torch.nn.Module, batches: list[dic
                 unit.reset_draws()  # every channel measured on this batch, as a first draw does (not a window)
                 with torch.no_grad():
                     generator = torch.Generator(device=inputs[unit.name].device).manual_seed(0)
-                    scores = unit._scores(inputs[unit.name], generator, hidden=unit._draws_in_forward)
+                    scores = unit.scorer.score_recorded(inputs[unit.name], generator)
                     share = unit.unit_gradient_square() / total
                 rows.append([_omitted_share(scores, share, unit.groups, kept_count(unit.n // unit.groups, r)) for r in rates])
             per_batch.append(rows)

@@ -183,7 +183,7 @@ def correlations(model: torch.nn.Module, batch: dict, sat: dict, metrics: list[s
         for metric in metrics:
             handle = apply_sat(model, SATConfig.from_dict(sat | {"metric": metric}))
             unit = next(v for v in handle.units if v.name == u.name)
-            scores = unit._scores(inputs[u.name], torch.Generator().manual_seed(0))
+            scores = unit.scorer.scores(inputs[u.name], torch.Generator().manual_seed(0))
             remove_sat(model)
             out.append({"block": u.name, "kind": u.kind, "metric": metric, "spearman": round(spearman(scores, actual), 3)})
     return out

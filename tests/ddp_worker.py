@@ -40,7 +40,7 @@ class Recorder(transformers.TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         handle = handle_of(model)
         self.kept[state.global_step] = {n: k.tolist() for n, k in handle.kept().items()}
-        self.scores[state.global_step] = {u.name: u._scores_cache.tolist() for u in handle.units if u._scores_cache is not None}
+        self.scores[state.global_step] = {u.name: u.scorer.cached_scores.tolist() for u in handle.units if u.scorer.cached_scores is not None}
 
 
 def main():

@@ -52,7 +52,7 @@ def test_activation_plain_mlp_uses_the_activation_and_transposed_conv1d():
     handle = apply_sat(model, SATConfig(metric="activation", activation_tokens=1000))
     unit = handle.units[0]
     x = _block_inputs(model, ["transformer.h.0.mlp.c_fc"])["transformer.h.0.mlp.c_fc"]
-    got = unit._scores(x, torch.Generator().manual_seed(0))
+    got = unit.scorer.scores(x, torch.Generator().manual_seed(0))
     mlp = model.transformer.h[0].mlp
     hidden = mlp.act(mlp.c_fc(x)).reshape(-1, 256)
     expected = hidden.norm(dim=0) / hidden.shape[0] ** 0.5 * mlp.c_proj.weight.norm(dim=1)  # RMS; Conv1D stores (in, out)
@@ -74,7 +74,7 @@ def test_activation_attention_is_value_through_output_norm_per_kv_group():
     # the patched block scores its KV groups the same way (all tokens: a subsample larger than the batch)
     handle = apply_sat(model, sat_config(metric="activation", targets=["attention"], activation_tokens=1000))
     unit = next(u for u in handle.units if u.name == "model.layers.0.self_attn")
-    torch.testing.assert_close(unit._scores(x, torch.Generator().manual_seed(0)), torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unit.scorer.scores(x, torch.Generator().manual_seed(0)), torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_value_scores_weigh_each_tokens_square_per_head_and_per_group():
@@ -105,7 +105,7 @@ def test_activation_attention_of_a_fused_qkv_reads_its_value_rows():
             expected.append(torch.cat(written, 1).norm())
     handle = apply_sat(model, sat_config(metric="activation", targets=["attention"], activation_tokens=1000))
     unit = next(u for u in handle.units if u.name == "model.layers.0.self_attn")
-    torch.testing.assert_close(unit._scores(x, torch.Generator().manual_seed(0)), torch.stack(expected), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unit.scorer.scores(x, torch.Generator().manual_seed(0)), torch.stack(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_activation_metric_omits_a_channel_that_writes_nothing():
@@ -165,8 +165,8 @@ def test_forward_scores_refresh_the_kept_channels_and_remeasure_a_window(monkeyp
     hook.remove()
     assert rows == [96, 96] + [24] * 8  # two blocks: the first draw measures all, then one window per draw
     assert seen[-1].shape[1] == 48
-    torch.testing.assert_close(unit._rms[unit.kept_units], seen[-1].norm(dim=0) / seen[-1].shape[0] ** 0.5)
-    assert unit._window == 0  # 4 windows of 24 channels, one per draw after the first
+    torch.testing.assert_close(unit.scorer.rms[unit.kept_units], seen[-1].norm(dim=0) / seen[-1].shape[0] ** 0.5)
+    assert unit.scorer.window == 0  # 4 windows of 24 channels, one per draw after the first
 
 
 def test_forward_scores_are_what_the_next_draw_keeps():
@@ -183,7 +183,7 @@ def test_forward_scores_are_what_the_next_draw_keeps():
     hook = mlp.gate_proj.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().reshape(-1, a[0].shape[-1])))
     handle.new_step()
     model(batch(seed=0))
-    rms = unit._rms.clone()  # after the first forward: its kept channels refreshed
+    rms = unit.scorer.rms.clone()  # after the first forward: its kept channels refreshed
     handle.new_step()
     model(batch(seed=1))
     hook.remove()
@@ -257,9 +257,9 @@ def test_padding_tokens_do_not_score(metric):
     with torch.no_grad():
         model(ids, attention_mask=mask)  # the model-level hook reads the mask
     x[1, 6:] = 1e3
-    padded = unit._scores(x, torch.Generator().manual_seed(0))
+    padded = unit.scorer.scores(x, torch.Generator().manual_seed(0))
     handle.token_mask = None
-    real = unit._scores(torch.cat([x[0], x[1, :6]]).unsqueeze(0), torch.Generator().manual_seed(0))
+    real = unit.scorer.scores(torch.cat([x[0], x[1, :6]]).unsqueeze(0), torch.Generator().manual_seed(0))
     torch.testing.assert_close(padded, real, rtol=1e-5, atol=1e-5)
 
 
@@ -269,10 +269,10 @@ def test_activation_metric_reads_the_config_when_the_mlp_kernels_were_swapped():
     handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_tokens=1000))
     mlp = model.model.layers[0].mlp
     x = _block_inputs(model, ["model.layers.0.mlp.gate_proj"])["model.layers.0.mlp.gate_proj"]
-    expected = handle.units[0]._scores(x, torch.Generator().manual_seed(0))
+    expected = handle.units[0].scorer.scores(x, torch.Generator().manual_seed(0))
     mlp.config = model.config
     del mlp.act_fn
-    torch.testing.assert_close(handle.units[0]._scores(x, torch.Generator().manual_seed(0)), expected)
+    torch.testing.assert_close(handle.units[0].scorer.scores(x, torch.Generator().manual_seed(0)), expected)
 
 
 def _padded_draws(model, handle, block: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -425,4 +425,4 @@ def test_score_state_survives_a_checkpoint_round_trip():
         handle.new_step()
         model(batch(seed=2))
     assert all(torch.equal(handle.kept()[name], kept) for name, kept in uninterrupted.items())
-    assert handle.units[0]._window == state["model.layers.0.mlp"]["window"] + 1
+    assert handle.units[0].scorer.window == state["model.layers.0.mlp"]["window"] + 1

@@ -22,7 +22,7 @@ import test_patching
 import test_stack_precision_compile
 from sat_trainer import ops
 from sat_trainer.config import METRICS, SELECTIONS
-from sat_trainer.patch import units
+from sat_trainer.patch import scoring, units
 
 # what reads a tensor's values on the host: a device sync when the tensor lives on a GPU
 HOST_READS = ("cpu", "item", "tolist", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
@@ -87,8 +87,8 @@ def _inside_sat(monkeypatch, enter, leave):
     monkeypatch.setattr(ops._KeptLinear, "backward", staticmethod(wrap(ops._KeptLinear.backward)))
     monkeypatch.setattr(units, "backward_kept_linear", wrap(ops.backward_kept_linear))
     monkeypatch.setattr(ops._BackwardKeptLinear, "backward", staticmethod(wrap(ops._BackwardKeptLinear.backward)))
-    monkeypatch.setattr(units.BlockUnit, "observe", wrap(units.BlockUnit.observe))
-    monkeypatch.setattr(units.BlockUnit, "given_rows", wrap(units.BlockUnit.given_rows))
+    monkeypatch.setattr(scoring.BlockScorer, "observe", wrap(scoring.BlockScorer.observe))
+    monkeypatch.setattr(scoring.BlockScorer, "given_rows", wrap(scoring.BlockScorer.given_rows))
     yield
 
 

@@ -52,7 +52,7 @@ def test_subsample_rows_are_reused_and_the_step_is_exact(op_path, given_calls, f
     # each MLP input projection took the subsample's rows once and computed only the others
     sampled = 6 if subsample is SMALL_SUBSAMPLE else 32
     assert given == [(sampled, 32 - sampled)] * (len(mlps) * inputs_per_block)
-    assert all(u._sample_outputs is None for u in mlps)  # nothing held past the forward
+    assert all(u.scorer.sample_outputs is None for u in mlps)  # nothing held past the forward
     remove_sat(model)
 
 
@@ -129,7 +129,7 @@ def test_modes_that_do_not_score_a_subsample_reuse_nothing(given_calls):
         model.train()
         handle.set_rate(0.5)
         handle.new_step()
-        assert not any(u._reuses_sample for u in handle.units)
+        assert not any(u.scorer.reuses_sample for u in handle.units)
         model(batch(), labels=batch()).loss.backward()
         remove_sat(model)
     assert given_calls == []

@@ -6,36 +6,42 @@ heads' gradients. Between them the attention core (softmax(q k^T) v) would still
 backward for every head, on an all-zero gradient for the omitted ones. Heads are independent in
 the core, so the block's call is split in two: the kept heads' attention with autograd, the
 omitted heads' under ``no_grad`` (their outputs are the dense forward's; nothing of them is saved
-for backward), and the outputs put back in head order. The gradients are the same as unsplit; the
-step is 1-3% shorter on the CPU at rate 0.5 (the split's own gathers take back about half of the
-core's saved backward; docs/journal/benchmarks.md).
+for backward), and the outputs put back in head order. The gradients are the same as unsplit;
+the split's own gathers cost part of the backward it saves.
 
 transformers 5 attention modules call ``ALL_ATTENTION_FUNCTIONS.get_interface(...)(self, q, k, v,
 mask, **kwargs)`` with ``q`` ``(batch, heads, tokens, head_dim)`` and return ``(batch, tokens,
 heads, head_dim)``. SAT registers a pass-through wrapper over ``sdpa`` (the default), class-wide
 through ``AttentionInterface.register`` (the documented extension point): it splits only a module
-that :func:`attach` marked and whose unit says so (:meth:`BlockUnit.backward_heads`); every other
+that :func:`attach` marked and whose unit says so (:meth:`HeadSplit.backward_heads`); every other
 module, model and mode gets the original function unchanged. ``eager`` (a default argument, not
 in the registry), flash kernels (unmeasured here) and attention sinks (``s_aux``, per head) run
-unsplit, as before.
+unsplit.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
 from transformers.modeling_utils import AttentionInterface
 
-if TYPE_CHECKING:
-    from .units import BlockUnit
-
 _MARK = "_sat_attention_unit"
 _SPLIT = ("sdpa",)
 
+Heads = tuple[torch.Tensor, torch.Tensor]  # (query heads, the KV heads they read)
 
-def attach(block: nn.Module, unit: BlockUnit) -> None:
+
+class HeadSplit(Protocol):
+    """What a marked block's attention core asks its SAT unit (:class:`sat_trainer.patch.units.BlockUnit`)."""
+
+    def backward_heads(self) -> tuple[Heads, Heads] | None:
+        """(kept heads, omitted heads) when the core may run its backward for the kept heads only, else None."""
+
+
+def attach(block: nn.Module, unit: HeadSplit) -> None:
     """Mark ``block`` so that its attention core splits the heads ``unit`` keeps (see the module docstring)."""
     _install()
     setattr(block, _MARK, unit)

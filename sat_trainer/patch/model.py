@@ -13,84 +13,84 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .. import importance
 from ..config import SATConfig, to_config
 from ..errors import SATError
 from ..ops import SLICEABLE, weight_numel
+from .forward_context import ForwardContext
 from .registry import FAMILIES, BlockShape, no_attention_reason, supported_model_types
 from .units import BlockUnit
 
 logger = logging.getLogger("sat_trainer")
 
-DATA_DEPENDENT_METRICS = ("wanda", "maxip", "activation")  # scores read the rank's own tokens: averaged over ranks
-
 _HANDLES: weakref.WeakKeyDictionary[nn.Module, SATHandle] = weakref.WeakKeyDictionary()
+
+
+class _ContextField:
+    """A handle attribute that reads and writes the same-named attribute of the handle's forward context."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, handle: SATHandle | None, owner: type | None = None) -> Any:
+        return self if handle is None else getattr(handle.context, self.name)
+
+    def __set__(self, handle: SATHandle, value: Any) -> None:
+        setattr(handle.context, self.name, value)
 
 
 class SATHandle:
     """Controls a patched model: the omission rate, when a new kept set is drawn, what is kept.
 
-    ``draw_id`` numbers the draws; every block draws its kept set at most once per number,
-    from a generator seeded by (config seed, draw_id, block index), so the choice is the same on
-    every rank and after a resume.
+    Made by :func:`apply_sat`, which patches the model's blocks in place; :meth:`remove` (or
+    :func:`remove_sat`) undoes it. ``draw_id`` numbers the draws; every block draws its kept set at
+    most once per number, from a generator seeded by (config seed, draw_id, block index), so the
+    choice is the same on every rank and after a resume. ``rate``, ``draw_id``, ``seq_len``,
+    ``token_mask``, ``position_ids`` and ``token_split`` are the handle's :class:`ForwardContext`'s,
+    the state its blocks read (see there).
+
+    Args:
+        model: the model to patch (bare: before any accelerate, DDP, FSDP or DeepSpeed wrapper).
+        config: its SAT settings.
+
+    Raises:
+        SATError: no block of ``model`` can be sliced under ``config``.
     """
+
+    rate = _ContextField()
+    draw_id = _ContextField()
+    seq_len = _ContextField()
+    token_mask = _ContextField()
+    position_ids = _ContextField()
+    token_split = _ContextField()
 
     def __init__(self, model: nn.Module, config: SATConfig):
         self.config = config
-        self.rate = 0.0
-        self.draw_id = 0
-        self.seq_len = 1
-        self.units: list[BlockUnit] = []
+        self.context = ForwardContext(config)
+        self.units: list[BlockUnit] = _sliceable_units(model, self.context)
         self._model_ref = weakref.ref(model)
-        self._optimizer_hook = _clear_slices_after_every_optimizer_step(weakref.ref(self))
-        self.token_mask: torch.Tensor | None = None  # 1 on real tokens, 0 on padding: scoring ignores pads
-        self.position_ids: torch.Tensor | None = None  # packed sequences restart at 0: where sequences start
-        self._starts: tuple[tuple[int, ...], torch.Tensor] | None = None
-        self.token_split: tuple[torch.Tensor, torch.Tensor] | None = None  # sparse_tokens context: (dense rows, sparse rows)
-        self._mask_hook = model.register_forward_pre_hook(self._read_token_mask, with_kwargs=True)
-        self._zero3_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        for unit in self.units:
+            unit.patch()
+        self._hooks = [
+            *_mark_zero3_leaves(model, self.units),
+            _clear_slices_after_every_optimizer_step(weakref.ref(self)),
+            model.register_forward_pre_hook(self._read_model_inputs, with_kwargs=True),
+        ]
 
-    def _read_token_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Keep the forward's 2-D ``attention_mask`` (flattened) so data-dependent scores skip padding
-        (in SFT batches a fifth of the tokens are pads). A forward without one scores every token."""
-        mask = kwargs.get("attention_mask")
-        self.token_mask = mask.reshape(-1) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        positions = kwargs.get("position_ids")
-        self.position_ids = positions if isinstance(positions, torch.Tensor) and positions.dim() == 2 else None
-        self._starts = None
-        if self.config.sparse_tokens == "context":
-            self.token_split = _loss_token_split(kwargs.get("labels"), module.training)
+    def _read_model_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.context.read_model_inputs(kwargs, module.training)
 
-    def token_mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The padding mask of the tokens in ``x`` (``(..., tokens, features)``), if it matches them."""
-        mask = self.token_mask
-        if mask is None or mask.numel() != x.numel() // x.shape[-1] or mask.device != x.device:
-            return None
-        return mask.to(x.dtype)
-
-    def sequence_starts_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        """1 at each sequence's first real token among ``x``'s (``batch x length x features``)
-        flattened tokens, else 0 (:func:`importance.sequence_starts`); None for other shapes. Built
-        once per forward and shape: every block of the forward reuses it."""
-        if x.dim() != 3:
-            return None
-        shape = (*x.shape[:2], x.device.type, x.device.index)
-        if self._starts is None or self._starts[0] != shape:
-            mask = self.token_mask_for(x)
-            starts = importance.sequence_starts(x.shape[0], x.shape[1], mask, self.position_ids, x.device)
-            self._starts = (shape, starts)
-        return self._starts[1]
-
-    def token_split_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(dense rows, sparse rows) of ``x``'s flattened tokens under ``sparse_tokens: context``, if they match."""
-        split = self.token_split
-        if split is None or split[0].numel() + split[1].numel() != x.numel() // x.shape[-1] or split[0].device != x.device:
-            return None
-        return split
+    def remove(self) -> None:
+        """Put back the original forwards and head counts of every patched block and drop SAT's hooks
+        (the model is then as before :func:`apply_sat`; the handle controls nothing any more)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.clear_slices()
+        for unit in self.units:
+            unit.unpatch()
 
     def clear_slices(self) -> None:
         """Drop every cached kept weight slice (the weights changed, or will be re-read)."""
@@ -98,10 +98,30 @@ class SATHandle:
             unit.slices.clear()
 
     def set_rate(self, rate: float) -> None:
-        """Omission rate from now on, in [0, 1). A rate that changes k makes the next forward redraw."""
+        """Set the omission rate from now on; a rate that changes the kept count makes the next forward redraw.
+
+        Args:
+            rate: the fraction of each block's units to omit, in [0, 1) (0: the original forwards run).
+
+        Raises:
+            SATError: ``rate`` is not a number in [0, 1).
+        """
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
             raise SATError(f"omission rate must be a number in [0, 1), got {rate!r}")
-        self.rate = float(rate)
+        self.context.rate = float(rate)
+
+    def new_step(self) -> None:
+        """The next forward draws a new kept set; until then every forward reuses the current one."""
+        self.start_draw(self.draw_id + 1)
+
+    def start_draw(self, draw_id: int) -> None:
+        """Forwards from now on use draw number ``draw_id`` (each block draws for it once), with no cached slices.
+
+        Args:
+            draw_id: the draw number; the same number on every rank gives the same kept sets.
+        """
+        self.context.draw_id = draw_id
+        self.clear_slices()
 
     def reset_draws(self) -> None:
         """Every block forgets its draw, cached scores and slices: the next forward draws afresh."""
@@ -109,24 +129,29 @@ class SATHandle:
             unit.reset_draws()
 
     def score_state(self) -> dict[str, dict]:
-        """{block name: what its scores carry between draws} (see ``BlockUnit.score_state``)."""
-        return {u.name: u.score_state() for u in self.units}
+        """What each block's scores carry between draws, JSON-ready (see :meth:`BlockScorer.state`).
+
+        Returns:
+            {block name: its score state}, for a checkpoint.
+        """
+        return {u.name: u.scorer.state() for u in self.units}
 
     def load_score_state(self, state: dict[str, dict]) -> None:
-        """Put back a :meth:`score_state` (a resumed run); blocks it does not name keep theirs."""
+        """Put back a :meth:`score_state` (a resumed run); blocks it does not name keep theirs.
+
+        Args:
+            state: a :meth:`score_state` result.
+        """
         for unit in self.units:
             if unit.name in state:
-                unit.load_score_state(state[unit.name])
-
-    def new_step(self) -> None:
-        """The next forward draws a new kept set; until then every forward reuses the current one."""
-        self.draw_id += 1
-        self.clear_slices()
+                unit.scorer.load_state(state[unit.name])
 
     def kept(self) -> dict[str, torch.Tensor]:
-        """{block name: kept MLP channel indices or kept query-head indices} of the latest draw.
+        """What the latest draw keeps (a host sync: call it outside the training step).
 
-        Blocks running dense (rate 0, eval) report everything kept.
+        Returns:
+            {block name: kept MLP channel indices or kept query-head indices}; blocks running dense
+            (rate 0, eval) report everything kept.
         """
         return {
             u.name: u.kept_query_or_channels() if u.is_sparse() else torch.arange(u.n * u.heads_per_unit)
@@ -134,17 +159,23 @@ class SATHandle:
         }
 
     def kept_flops_fraction(self) -> float:
-        """Forward matmul FLOPs per token of a training step at the current rate, over the dense model's.
+        """Matmul FLOPs of a training step at the current rate, over the dense model's.
 
         Counts every linear layer (LM head included; the embedding lookup has no matmul FLOPs)
         and the attention score/value products at the latest sequence length. With
-        ``omit_in: forward_backward`` backward FLOPs scale the same way, so this is also the
-        training-step ratio; with ``omit_in: backward`` the forward is dense and the backward
-        (twice the forward's FLOPs: input and weight gradients) is at that ratio, so the step's
-        ratio is ``(1 + 2 f) / 3``; with ``weight_gradient`` only the weight gradient (a third) is
-        at that ratio: ``(2 + f) / 3``. (Frozen base weights, as under LoRA, skip the weight
-        gradient, which this count does not model.) With ``sparse_tokens: context`` the MLP blocks
-        omit on the latest forward's context tokens only.
+        ``omit_in: forward_backward`` backward FLOPs scale the same way as the forward's ``f``; with
+        ``omit_in: backward`` the forward is dense and the backward (twice the forward's FLOPs: input
+        and weight gradients) is at that ratio, so the step's ratio is ``(1 + 2 f) / 3``; with
+        ``weight_gradient`` only the weight gradient (a third) is at that ratio: ``(2 + f) / 3``.
+        (Frozen base weights, as under LoRA, skip the weight gradient, which this count does not
+        model.) With ``sparse_tokens: context`` the MLP blocks omit on the latest forward's context
+        tokens only.
+
+        Returns:
+            the fraction, in (0, 1].
+
+        Raises:
+            SATError: the patched model no longer exists.
         """
         model = self._model_ref()
         if model is None:
@@ -154,7 +185,8 @@ class SATHandle:
         per_layer_core = attention_core / max(_num_layers(model), 1)
         saved = 0.0
         # sparse_tokens context: only the context rows of the latest forward omit (a host read: logging only)
-        sparse_share = self.token_split[1].numel() / max(self.token_split[0].numel() + self.token_split[1].numel(), 1) if self.token_split else 1.0
+        split = self.token_split
+        sparse_share = split[1].numel() / max(split[0].numel() + split[1].numel(), 1) if split else 1.0
         for unit in self.units:
             omitted = (1.0 - unit.k() / unit.n) * (sparse_share if unit.kind == "mlp" else 1.0)
             saved += omitted * sum(weight_numel(m) for m in unit.members())
@@ -167,32 +199,22 @@ class SATHandle:
             return (2.0 + fraction) / 3.0
         return fraction
 
-    def sync_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """Average data-dependent scores over ranks so every rank keeps the same set."""
-        if self.config.metric in DATA_DEPENDENT_METRICS and dist.is_available() and dist.is_initialized():
-            if dist.get_world_size() > 1:
-                dist.all_reduce(scores, op=dist.ReduceOp.SUM)
-                scores /= dist.get_world_size()
-        return scores
-
-
-def _loss_token_split(labels: object, training: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Flattened token rows that carry the loss (their label, or the next token's, which they predict, is
-    not -100) and the others. Finding them is the one host sync of the split, once per forward."""
-    if not training or not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-        return None
-    dense = labels != -100
-    dense[:, :-1] |= labels[:, 1:] != -100
-    dense = dense.reshape(-1)
-    return dense.nonzero().squeeze(1), (~dense).nonzero().squeeze(1)
-
 
 def apply_sat(model: nn.Module, config: SATConfig | Mapping[str, Any] | str | None = None) -> SATHandle:
-    """Patch ``model``'s MLP and attention blocks in place for SAT; returns the controlling handle.
+    """Patch ``model``'s MLP and attention blocks in place for SAT.
 
-    ``config``: a SATConfig, a mapping of its keys, a YAML path, or None (defaults).
     The handle starts at omission rate 0 (the original forwards run) until ``set_rate``.
-    Raises :class:`SATError` for an unsupported architecture or a model patched twice.
+    Patch before any wrapper is built (``SATCallback`` does it at ``on_init_end``).
+
+    Args:
+        model: a supported causal LM (``config.model_type`` in the registry), bare.
+        config: a SATConfig, a mapping of its keys, a YAML path, or None (defaults).
+
+    Returns:
+        the :class:`SATHandle` that controls the patch.
+
+    Raises:
+        SATError: an unsupported architecture, nothing sliceable, or a model patched twice.
     """
     config = to_config(config)
     if model in _HANDLES:
@@ -204,6 +226,31 @@ def apply_sat(model: nn.Module, config: SATConfig | Mapping[str, Any] | str | No
             f"supported: {', '.join(supported_model_types())}"
         )
     handle = SATHandle(model, config)
+    _HANDLES[model] = handle
+    return handle
+
+
+def remove_sat(model: nn.Module) -> None:
+    """Put back the original forwards of a model patched by :func:`apply_sat` (no-op otherwise).
+
+    Args:
+        model: the model passed to :func:`apply_sat`.
+    """
+    handle = _HANDLES.pop(model, None)
+    if handle is not None:
+        handle.remove()
+
+
+def handle_of(model: nn.Module) -> SATHandle | None:
+    """The handle of a patched model, e.g. for a callback rebuilt on resume."""
+    return _HANDLES.get(model)
+
+
+def _sliceable_units(model: nn.Module, context: ForwardContext) -> list[BlockUnit]:
+    """The units of ``model``'s blocks that SAT slices under ``context.config`` (targets, dense layers,
+    families whose attention runs dense); logs the blocks that fall back to dense, raises if none is left."""
+    config = context.config
+    model_type = model.config.model_type
     dense_attention = no_attention_reason(model_type, model.config)
     shapes = [s for s in FAMILIES[model_type] if s.kind in config.targets and not (s.kind == "attention" and dense_attention)]
     if "attention" in config.targets and dense_attention:
@@ -213,55 +260,34 @@ def apply_sat(model: nn.Module, config: SATConfig | Mapping[str, Any] | str | No
             dense_attention,
         )
     dense_layers = _dense_layer_set(model, config.dense_layers)
+    units: list[BlockUnit] = []
     dense_fallbacks = []
     for name, module in model.named_modules():
         for shape in shapes:
             if not _has_projections(module, shape) or _layer_index(name) in dense_layers:
                 continue
-            unit = BlockUnit(name, shape, module, len(handle.units), handle)
+            unit = BlockUnit(name, shape, module, len(units), context)
             if unit.fallback is not None:
                 dense_fallbacks.append(f"{name} ({unit.fallback})")
             else:
-                handle.units.append(unit)
+                units.append(unit)
     if dense_fallbacks:
         logger.warning(
             "sat_trainer: %d block(s) have projections SAT cannot slice and run dense: %s",
             len(dense_fallbacks),
             "; ".join(dense_fallbacks),
         )
-    if not handle.units:
+    if not units:
         raise SATError(
             f"no sliceable {' or '.join(config.targets)} blocks found in {type(model).__name__} "
             f"(model_type {model_type!r}); nothing to omit"
         )
     if dense_layers:
         logger.info("sat_trainer: layers %s run dense (dense_layers)", sorted(dense_layers))
-    for unit in handle.units:
-        unit.patch()
-    _mark_zero3_leaves(model, handle)
-    _HANDLES[model] = handle
-    return handle
+    return units
 
 
-def remove_sat(model: nn.Module) -> None:
-    """Put back the original forwards of a model patched by :func:`apply_sat` (no-op otherwise)."""
-    handle = _HANDLES.pop(model, None)
-    if handle is not None:
-        handle._optimizer_hook.remove()
-        handle._mask_hook.remove()
-        for hook in handle._zero3_hooks:
-            hook.remove()
-        handle.clear_slices()
-        for unit in handle.units:
-            unit.unpatch()
-
-
-def handle_of(model: nn.Module) -> SATHandle | None:
-    """The handle of a patched model, e.g. for a callback rebuilt on resume."""
-    return _HANDLES.get(model)
-
-
-def _mark_zero3_leaves(model: nn.Module, handle: SATHandle) -> None:
+def _mark_zero3_leaves(model: nn.Module, units: list[BlockUnit]) -> list[torch.utils.hooks.RemovableHandle]:
     """Under DeepSpeed ZeRO-3, make each patched block a leaf so all its projections are gathered
     at the block's forward: drawing a kept set reads every projection's weights (scores, slices)
     while the first one runs, and a not-yet-gathered parameter is an empty shard. Must happen
@@ -277,14 +303,14 @@ def _mark_zero3_leaves(model: nn.Module, handle: SATHandle) -> None:
     from transformers.integrations import deepspeed as hf_deepspeed
 
     if not hf_deepspeed.is_deepspeed_zero3_enabled():
-        return
+        return []
     from deepspeed.utils import set_z3_leaf_modules
 
-    classes = sorted({type(u.block) for u in handle.units}, key=lambda c: c.__name__)
+    classes = sorted({type(u.block) for u in units}, key=lambda c: c.__name__)
     set_z3_leaf_modules(model, classes)
-    for unit in handle.units:
-        handle._zero3_hooks.append(unit.block.register_forward_pre_hook(_hidden_states_positional, with_kwargs=True, prepend=True))
+    hooks = [unit.block.register_forward_pre_hook(_hidden_states_positional, with_kwargs=True, prepend=True) for unit in units]
     logger.info("sat_trainer: ZeRO-3 leaf modules set: %s", ", ".join(c.__name__ for c in classes))
+    return hooks
 
 
 def _hidden_states_positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
