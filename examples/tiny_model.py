@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import transformers
 
-from sat_trainer.app.data.tokenizer import train_tokenizer  # the byte-level BPE sat-train builds its tiny base with
+# the byte-level BPE tokenizer sat-train trains for its tiny base
+from sat_trainer.app.data.tokenizer import train_tokenizer
 
 TEXT = [
     "Now is the winter of our discontent made glorious summer by this sun of York.",
