@@ -117,272 +117,197 @@ class SATConfig:
 
     omission_rate: float = field(
         default=0.5,
-        metadata={
-            "help": "Peak fraction of each block's units omitted per step; the schedule scales it over training. Lower it "
-                    "with omit_in forward_backward, where the loss itself is the sparse network's.",
-            "group": OMITTED,
-            "range": numbers(0, 1, high_open=True),
-        },
+        metadata={"group": OMITTED, "range": numbers(0, 1, high_open=True),
+                  "help": "Peak fraction of each block's units omitted per step; the schedule scales it over training. "
+                          "Lower it with omit_in forward_backward, where the loss itself is the sparse network's."},
     )
     targets: list[Target] = field(
         default_factory=lambda: ["mlp"],
-        metadata={
-            "help": "Which blocks omit units: a non-empty subset of mlp and attention (a single name is a list of one). "
-                    "Adding attention saves more time per step but costs more quality than MLP channels alone.",
-            "group": OMITTED,
-        },
+        metadata={"group": OMITTED,
+                  "help": "Which blocks omit units: a non-empty subset of mlp and attention (a single name is a list of "
+                          "one). Adding attention saves more time per step but costs more quality than MLP channels alone."},
     )
     attention_unit: AttentionUnit = field(
         default="kv_group",
-        metadata={
-            "help": "What an attention block omits: kv_group (a KV head with all its query heads: q, k, v rows and o "
-                    "columns) or query_head (the same number of query heads in every KV group; k and v stay dense).",
-            "group": OMITTED,
-        },
+        metadata={"group": OMITTED,
+                  "help": "What an attention block omits: kv_group (a KV head with all its query heads: q, k, v rows and o "
+                          "columns) or query_head (the same number of query heads in every KV group; k and v stay dense)."},
     )
     omit_in: OmitIn = field(
         default="backward",
-        metadata={
-            "help": "Where omitted units are skipped: forward_backward (the paper's SAT: the sparse network is trained), "
-                    "backward (the forward runs dense, so the loss is the real model's; only kept units get and pass on "
-                    "gradients) or weight_gradient (only the omitted units' weight gradients are skipped). Each saves less "
-                    "per step than the one before and changes training less.",
-            "group": OMITTED,
-        },
+        metadata={"group": OMITTED,
+                  "help": "Where omitted units are skipped: forward_backward (the paper's SAT: the sparse network is "
+                          "trained), backward (the forward runs dense, so the loss is the real model's; only kept units "
+                          "get and pass on gradients) or weight_gradient (only the omitted units' weight gradients are "
+                          "skipped). Each saves less per step than the one before and changes training less."},
     )
     compensation: Compensation = field(
         default="none",
-        metadata={
-            "help": "none, or mean (omit_in forward_backward, metric activation, MLP blocks): each omitted channel's "
-                    "output is replaced by its mean over the scoring subsample, a constant added to the down projection's "
-                    "output (FLAP-style).",
-            "group": OMITTED_UNITS,
-        },
+        metadata={"group": OMITTED_UNITS,
+                  "help": "none, or mean (omit_in forward_backward, metric activation, MLP blocks): each omitted channel's "
+                          "output is replaced by its mean over the scoring subsample, a constant added to the down "
+                          "projection's output (FLAP-style)."},
     )
     sparse_tokens: SparseTokens = field(
         default="all",
-        metadata={
-            "help": "Which tokens omit units: all, or context (SparseLoRA's split; targets mlp only): tokens that carry "
-                    "the loss run every channel, the context tokens only the kept ones. Needs labels in the model's "
-                    "forward (one host sync per forward finds the split); a forward without labels runs all tokens sparse.",
-            "group": SFT_SPLIT,
-        },
+        metadata={"group": SFT_SPLIT,
+                  "help": "Which tokens omit units: all, or context (SparseLoRA's split; targets mlp only): tokens that "
+                          "carry the loss run every channel, the context tokens only the kept ones. Needs labels in the "
+                          "model's forward (one host sync per forward finds the split); a forward without labels runs all "
+                          "tokens sparse."},
     )
     metric: Metric = field(
         default="activation",
-        metadata={
-            "help": "How units are scored: uniform (random), magnitude, wanda, maxip or activation (what each unit "
-                    "outputs on a token subsample, times its output weights' norm). Keep activation on a pretrained model; "
-                    "the others are baselines.",
-            "group": SCORING,
-        },
+        metadata={"group": SCORING,
+                  "help": "How units are scored: uniform (random), magnitude, wanda, maxip or activation (what each unit "
+                          "outputs on a token subsample, times its output weights' norm). Keep activation on a pretrained "
+                          "model; the others are baselines."},
     )
     selection: Selection = field(
         default="topk",
-        metadata={
-            "help": "Which units a draw keeps: topk, the highest-scoring; or sampling, drawn with probability ~ "
-                    "score^(1/temperature), so every unit trains sometimes.",
-            "group": SCORING,
-        },
+        metadata={"group": SCORING,
+                  "help": "Which units a draw keeps: topk, the highest-scoring; or sampling, drawn with probability ~ "
+                          "score^(1/temperature), so every unit trains sometimes."},
     )
     temperature: float = field(
         default=1.0,
-        metadata={
-            "help": "selection sampling: the temperature; higher is closer to uniform, lower closer to topk.",
-            "group": SCORING,
-            "range": numbers(0, low_open=True),
-        },
+        metadata={"group": SCORING, "range": numbers(0, low_open=True),
+                  "help": "selection sampling: the temperature; higher is closer to uniform, lower closer to topk."},
     )
     schedule: Schedule = field(
         default="constant",
-        metadata={
-            "help": "The omission rate over the steps after the dense start: ladder (LORS, the paper's: steps down to "
-                    "dense at the end), constant, linear or cosine. Use ladder with omit_in forward_backward, so the "
-                    "trained network ends dense; with a dense forward, ending dense buys little.",
-            "group": SCHEDULE,
-        },
+        metadata={"group": SCHEDULE,
+                  "help": "The omission rate over the steps after the dense start: ladder (LORS, the paper's: steps down "
+                          "to dense at the end), constant, linear or cosine. Use ladder with omit_in forward_backward, so "
+                          "the trained network ends dense; with a dense forward, ending dense buys little."},
     )
     ladder_sparse_fraction: float = field(
         default=0.75,
-        metadata={
-            "help": "schedule ladder: fraction of the scheduled steps spent at the peak omission_rate; the rest steps "
-                    "down to dense.",
-            "group": SCHEDULE,
-            "range": numbers(0, 1, low_open=True, high_open=True),
-        },
+        metadata={"group": SCHEDULE, "range": numbers(0, 1, low_open=True, high_open=True),
+                  "help": "schedule ladder: fraction of the scheduled steps spent at the peak omission_rate; the rest "
+                          "steps down to dense."},
     )
     ladder_num_rungs: int = field(
         default=2,
-        metadata={
-            "help": "schedule ladder: number of equally long rungs after the sparse phase, stepping the rate down evenly; "
-                    "the last rung is 0 (dense).",
-            "group": SCHEDULE,
-            "range": ints(1),
-        },
+        metadata={"group": SCHEDULE, "range": ints(1),
+                  "help": "schedule ladder: number of equally long rungs after the sparse phase, stepping the rate down "
+                          "evenly; the last rung is 0 (dense)."},
     )
     ladder_rungs: list[list[float]] | None = field(
         default=None,
-        metadata={
-            "help": "schedule ladder: explicit [[start_fraction, rate], ...] rungs that override ladder_sparse_fraction "
-                    "and ladder_num_rungs.",
-            "group": SCHEDULE,
-            "allowed": "a list of [start_fraction, rate] pairs, first start 0, starts increasing in [0, 1), rates in "
-                    "[0, 1), last rate 0",
-            "check": _ladder_rungs,
-        },
+        metadata={"group": SCHEDULE, "check": _ladder_rungs,
+                  "allowed": "a list of [start_fraction, rate] pairs, first start 0, starts increasing in [0, 1), rates in "
+                             "[0, 1), last rate 0",
+                  "help": "schedule ladder: explicit [[start_fraction, rate], ...] rungs that override "
+                          "ladder_sparse_fraction and ladder_num_rungs."},
     )
     layer_rates: LayerRates = field(
         default="uniform",
-        metadata={
-            "help": "uniform: every block's peak rate is omission_rate; auto: a calibration at train start measures each "
-                    "block's cost at each of calibration_rates and gives each block its own peak rate, meeting rate_budget "
-                    "at the least summed cost. dense_layers is the manual form.",
-            "group": LAYER_RATES,
-        },
+        metadata={"group": LAYER_RATES,
+                  "help": "uniform: every block's peak rate is omission_rate; auto: a calibration at train start measures "
+                          "each block's cost at each of calibration_rates and gives each block its own peak rate, meeting "
+                          "rate_budget at the least summed cost. dense_layers is the manual form."},
     )
     rate_budget: RateBudget = field(
         default="flops",
-        metadata={
-            "help": "layer_rates auto: flops saves as many FLOPs as the uniform omission_rate over the same blocks; loss "
-                    "saves the most FLOPs whose summed calibrated cost stays within loss_budget.",
-            "group": LAYER_RATES,
-        },
+        metadata={"group": LAYER_RATES,
+                  "help": "layer_rates auto: flops saves as many FLOPs as the uniform omission_rate over the same blocks; "
+                          "loss saves the most FLOPs whose summed calibrated cost stays within loss_budget."},
     )
     loss_budget: float = field(
         default=0.01,
-        metadata={
-            "help": "rate_budget loss: the largest summed cost, a fraction: of the loss (omit_in forward_backward, where "
-                    "a block's cost is the relative loss increase) or of the squared gradient norm (backward, "
-                    "weight_gradient).",
-            "group": LAYER_RATES,
-            "range": numbers(0, low_open=True),
-        },
+        metadata={"group": LAYER_RATES, "range": numbers(0, low_open=True),
+                  "help": "rate_budget loss: the largest summed cost, a fraction: of the loss (omit_in forward_backward, "
+                          "where a block's cost is the relative loss increase) or of the squared gradient norm (backward, "
+                          "weight_gradient)."},
     )
     calibration_rates: list[float] = field(
         default_factory=lambda: [0.25, 0.5, 0.75],
-        metadata={
-            "help": "layer_rates auto: the rates each block is measured at and may be given.",
-            "group": LAYER_RATES,
-            "allowed": "a non-empty ascending list of rates in (0, 1)",
-            "check": _ascending_rates,
-        },
+        metadata={"group": LAYER_RATES, "check": _ascending_rates,
+                  "allowed": "a non-empty ascending list of rates in (0, 1)",
+                  "help": "layer_rates auto: the rates each block is measured at and may be given."},
     )
     calibration_batches: int = field(
         default=2,
-        metadata={
-            "help": "layer_rates auto: how many training batches (the first ones) the calibration measures on; more is "
-                    "steadier and slower to start.",
-            "group": LAYER_RATES,
-            "range": ints(1),
-        },
+        metadata={"group": LAYER_RATES, "range": ints(1),
+                  "help": "layer_rates auto: how many training batches (the first ones) the calibration measures on; more "
+                          "is steadier and slower to start."},
     )
     seed: int = field(
         default=0,
-        metadata={
-            "help": "Seed of the selection's random draws, which depend only on (seed, draw number, layer).",
-            "group": SCORING,
-        },
+        metadata={"group": SCORING,
+                  "help": "Seed of the selection's random draws, which depend only on (seed, draw number, layer)."},
     )
     draw_every: DrawEvery = field(
         default="step",
-        metadata={
-            "help": "step: one kept set per optimizer step, shared by its micro-batches; micro_batch: a new one per "
-                    "micro-batch.",
-            "group": SCORING,
-        },
+        metadata={"group": SCORING,
+                  "help": "step: one kept set per optimizer step, shared by its micro-batches; micro_batch: a new one per "
+                          "micro-batch."},
     )
     omitted_update: OmittedUpdate = field(
         default="optimizer",
-        metadata={
-            "help": "What the optimizer does with omitted rows: optimizer (zero gradient; the optimizer still moves them "
-                    "by momentum and weight decay), freeze (their weights are restored after the step) or momentum "
-                    "(Adam-family optimizers: their gradient is replaced by their own first moment, so they continue their "
-                    "recent direction).",
-            "group": OMITTED_UNITS,
-        },
+        metadata={"group": OMITTED_UNITS,
+                  "help": "What the optimizer does with omitted rows: optimizer (zero gradient; the optimizer still moves "
+                          "them by momentum and weight decay), freeze (their weights are restored after the step) or "
+                          "momentum (Adam-family optimizers: their gradient is replaced by their own first moment, so they "
+                          "continue their recent direction)."},
     )
     momentum_decay: float = field(
         default=1.0,
-        metadata={
-            "help": "omitted_update momentum: each step a slice stays omitted, its first moment is multiplied by this. 1 "
-                    "carries it unchanged, the optimizer's beta1 does what omitted_update optimizer does, and values "
-                    "between fade the continued update out over about 1 / (1 - momentum_decay) steps.",
-            "group": OMITTED_UNITS,
-            "range": numbers(0, 1),
-        },
+        metadata={"group": OMITTED_UNITS, "range": numbers(0, 1),
+                  "help": "omitted_update momentum: each step a slice stays omitted, its first moment is multiplied by "
+                          "this. 1 carries it unchanged, the optimizer's beta1 does what omitted_update optimizer does, "
+                          "and values between fade the continued update out over about 1 / (1 - momentum_decay) steps."},
     )
     maxip_tokens: int = field(
         default=64,
-        metadata={
-            "help": "metric maxip: how many tokens are subsampled per draw to score units.",
-            "group": SCORING,
-            "range": ints(1),
-        },
+        metadata={"group": SCORING, "range": ints(1),
+                  "help": "metric maxip: how many tokens are subsampled per draw to score units."},
     )
     activation_tokens: int = field(
         default=256,
-        metadata={
-            "help": "metric activation: the fewest tokens of the micro-batch subsampled to measure units' outputs (all "
-                    "tokens if it has fewer); see activation_token_fraction.",
-            "group": SCORING,
-            "range": ints(1),
-        },
+        metadata={"group": SCORING, "range": ints(1),
+                  "help": "metric activation: the fewest tokens of the micro-batch subsampled to measure units' outputs "
+                          "(all tokens if it has fewer); see activation_token_fraction."},
     )
     activation_token_fraction: float = field(
         default=0.125,
-        metadata={
-            "help": "metric activation: the subsample is this fraction of the micro-batch's tokens when that is more than "
-                    "activation_tokens, so scoring's share of the step stays the same at every batch size.",
-            "group": SCORING,
-            "range": numbers(0, 1, low_open=True),
-        },
+        metadata={"group": SCORING, "range": numbers(0, 1, low_open=True),
+                  "help": "metric activation: the subsample is this fraction of the micro-batch's tokens when that is more "
+                          "than activation_tokens, so scoring's share of the step stays the same at every batch size."},
     )
     activation_scores: ActivationScores = field(
         default="auto",
-        metadata={
-            "help": "metric activation: subsample measures every unit on a token subsample of the micro-batch about to "
-                    "run; forward reads the training forward's own outputs (this step's when the forward is dense, else "
-                    "the previous one's, re-measuring 1/remeasure_every of the channels per draw). auto: forward when "
-                    "omit_in keeps the forward dense, else subsample.",
-            "group": SCORING,
-        },
+        metadata={"group": SCORING,
+                  "help": "metric activation: subsample measures every unit on a token subsample of the micro-batch about "
+                          "to run; forward reads the training forward's own outputs (this step's when the forward is "
+                          "dense, else the previous one's, re-measuring 1/remeasure_every of the channels per draw). auto: "
+                          "forward when omit_in keeps the forward dense, else subsample."},
     )
     remeasure_every: int = field(
         default=8,
-        metadata={
-            "help": "activation_scores forward with a sparse forward: every channel is re-measured on the subsample at "
-                    "least every this many draws (1: all of them each draw, as subsample does).",
-            "group": SCORING,
-            "range": ints(1),
-        },
+        metadata={"group": SCORING, "range": ints(1),
+                  "help": "activation_scores forward with a sparse forward: every channel is re-measured on the subsample "
+                          "at least every this many draws (1: all of them each draw, as subsample does)."},
     )
     score_every: int = field(
         default=1,
-        metadata={
-            "help": "Re-score the units every this many draws; draws in between reuse the last scores, so topk keeps the "
-                    "same set. Raise it to cut scoring's share of the step.",
-            "group": SCORING,
-            "range": ints(1),
-        },
+        metadata={"group": SCORING, "range": ints(1),
+                  "help": "Re-score the units every this many draws; draws in between reuse the last scores, so topk keeps "
+                          "the same set. Raise it to cut scoring's share of the step."},
     )
     dense_layers: list[int] = field(
         default_factory=list,
-        metadata={
-            "help": "Decoder layers whose blocks never omit units, e.g. [0, 1, 2, -1] (SparseLoRA keeps the first three "
-                    "and the last layer dense).",
-            "group": OMITTED,
-            "allowed": "a list of layer indices (integers; negative counts from the last layer)",
-            "check": _layer_indices,
-        },
+        metadata={"group": OMITTED, "check": _layer_indices,
+                  "allowed": "a list of layer indices (integers; negative counts from the last layer)",
+                  "help": "Decoder layers whose blocks never omit units, e.g. [0, 1, 2, -1] (SparseLoRA keeps the first "
+                          "three and the last layer dense)."},
     )
     dense_warmup_fraction: float = field(
         default=0.375,
-        metadata={
-            "help": "Fraction of the steps trained dense before the schedule starts; an omitted update costs most in the "
-                    "first steps, where the loss falls fastest. 0 starts sparse, as the paper's SAT does.",
-            "group": SCHEDULE,
-            "range": numbers(0, 1, high_open=True),
-        },
+        metadata={"group": SCHEDULE, "range": numbers(0, 1, high_open=True),
+                  "help": "Fraction of the steps trained dense before the schedule starts; an omitted update costs most in "
+                          "the first steps, where the loss falls fastest. 0 starts sparse, as the paper's SAT does."},
     )
 
     def __post_init__(self) -> None:
