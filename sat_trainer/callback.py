@@ -37,9 +37,9 @@ from transformers.trainer_callback import ExportableState
 
 from .config import SATConfig, to_config
 from .errors import SATError
-from .omitted_update import OmittedUpdate
 from .patch.model import SATHandle, apply_sat, handle_of
 from .schedule import omission_rate_at
+from .step_driver import StepDriver
 
 logger = logging.getLogger("sat_trainer")
 
@@ -53,14 +53,25 @@ class SATCallback(TrainerCallback, ExportableState):
     def __init__(self, config: SATConfig | dict[str, Any] | str | Path | None = None):
         self.config: SATConfig = to_config(config)
         self.handle: SATHandle | None = None
-        self.draw_id = 0
+        self._driver: StepDriver | None = None  # built with the handle, in _attach
+        self._resumed_draw_id = 0  # the checkpoint's draw number, until the driver continues from it
         self._tokens = 0
         self._busy = 0.0  # seconds inside training steps since the last log (evaluation excluded)
         self._step_start = 0.0
-        self._omitted: OmittedUpdate | None = None  # built with the handle, in _attach
         self._hook = None
         self.calibration: dict | None = None  # layer_rates auto: the calibration table
         self._saved_scores: dict | None = None  # resumed: the checkpoint's score state, loaded once the model is patched
+
+    @property
+    def draw_id(self) -> int:
+        """The latest draw number (saved in checkpoints, so a resumed run continues the same draws)."""
+        return self._driver.draw_id if self._driver is not None else self._resumed_draw_id
+
+    @draw_id.setter
+    def draw_id(self, value: int) -> None:  # a checkpoint's (the Trainer sets saved attributes on a rebuilt callback)
+        self._resumed_draw_id = value
+        if self._driver is not None:
+            self._driver.draw_id = value
 
     # ---- ExportableState ------------------------------------------------------------------
 
@@ -105,22 +116,20 @@ class SATCallback(TrainerCallback, ExportableState):
             self._hook = embeddings.register_forward_pre_hook(self._count_tokens)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.handle.set_rate(omission_rate_at(self.config, state.global_step, state.max_steps))
-        self._new_draw()
+        self._driver.begin_step(omission_rate_at(self.config, state.global_step, state.max_steps))
         self._step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         self._busy += time.perf_counter() - self._step_start
 
     def on_substep_end(self, args, state, control, **kwargs):
-        if self.config.draw_every == "micro_batch":
-            self._new_draw()
+        self._driver.micro_batch_done()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._omitted.before_step(kwargs.get("optimizer"))
+        self._driver.before_optimizer_step(kwargs.get("optimizer"))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self._omitted.after_step()
+        self._driver.after_optimizer_step()
 
     def on_log(self, args, state, control, logs: dict | None = None, **kwargs):
         if logs is None or "loss" not in logs or self.handle is None:
@@ -165,9 +174,8 @@ class SATCallback(TrainerCallback, ExportableState):
                 sum(u.kind == "mlp" for u in handle.units),
                 sum(u.kind == "attention" for u in handle.units),
             )
+        self._driver = StepDriver(handle, self.config, draw_id=self.draw_id)
         self.handle = handle
-        self.handle.draw_id = self.draw_id
-        self._omitted = OmittedUpdate(handle, self.config.omitted_update, self.config.momentum_decay)
 
     def _restore(self, state) -> None:
         """On resume, continue the draw counter saved in the checkpoint's trainer state.
@@ -194,10 +202,6 @@ class SATCallback(TrainerCallback, ExportableState):
         if dataloader is None:
             raise SATError("layer_rates auto needs the Trainer's train_dataloader at on_train_begin to calibrate on")
         self.calibration = calibrate(self.handle, model, _first_batches(dataloader, self.config.calibration_batches, args, model))
-
-    def _new_draw(self) -> None:
-        self.draw_id += 1
-        self.handle.draw_id = self.draw_id
 
     def _count_tokens(self, module: nn.Module, inputs: tuple) -> None:
         if module.training and inputs and hasattr(inputs[0], "numel"):

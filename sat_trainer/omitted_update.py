@@ -1,7 +1,7 @@
 """What the optimizer step does to the slices a step omitted (``omitted_update``), in one place.
 
-The callback calls it around the Trainer's optimizer step, and ``--compare-dense``'s interleaved
-step timing around its own, so a timed SAT step costs what a trained one does.
+The step driver (:class:`sat_trainer.step_driver.StepDriver`) calls it around every optimizer step,
+the Trainer's and ``--compare-dense``'s timed ones alike.
 
 * ``optimizer``: nothing; the omitted slices have a zero gradient and the optimizer moves them by
   its momentum and weight decay.

@@ -1,9 +1,8 @@
 """Interleaved step times: the speed side of `sat-train --compare-dense`, measured so that machine drift cancels.
 
-Two training runs made one after the other see different machine load: on the project's 2-core
-CPU the same 40-step SAT run took 239, 249 and 266 s in one day, and sequential runs of one
-config differed by 19% (docs/journal/benchmarks.md), more than SAT saves at a quality-safe rate. So the
-comparison also times training steps of the dense model and of SAT at each rate of SAT's schedule
+Two training runs made one after the other see different machine load, and on a shared machine
+the difference between them can exceed what SAT saves at a quality-safe rate (docs/journal/benchmarks.md
+has the record). So the comparison also times training steps of the dense model and of SAT at each rate of SAT's schedule
 *in one process, in turn* (one step of each per round, the order rotating every round), on one
 batch of the run's own training data: a load change then hits every variant alike. Dense's time
 is its median step; SAT's at a rate is dense's median times the median over rounds of SAT's step
@@ -13,7 +12,8 @@ what the table reports beside the as-run times.
 
 A timed step is what the Trainer does per optimizer step: ``gradient_accumulation_steps``
 forward/backward passes (under the run's bf16/fp16 autocast and gradient checkpointing), then
-the optimizer the run's ``TrainingArguments`` name, with what ``omitted_update`` does around it. It runs in a single process on the run's
+the optimizer the run's ``TrainingArguments`` name, with SAT's part of the step driven as in training
+(:class:`~sat_trainer.step_driver.StepDriver`: draws, ``omitted_update``). It runs in a single process on the run's
 device; data loading, logging and distributed communication are not timed (the same for both),
 nor is ``torch_compile`` applied (a compiled model recompiles at each new kept count, which
 alternating rates would hit every step).
@@ -141,8 +141,8 @@ def measure(
     difference between the two variants but the omission.
     """
     from ..calibration import apply_table
-    from ..omitted_update import OmittedUpdate
     from ..patch.model import apply_sat, remove_sat
+    from ..step_driver import StepDriver
 
     if args.torch_compile:
         logger.warning("sat_trainer: the interleaved step timing runs the model uncompiled (training.torch_compile is not applied to it)")
@@ -154,13 +154,13 @@ def measure(
         apply_table(handle, calibration)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
-    train_step = _trainer_step(model, batch, args, OmittedUpdate(handle, cfg.omitted_update, cfg.momentum_decay))
+    driver = StepDriver(handle, cfg)
+    train_step = _trainer_step(model, batch, args, driver)
     kept: dict[float, float] = {0.0: 1.0}
 
     def at_rate(rate: float) -> Callable[[], float]:
         def step() -> float:
-            handle.set_rate(rate)
-            handle.new_step()
+            driver.begin_step(rate)
             elapsed = train_step()
             kept[rate] = handle.kept_flops_fraction()
             return elapsed
@@ -188,9 +188,10 @@ def paired_ratio(sat: list[float], dense: list[float]) -> float:
     return statistics.median(s / d for s, d in zip(sat, dense))
 
 
-def _trainer_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], args, omitted) -> Callable[[], float]:
-    """One optimizer step as the Trainer takes it (see the module docstring), with what ``omitted_update``
-    does around it (``omitted``, an :class:`~sat_trainer.omitted_update.OmittedUpdate`), returning its seconds."""
+def _trainer_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], args, driver) -> Callable[[], float]:
+    """One optimizer step as the Trainer takes it (see the module docstring), with SAT's part of it
+    after the step's :meth:`~sat_trainer.step_driver.StepDriver.begin_step` (``driver``: draws per
+    micro-batch, ``omitted_update`` around the optimizer step), returning its seconds."""
     from transformers import Trainer
 
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
@@ -202,14 +203,16 @@ def _trainer_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], args, 
     def step() -> float:
         _sync(device_type)
         start = time.perf_counter()
-        for _ in range(accumulation):
+        for i in range(accumulation):
             amp = torch.autocast(device_type, dtype=precision) if precision is not None else contextlib.nullcontext()
             with amp:
                 loss = model(**batch).loss / accumulation
             loss.backward()
-        omitted.before_step(optimizer)
+            if i < accumulation - 1:
+                driver.micro_batch_done()
+        driver.before_optimizer_step(optimizer)
         optimizer.step()
-        omitted.after_step()
+        driver.after_optimizer_step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device_type)
         return time.perf_counter() - start
