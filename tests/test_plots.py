@@ -37,12 +37,14 @@ def test_single_run_plot_has_step_zero_train_loss_and_rung_marks():
 def test_comparison_takes_any_number_of_runs(tmp_path):
     runs = [("SAT", _report("sat", LADDER)), ("dense", _report("dense", [0.0] * 8, 0.1)), ("SAT equal time", _report("sat", LADDER, -0.1))]
     fig = comparison_figure(runs)
-    held, train, rate = fig.axes
-    assert {line.get_label() for line in held.get_lines() if line.get_marker() == "o"} == {
-        f"{label}: {name}" for label, _ in runs for name in ("new", "old")
-    }
+    new, old, train, rate = fig.axes  # one panel per held-out set: their levels differ by more than the runs do
+    for ax, name in ((new, "new"), (old, "old")):
+        assert {line.get_label() for line in ax.get_lines() if line.get_marker() == "o"} == {label for label, _ in runs}
+        assert name in ax.get_ylabel()
     assert len({line.get_linestyle() for line in rate.get_lines() if line.get_label() in ("SAT", "dense", "SAT equal time")}) == 3
-    marks = [line.get_xdata()[0] for line in held.get_lines() if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1]]
+    marks = [line.get_xdata()[0] for line in new.get_lines() if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1]]
     assert sorted(marks) == pytest.approx([3.5, 3.5, 4.0, 4.0])  # both SAT runs' rung changes, in training time
+    target = [line for line in new.get_lines() if line.get_label() == "dense's final new loss"]
+    assert len(target) == 1 and list(target[0].get_ydata()) == [5.0 - 0.8 + 0.1] * 2  # dense's last point: where to cross
     plot_comparison(runs, tmp_path / "report.png")
     assert (tmp_path / "report.png").stat().st_size > 10_000

@@ -34,7 +34,9 @@ def rung_changes(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def held_out_names(reports: list[dict[str, Any]]) -> list[str]:
-    return sorted({k for r in reports for row in r["history"]["held_out"] for k in row} - {"step", "train_time_s"})
+    """The held-out sets of ``reports`` in the order they were evaluated: the config's, its target domain first."""
+    names = dict.fromkeys(k for r in reports for row in r["history"]["held_out"] for k in row)
+    return [n for n in names if n not in ("step", "train_time_s")]
 
 
 def plot_report(report: dict[str, Any], path: Path) -> None:
@@ -49,7 +51,7 @@ def report_figure(report: dict[str, Any]):
     """One run against optimizer step: held-out and training loss, omission rate, tokens/s."""
     plt = _pyplot()
     fig, axes = plt.subplots(4, 1, figsize=(7, 10), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1, 1.5]})
-    _losses(axes[0], axes[1], report, x="step", style="-", label="", color_by_set=True)
+    _losses(axes[0], axes[1], report, x="step")
     steps = report["history"]["steps"]
     axes[2].step([s["step"] for s in steps], [s["omission_rate"] for s in steps], where="post")
     rates = _windowed_tokens_per_second(steps)
@@ -63,41 +65,62 @@ def report_figure(report: dict[str, Any]):
 
 
 def comparison_figure(runs: list[tuple[str, dict[str, Any]]], xlabel: str = TIME_AXIS):
-    """Several runs of one scenario (e.g. SAT and dense) against their history's ``train_time_s``
-    (``xlabel`` says which clock that is): held-out (a marker at each evaluation) and training loss,
-    omission rate; colour is the held-out set, line style the run."""
+    """Several runs of one scenario (e.g. dense and SAT) against their history's ``train_time_s``
+    (``xlabel`` says which clock that is): one panel per held-out set (a marker at each evaluation;
+    sets differ in level by more than runs differ, so one axis would flatten the runs together), the
+    training loss, the omission rate; colour and line style are the run. A run labelled ``dense``
+    also draws its last point on the first set as a horizontal line: where another run's curve
+    crosses it is its time to dense's loss."""
     plt = _pyplot()
-    fig, axes = plt.subplots(3, 1, figsize=(7, 9), sharex=True, gridspec_kw={"height_ratios": [3, 2, 1]})
     names = held_out_names([r for _, r in runs])
+    fig, axes = plt.subplots(len(names) + 2, 1, figsize=(7, 4 + 2.5 * len(names)), sharex=True,
+                             gridspec_kw={"height_ratios": [2.5] * len(names) + [2, 1]})
+    held, train, rate = axes[: len(names)], axes[-2], axes[-1]
     for i, (label, report) in enumerate(runs):
-        style = LINESTYLES[i % len(LINESTYLES)]
-        _losses(axes[0], axes[1], report, x="train_time_s", style=style, label=label, names=names, train_color=f"C{len(names) + i}")
+        style, color = LINESTYLES[i % len(LINESTYLES)], f"C{i}"
+        for ax, name in zip(held, names):
+            _held_out(ax, report, name, x="train_time_s", style=style, color=color, label=label)
+        _train_loss(train, report, x="train_time_s", style=style, color=color, label=f"{label}: ")
         steps = report["history"]["steps"]
-        axes[2].step([s["train_time_s"] for s in steps], [s["omission_rate"] for s in steps], style, where="post", label=label, color="k")
+        rate.step([s["train_time_s"] for s in steps], [s["omission_rate"] for s in steps], style, where="post", label=label, color=color)
         for ax in axes:
             _mark_rungs(ax, steps, x="train_time_s", style=style, label_rates=ax is axes[0])
-    axes[2].legend(fontsize=8)
-    axes[2].set_xlabel(xlabel)
+    dense = next((r for label, r in runs if label == "dense"), None)
+    end = [e for e in dense["history"]["held_out"] if e.get(names[0]) is not None] if dense is not None and names else []
+    if end:
+        held[0].axhline(end[-1][names[0]], color="0.3", linewidth=0.8, label=f"dense's final {names[0]} loss")
+    for ax, name in zip(held, names):
+        ax.set_ylabel(f"held-out loss:\n{name}")
+    rate.legend(fontsize=8)
+    rate.set_xlabel(xlabel)
     task = runs[0][1]["config"].get("task", "") if runs else ""
     legend = ", ".join(f"{label} ({LINESTYLES[i % len(LINESTYLES)]})" for i, (label, _) in enumerate(runs))
-    _finish(fig, axes, f"sat-train {task}: {legend}")
+    _finish(fig, [*held, train, rate], f"sat-train {task}: {legend}")
     return fig
 
 
-def _losses(held, train, report, *, x: str, style: str, label: str, names: list[str] | None = None,
-            color_by_set: bool = False, train_color: str = "C7") -> None:
-    """Held-out losses (markers at each evaluation) on ``held``; the training loss, raw and smoothed, on ``train``."""
-    prefix = f"{label}: " if label else ""
-    for i, name in enumerate(names or held_out_names([report])):
-        points = [(e[x], e[name]) for e in report["history"]["held_out"] if e.get(name) is not None]
-        if points:
-            held.plot(*zip(*points), style, marker="o", markersize=4, color=f"C{i}", label=prefix + name)
+def _losses(held, train, report, *, x: str) -> None:
+    """One run's held-out losses (markers at each evaluation) on ``held``, one colour per set; its
+    training loss, raw and smoothed, on ``train``."""
+    for i, name in enumerate(held_out_names([report])):
+        _held_out(held, report, name, x=x, style="-", color=f"C{i}", label=name)
+    _train_loss(train, report, x=x, style="-", color="C7", label="")
+
+
+def _held_out(ax, report, name: str, *, x: str, style: str, color: str, label: str) -> None:
+    points = [(e[x], e[name]) for e in report["history"]["held_out"] if e.get(name) is not None]
+    if points:
+        ax.plot(*zip(*points), style, marker="o", markersize=4, color=color, label=label)
+
+
+def _train_loss(ax, report, *, x: str, style: str, color: str, label: str) -> None:
+    """The training loss, raw (faint) and smoothed over a tenth of its logged points; ``label`` prefixes the legend."""
     losses = [r for r in report["history"]["train_loss"] if r.get("loss") is not None]
     if losses:
         xs, ys = [r[x] for r in losses], [r["loss"] for r in losses]
-        train.plot(xs, ys, style, alpha=0.25, color=train_color)
+        ax.plot(xs, ys, style, alpha=0.25, color=color)
         window = max(1, len(ys) // 10)
-        train.plot(xs, smooth(ys, window), style, color=train_color, label=f"{prefix}train (mean of {window} logs)")
+        ax.plot(xs, smooth(ys, window), style, color=color, label=f"{label}train (mean of {window} logs)")
 
 
 def _mark_rungs(ax, steps: list[dict[str, Any]], *, x: str, style: str, label_rates: bool) -> None:
@@ -109,11 +132,14 @@ def _mark_rungs(ax, steps: list[dict[str, Any]], *, x: str, style: str, label_ra
 
 
 def _finish(fig, axes, title: str) -> None:
-    axes[0].set_ylabel("held-out loss")
-    axes[1].set_ylabel("training loss")
-    axes[2].set_ylabel("omission rate")
-    axes[2].set_ylim(-0.05, 1.0)
-    for ax in axes[:2]:
+    """Labels and legends; ``axes``: the held-out panel(s) (labelled by their maker when several), the
+    training loss, the omission rate."""
+    if len(axes) == 3:
+        axes[0].set_ylabel("held-out loss")
+    axes[-2].set_ylabel("training loss")
+    axes[-1].set_ylabel("omission rate")
+    axes[-1].set_ylim(-0.05, 1.0)
+    for ax in axes[:-1]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{title}\ngrey vertical lines: the omission rate changes rung", fontsize=10)

@@ -225,7 +225,7 @@ def comparison_table(
         row(f"held-out loss: {name}", lambda c, n=name: f"{c['held_out_loss'].get(n, float('nan')):.4f}")
     for name in dense["held_out_loss"]:
         row(f"held-out loss vs dense: {name}",
-            lambda c, n=name: f"{100 * c['held_out_vs_dense'][n]:+.2f}%" if n in c["held_out_vs_dense"] else "-")
+            lambda c, n=name: "" if c is cols[0] else f"{100 * c['held_out_vs_dense'][n]:+.2f}%" if n in c["held_out_vs_dense"] else "-")
     first = numbers["target"]["held_out_set"]
     if first is not None:
         retimed_or_as_run = "re-timed" if times is not None else AS_RUN
