@@ -1,7 +1,7 @@
 """``layer_rates: auto``: per-block peak omission rates from a short calibration at train start.
 
 A uniform rate treats every block alike, but blocks differ in what omitting their units costs
-(on SmolLM2-135M the first layers and the last cost most: the reason for ``dense_layers``). The
+(in pretrained models typically the first layers and the last: the reason for ``dense_layers``). The
 calibration measures, on a few training batches, each block's *cost* at each of a few rates
 with only that block sparse, then gives each block a rate so that the total saving meets the
 budget at the least summed cost (costs are taken as additive over blocks: a first-order model).

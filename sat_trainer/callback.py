@@ -45,9 +45,18 @@ logger = logging.getLogger("sat_trainer")
 
 
 class SATCallback(TrainerCallback, ExportableState):
-    """Runs SAT in a Trainer: ``Trainer(..., callbacks=[SATCallback(cfg)])``.
+    """Runs SAT in a Trainer: ``Trainer(..., callbacks=[SATCallback(cfg)])`` (see the module docstring).
 
-    ``config`` is a :class:`SATConfig`, a mapping of its keys, a YAML path, or None (defaults).
+    It patches the model at ``on_init_end`` (:func:`apply_sat`), drives each optimizer step with a
+    :class:`~sat_trainer.step_driver.StepDriver`, and adds SAT's columns to the training logs.
+    ``handle`` is the patched model's :class:`SATHandle`; ``calibration`` the ``layer_rates: auto``
+    table (None otherwise); ``draw_id`` the latest draw number.
+
+    Args:
+        config: a :class:`SATConfig`, a mapping of its keys, a YAML path, or None (defaults).
+
+    Raises:
+        SATConfigError: ``config`` has an unknown key or a bad value.
     """
 
     def __init__(self, config: SATConfig | dict[str, Any] | str | Path | None = None):

@@ -25,10 +25,10 @@ Definitions (x: the block's input, all tokens of the micro-batch that draws; W: 
   the channel's term in the down projection. For an attention KV group, the norm over a token
   subsample and the group's query heads of each value vector pushed through the head's columns
   of ``o_proj`` (``||W_o[:, head] v_t||``): the attention weights are ignored (each head outputs
-  a convex mix of its values, so this bounds what the group can write). On a real pretrained LLM
-  the weight-and-input scores (magnitude, wanda) rank channels no better than chance while this
-  one tracks the channel's true contribution (docs/journal/benchmarks.md). Where the channel outputs come
-  from is the caller's choice (:class:`sat_trainer.patch.units.BlockUnit`): a random token
+  a convex mix of its values, so this bounds what the group can write). Unlike the weight-and-input
+  scores (magnitude, wanda), it measures the channel's actual output (docs/journal/ compares them on
+  a pretrained LLM). Where the channel outputs come from is the caller's choice
+  (:class:`sat_trainer.patch.scoring.BlockScorer`): a random token
   subsample (:func:`subsample_size`) pushed through gate/up, or the outputs the training forward
   computed anyway (``activation_scores: forward``), which costs no matmul.
 
@@ -96,12 +96,11 @@ def sample_rows(
     depends on the data (no host sync).
 
     Why the starts: pretrained LLMs put *massive activations* on a few MLP channels at the first
-    token of every sequence (the attention sink) and ~0 elsewhere. On SmolLM2-135M three channels
-    reach 1,000-2,900 there, one of them carries 7.3% of the model's squared gradient norm, and
-    zeroing the three raises the dense loss from 4.63 to 5.76. A uniform 256-of-1,024 subsample
-    misses all four starts of a 4 x 256 batch ~32% of the time, and the channel is then omitted
-    (measured: 5 of 12 batches). Always sampling the starts, weighted as their own stratum
-    (:func:`sample_weights`), keeps them."""
+    token of every sequence (the attention sink) and ~0 elsewhere; such a channel can carry a large
+    share of the model's gradient, and zeroing it raises the dense loss sharply. A uniform subsample
+    of a few sequences' tokens often misses every start, and the channel is then omitted (docs/journal/
+    has the record). Always sampling the starts, weighted as their own stratum (:func:`sample_weights`),
+    keeps them."""
     if total <= tokens:
         return None
     if mask is None and starts is None:
@@ -239,8 +238,7 @@ def value_scores(
     KV group h // heads_per_group, as transformers' ``repeat_kv`` lays them out. Summed over tokens,
     ``||W_o[:, head] v_t||^2 = v_t^T G v_t`` with ``G = W_o[:, head]^T W_o[:, head]`` is ``<G, M>`` with
     ``M = sum_t v_t v_t^T``: one head_dim x head_dim Gram matrix per head and one second moment per
-    KV group, instead of a product per token and head (measured on the CPU, SmolLM2's 3 groups of 3
-    heads, 256 tokens: 0.08 ms against 0.42 for the per-token contraction)."""
+    KV group, instead of a product per token and head."""
     head_dim = values.shape[-1] // groups
     values = values.reshape(-1, groups, head_dim).float()
     if weights is not None:
@@ -256,11 +254,9 @@ def _norm32(t: torch.Tensor, dim: int) -> torch.Tensor:
     """L2 norm along ``dim`` as float32.
 
     Along the last (contiguous) dim, ``vector_norm``. Along any other, the sum of squares: on the CPU
-    ``vector_norm`` reduces a strided dim 2.3-4x slower (measured, 2-core CPU, float32: tokens x
-    channels 1024 x 1536 2.1 ms against 0.9, 4096 x 1536 14.1 against 3.6; the RMS of every channel
-    over the tokens, which ``omit_in: backward`` reads from each sparse block's forward, is this
-    reduction). The squares are taken in ``t``'s dtype and summed in float32 (bf16 4096 x 1536:
-    3.8 ms against ``vector_norm``'s 5.1, relative error 1e-4 against 4e-3)."""
+    ``vector_norm`` reduces a strided dim more slowly (the RMS of every channel over the tokens, which
+    ``omit_in: backward`` reads from each sparse block's forward, is this reduction). The squares are
+    taken in ``t``'s dtype and summed in float32, which is also more accurate than ``vector_norm`` in bf16."""
     if dim in (-1, t.dim() - 1):
         return torch.linalg.vector_norm(t, dim=dim).float()
     return (t * t).sum(dim, dtype=torch.float32).sqrt()

@@ -57,9 +57,8 @@ from transformers.pytorch_utils import Conv1D
 
 SLICEABLE = (nn.Linear, Conv1D)
 KEEP_OUTPUTS, KEEP_INPUTS = 0, 1  # the out-major weight dim that is sliced
-# Devices where the custom op runs; elsewhere autograd's index_select path (docs/journal/benchmarks.md,
-# issue 10: on an H100 the op was 1-6% faster per step; on the 2-core CPU 8% slower, its Python
-# forward/backward costing more than the zero-filled scatter it saves).
+# Devices where the custom op runs; elsewhere autograd's index_select path (on the CPU the op's Python
+# forward/backward costs more than the zero-filled scatter it saves; docs/journal/ has the record).
 KEPT_OP_DEVICES = ("cuda",)
 # kept features: a tensor, or (the dense-forward ops' input projections) a callable read in backward
 KeptIndex = torch.Tensor | Callable[[], torch.Tensor]
@@ -137,7 +136,7 @@ def _gather(module: nn.Module, idx: torch.Tensor, dim: int, dtype: torch.dtype) 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor.to(dtype)`` without the call when it would do nothing: this op runs several times
-    per block per step, and on a GPU at 1B scale the host's per-op time shows in the step time."""
+    per block per step, and on a GPU the host's per-op time can show in the step time."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
@@ -349,17 +348,16 @@ class _BackwardKeptLinear(torch.autograd.Function):
 
 def _columns(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``t.index_select(-1, idx)``, the columns ``idx``, selected from ``t`` flattened to 2-D:
-    on the CPU ``index_select`` along the last dim of a 3-D tensor measured ~3x slower than on
-    the same data as a matrix (fp32 4 x 256 x 1536, half the columns: 0.99 ms against 0.35)."""
+    on the CPU ``index_select`` along the last dim of a 3-D tensor is slower than on the same data
+    as a matrix."""
     flat = t.reshape(-1, t.shape[-1]).index_select(1, idx)
     return flat.reshape(*t.shape[:-1], idx.numel())
 
 
 def _with_columns(values: torch.Tensor, idx: torch.Tensor, width: int) -> torch.Tensor:
     """A zero-filled tensor ``width`` columns wide holding ``values`` in the columns ``idx`` (unique).
-    On the CPU through ``scatter_`` over an expanded index, which measured 2.1-2.8x faster there than
-    ``index_copy_`` along the last dim (fp32 1024 x 1536 from 768 columns: 0.29 ms against 0.81, zeros
-    included; in SmolLM2-135M's step at 4 x 256 tokens 27 ms against 47); elsewhere unmeasured, so as it was."""
+    On the CPU through ``scatter_`` over an expanded index, which is faster there than ``index_copy_``
+    along the last dim; elsewhere ``index_copy_``."""
     out = values.new_zeros(*values.shape[:-1], width)
     if values.device.type != "cpu":
         return out.index_copy_(-1, idx, values)
@@ -415,8 +413,8 @@ class _SplitBackwardLinear(torch.autograd.Function):
 
     The rows are gathered once each in backward, where the kept-size matmuls save FLOPs; the
     forward is the dense one. Before, each projection gathered both row sets, ran two matmuls and
-    scattered both into a zero-filled output in forward, and autograd did the reverse in backward:
-    on SmolLM2's SFT shape that cost more than the omitted FLOPs saved (docs/journal/benchmarks.md). The
+    scattered both into a zero-filled output in forward, and autograd did the reverse in backward,
+    which can cost more than the omitted FLOPs save (docs/journal/ has the record). The
     input is saved whole, as the dense layer saves it (the dense rows need all of it).
     """
 
