@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import sys
@@ -27,6 +28,9 @@ from ..errors import SATConfigError, SATError, SATTrainingError
 
 if TYPE_CHECKING:
     from .run_config import RunConfig
+
+# What only sat-train imports (the cli extra); `pip install sat_trainer` alone installs the engine.
+APP_PACKAGES = ("datasets", "matplotlib", "tokenizers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="folder to build into (default: the cache folder the demos read)")
     p.add_argument("--force", action="store_true", help="rebuild even if the base exists")
     args = parser.parse_args(argv)
+    missing = [name for name in APP_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"sat-train: error: {', '.join(missing)} not installed; sat-train needs: pip install \"sat_trainer[cli]\"", file=sys.stderr)
+        return 2
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("sat_trainer").setLevel(logging.INFO)
