@@ -21,6 +21,8 @@ import deepspeed  # noqa: F401  (in the test extra: a missing install fails here
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # minutes on a CPU: pytest -m "not slow" leaves it out
+
 WORKER = Path(__file__).parent / "deepspeed_worker.py"
 STAGES = (2, 3)
 
