@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # minutes on a CPU: pytest -m "not slow" leaves it out
+
 WORKER = Path(__file__).parent / "ddp_worker.py"
 STEPS = 6
 
