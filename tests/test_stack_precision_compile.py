@@ -10,6 +10,8 @@ from tiny import batch, build, eager_and_compiled_steps, sat_config, sparse
 from sat_trainer import apply_sat
 from sat_trainer.schedule import omission_rate_at
 
+pytestmark = pytest.mark.slow  # minutes on a CPU: pytest -m "not slow" leaves it out
+
 
 @pytest.mark.parametrize("omit_in", ["forward_backward", "backward"])
 def test_bf16_autocast_step_is_close_to_fp32_for_the_same_kept_set(omit_in):
