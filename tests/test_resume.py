@@ -14,6 +14,8 @@ from tiny import demo_run_args
 
 from sat_trainer.app.cli import main
 
+pytestmark = pytest.mark.slow  # minutes on a CPU: pytest -m "not slow" leaves it out
+
 
 def _report(folder):
     return json.loads((folder / "report.json").read_text())
