@@ -13,6 +13,8 @@ from sat_trainer.app.data.tokenizer import train_tokenizer
 from sat_trainer.patch.model import handle_of
 from sat_trainer.schedule import omission_rate_at
 
+pytestmark = pytest.mark.slow  # minutes on a CPU: pytest -m "not slow" leaves it out
+
 trl = pytest.importorskip("trl")
 
 
