@@ -12,6 +12,8 @@ from sat_trainer.app import builtin_models
 from sat_trainer.app.run_config import build_run_config
 from sat_trainer.errors import SATConfigError
 
+pytestmark = pytest.mark.slow  # minutes on a CPU: pytest -m "not slow" leaves it out
+
 
 def test_unknown_builtin_model_lists_the_builtins():
     raw = {"model": "builtin:nope", "data": {"train": "builtin:chatterbot"}}
