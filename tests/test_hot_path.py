@@ -60,6 +60,7 @@ def test_kept_op_with_checkpointing(kept_op):
     test_patching.test_gradient_checkpointing_reuses_the_kept_set("wanda", True, "forward_backward", "llama", "subsample")
 
 
+@pytest.mark.slow
 def test_kept_op_with_bf16_and_compile(kept_op):
     test_stack_precision_compile.test_bf16_autocast_step_is_close_to_fp32_for_the_same_kept_set("forward_backward")
     test_stack_precision_compile.test_bf16_weights_train_with_finite_loss_and_grads()
@@ -92,6 +93,7 @@ def _inside_sat(monkeypatch, enter, leave):
     yield
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("omit_in", ["forward_backward", "backward"])
 @pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("metric", METRICS)
@@ -150,6 +152,7 @@ def test_gradients_accumulate_exactly_over_micro_batches_of_one_draw(op_path):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_an_optimizer_step_without_a_new_draw_never_reuses_stale_slices(op_path):
     """Fused AdamW does not bump the parameters' version counter: the cache must still notice."""
     model = build("llama")
@@ -175,6 +178,7 @@ def _graph_breaks(layers: int) -> tuple[int, int, set[str]]:
     return explained.graph_break_count, len(handle.units), reasons
 
 
+@pytest.mark.slow
 def test_compile_breaks_the_graph_once_per_block_not_per_projection(op_path):
     breaks_2, blocks_2, reasons_2 = _graph_breaks(2)
     breaks_4, blocks_4, reasons_4 = _graph_breaks(4)
