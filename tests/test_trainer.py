@@ -81,6 +81,7 @@ def test_logs_follow_the_ladder_and_loss_falls(full_run):
     assert sizes[0] == {48, 4} and sizes[STEPS - 1] == {96, 8}  # mlp channels / query heads kept
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_with_plain_transformers_in_a_fresh_process(full_run, tmp_path):
     out, trainer, _ = full_run
     ids = _Stream().ids[:2]
@@ -100,6 +101,7 @@ def test_checkpoint_loads_with_plain_transformers_in_a_fresh_process(full_run, t
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("restore_callbacks", [False, True])
 def test_resume_continues_the_same_schedule_and_draws(full_run, tmp_path, restore_callbacks):
     out, trainer, recorder = full_run
@@ -194,6 +196,7 @@ def test_omitted_update_momentum_continues_the_first_moment(tmp_path, omit_in):
         assert torch.count_nonzero(moment[omitted]) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decay", [1.0, 0.97, 0.9, 0.0])
 def test_momentum_decay_scales_the_omitted_first_moment(decay):
     """momentum_decay d: after an AdamW step (beta1 0.8 here, not the default) every omitted slice's
