@@ -50,6 +50,7 @@ def test_kept_count_rounds_half_up_and_keeps_one():
     assert kept_count(7, 0.0) == 7
 
 
+@pytest.mark.slow
 def test_sampling_trains_every_channel_within_50_steps():
     model = build("llama")
     handle = apply_sat(model, sat_config(omission_rate=0.5, metric="wanda", selection="sampling", targets=["mlp"]))
