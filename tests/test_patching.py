@@ -88,6 +88,7 @@ def test_set_rate_changes_k_at_next_forward():
         handle.set_rate(1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "metric,reentrant,omit_in,family,scores",
     [("wanda", False, "forward_backward", "llama", "subsample"), ("uniform", False, "forward_backward", "llama", "subsample"),
