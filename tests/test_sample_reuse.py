@@ -41,6 +41,7 @@ def op_path(request, monkeypatch):
         monkeypatch.setattr(ops, "KEPT_OP_DEVICES", ("cpu", "cuda"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])  # separate gate/up, fused gate_up, Conv1D without a gate
 @pytest.mark.parametrize("subsample", [SMALL_SUBSAMPLE, dict(metric="activation")], ids=["6 of 32 tokens", "all tokens"])
 def test_subsample_rows_are_reused_and_the_step_is_exact(op_path, given_calls, family, subsample):
