@@ -28,6 +28,7 @@ def _overrides(base, out, steps=4):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["cpt", "sft"])
 def test_sat_train_end_to_end(task, tiny_base, tmp_path):
     out = tmp_path / task
@@ -52,6 +53,7 @@ def test_sat_train_end_to_end(task, tiny_base, tmp_path):
     assert int(printed.strip()) == 300
 
 
+@pytest.mark.slow
 def test_compare_dense_prints_a_side_by_side_table(tiny_base, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["cpt", "--config", "configs/demo_cpt.yaml", "--compare-dense", *_overrides(tiny_base, out, steps=3)]) == 0
@@ -79,6 +81,7 @@ def test_compare_dense_prints_a_side_by_side_table(tiny_base, tmp_path, capsys):
     assert (out / "report.png").stat().st_size > 10_000  # dense and SAT curves together
 
 
+@pytest.mark.slow
 def test_compare_dense_without_timing_sizes_equal_time_from_the_runs(tiny_base, tmp_path, capsys):
     out = tmp_path / "cmp0"
     args = ["cpt", "--config", "configs/demo_cpt.yaml", "--compare-dense", "--timing-rounds", "0", *_overrides(tiny_base, out, steps=3)]
