@@ -32,6 +32,7 @@ class _KeptSizes(transformers.TrainerCallback):
         self.sizes.append(None if handle is None else len(handle.kept()["model.layers.0.mlp"]))
 
 
+@pytest.mark.slow
 def test_model_init_model_is_patched_and_logged(tmp_path):
     built = []
 
