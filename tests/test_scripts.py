@@ -148,6 +148,7 @@ def test_benchmark_gradient_checkpointing_reaches_every_model_it_times():
     assert not benchmark.build(benchmark.parser().parse_args(["--shape", "tiny"])).is_activation_checkpointing
 
 
+@pytest.mark.slow
 def test_profile_step_shows_what_only_sat_runs_and_refuses_what_has_no_bound():
     """The op table has the three models' columns, and the backward-kept op (SAT only) costs SAT time
     and the pruned model none; flags that time no pruned model are refused."""
