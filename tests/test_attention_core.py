@@ -75,6 +75,7 @@ def test_eval_and_no_grad_run_the_core_whole(core_calls):
     assert [h for h, _, _ in core_calls] == [8] * 4
 
 
+@pytest.mark.slow
 def test_compiled_split_matches_eager():
     """Under torch.compile the split's kept heads are read outside the graph: the loss and every
     gradient are eager's, draw after draw (the kept KV groups change between draws)."""
