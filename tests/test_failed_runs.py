@@ -30,12 +30,14 @@ def test_diverged_run_stops_with_one_line_and_no_final_model(tiny_base, tmp_path
     assert not (tmp_path / "final").exists()
 
 
+@pytest.mark.slow
 def test_skipped_steps_are_allowed_up_to_the_limit(tiny_base, tmp_path):
     assert main(demo_run_args("cpt", tiny_base, tmp_path, 6, *DIVERGE, "max_skipped_steps=2")) == 1
     report = _strict(tmp_path / "report.json")
     assert report["skipped_steps"] == [2, 3, 4] and report["diverged_at_step"] == 4
 
 
+@pytest.mark.slow
 def test_final_train_loss_when_max_steps_is_below_logging_steps(tiny_base, tmp_path):
     assert main(demo_run_args("cpt", tiny_base, tmp_path, 2, "training.logging_steps=10")) == 0
     report = _strict(tmp_path / "report.json")
@@ -43,6 +45,7 @@ def test_final_train_loss_when_max_steps_is_below_logging_steps(tiny_base, tmp_p
     assert [r["step"] for r in report["history"]["train_loss"]] == [2]
 
 
+@pytest.mark.slow
 def test_failed_run_leaves_no_empty_run_folder(tiny_base, tmp_path, monkeypatch):
     def out_of_memory(self, *args, **kwargs):  # fails after the Trainer made the run folder
         raise RuntimeError("out of memory")
