@@ -46,6 +46,24 @@ def test_rate_zero_eval_and_remove_are_bit_identical(family):
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
+def test_handle_remove_restores_the_model_and_allows_patching_again():
+    model = build("llama")
+    ids = batch()
+    model.train()
+    expected = _logits(model, ids)
+    handle = apply_sat(model, sat_config(omission_rate=0.5))
+    handle.set_rate(0.5)
+    handle.new_step()
+    assert not torch.equal(_logits(model, ids), expected)
+    handle.remove()
+    assert handle_of(model) is None
+    assert torch.equal(_logits(model, ids), expected)
+    again = apply_sat(model, sat_config(omission_rate=0.5))  # not "already patched"
+    assert handle_of(model) is again
+    remove_sat(model)
+    assert torch.equal(_logits(model, ids), expected)
+
+
 def test_no_parameters_or_buffers_added():
     model = build("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}

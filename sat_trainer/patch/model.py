@@ -84,7 +84,11 @@ class SATHandle:
 
     def remove(self) -> None:
         """Put back the original forwards and head counts of every patched block and drop SAT's hooks
-        (the model is then as before :func:`apply_sat`; the handle controls nothing any more)."""
+        (the model is then as before :func:`apply_sat`, and may be patched again; the handle controls
+        nothing any more)."""
+        model = self._model_ref()
+        if model is not None and _HANDLES.get(model) is self:
+            del _HANDLES[model]
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -236,7 +240,7 @@ def remove_sat(model: nn.Module) -> None:
     Args:
         model: the model passed to :func:`apply_sat`.
     """
-    handle = _HANDLES.pop(model, None)
+    handle = _HANDLES.get(model)
     if handle is not None:
         handle.remove()
 
