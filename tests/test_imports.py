@@ -61,4 +61,6 @@ def test_sat_train_names_the_cli_extra_when_its_packages_are_missing():
     """)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
-    assert lines == ['sat-train: error: matplotlib not installed; sat-train needs: pip install "sat_trainer[cli]"'], result.stderr[-3000:]
+    assert lines == ['sat-train: error: matplotlib not installed; sat-train needs: pip install "sat_trainer[cli]"'], (
+        result.stderr[-3000:]
+    )

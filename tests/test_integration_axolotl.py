@@ -37,8 +37,14 @@ def _manager() -> PluginManager:
 def _cfg(**extra) -> DictDefault:
     """An axolotl config as `axolotl train` reads it from YAML, with the SAT plugin listed."""
     cfg = dict(
-        base_model="unused-by-validation", plugins=[PLUGIN], datasets=[{"path": "data.jsonl", "ds_type": "json", "type": "completion"}],
-        micro_batch_size=1, num_epochs=1, learning_rate=1e-3, sequence_len=64, output_dir="out",
+        base_model="unused-by-validation",
+        plugins=[PLUGIN],
+        datasets=[{"path": "data.jsonl", "ds_type": "json", "type": "completion"}],
+        micro_batch_size=1,
+        num_epochs=1,
+        learning_rate=1e-3,
+        sequence_len=64,
+        output_dir="out",
     )
     return DictDefault({**cfg, **extra})
 
@@ -105,7 +111,13 @@ class _Tokens(torch.utils.data.Dataset):
 
 def _trainer(model, callbacks, tmp_path) -> transformers.Trainer:
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
     )
     return transformers.Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=callbacks)
 
@@ -115,7 +127,9 @@ def test_the_callback_axolotl_hands_the_trainer_patches_the_model(tmp_path):
     them: the model is patched at on_init_end, and training runs sparse at the configured rate."""
     manager = _manager()
     model = build("llama")
-    cfg = _validated(sat={"omission_rate": 0.5, "targets": ["mlp", "attention"], "schedule": "constant", "dense_warmup_fraction": 0.0})
+    cfg = _validated(
+        sat={"omission_rate": 0.5, "targets": ["mlp", "attention"], "schedule": "constant", "dense_warmup_fraction": 0.0}
+    )
     callbacks = manager.add_callbacks_pre_trainer(cfg, model)
     [sat] = [c for c in callbacks if isinstance(c, SATCallback)]
     assert sat.config.omission_rate == 0.5 and handle_of(model) is None
@@ -128,7 +142,9 @@ def test_the_callback_axolotl_hands_the_trainer_patches_the_model(tmp_path):
 def test_the_engine_refuses_a_dora_adapter_when_the_trainer_is_built(tmp_path):
     """DoRA (axolotl's peft_use_dora) is refused by the engine as it patches, with its own message."""
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["up_proj", "down_proj", "gate_proj"], use_dora=True))
+    model = peft.get_peft_model(
+        build("llama"), peft.LoraConfig(r=4, target_modules=["up_proj", "down_proj", "gate_proj"], use_dora=True)
+    )
     [callback] = _manager().add_callbacks_pre_trainer(_validated(sat={"omission_rate": 0.5}), model)
     with pytest.raises(SATError, match="SAT cannot slice"):
         _trainer(model, [callback], tmp_path)
@@ -138,7 +154,9 @@ def test_the_engine_refuses_a_dora_adapter_when_the_trainer_is_built(tmp_path):
 def test_axolotl_train_runs_sat_end_to_end(tmp_path):
     """`axolotl train` on a tiny Llama and BPE tokenizer saved locally, a jsonl of text, the plugin and a sat:
     block: the run finishes, logs SAT's columns, and its sparse steps keep under all the FLOPs."""
-    pytest.importorskip("axolotl.core.builders", reason="axolotl's training stack does not import here (see .ci/run for what it needs)")
+    pytest.importorskip(
+        "axolotl.core.builders", reason="axolotl's training stack does not import here (see .ci/run for what it needs)"
+    )
     from sat_trainer.app.data.tokenizer import train_tokenizer
 
     texts = [f"line {i}: the quick brown fox jumps over the lazy dog number {i % 7}." for i in range(64)]
@@ -146,8 +164,16 @@ def test_axolotl_train_runs_sat_end_to_end(tmp_path):
     base = tmp_path / "base"
     tokenizer.save_pretrained(base)
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     transformers.LlamaForCausalLM(config).save_pretrained(base)
     (tmp_path / "data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -183,7 +209,11 @@ logging_steps: 1
     (tmp_path / "axolotl.yml").write_text(yaml_text)
     env = {**os.environ, "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "axolotl.cli.train", str(tmp_path / "axolotl.yml")], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, "-m", "axolotl.cli.train", str(tmp_path / "axolotl.yml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]
