@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.zero_grad()
         kept = {name: len(index) for name, index in handle.kept().items()}
         history.append({"step": step, "rate": handle.rate, "loss": loss.item(), "kept": kept})
-        print(f"step {step}: omission rate {handle.rate:.2f}, loss {loss.item():.4f}, kept per block {sorted(set(kept.values()))}")
+        print(
+            f"step {step}: omission rate {handle.rate:.2f}, loss {loss.item():.4f}, kept per block {sorted(set(kept.values()))}"
+        )
     remove_sat(model)  # the original forwards, bit-identical; the weights are plain transformers weights
     model.save_pretrained(f"{args.output_dir}/final")
     return {"history": history, "model": model}

@@ -33,17 +33,30 @@ def main(argv: list[str] | None = None) -> trl.SFTTrainer:
         {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]} for q, a in CHATS
     ]
     lora = peft.LoraConfig(
-        r=8, lora_alpha=16, task_type="CAUSAL_LM",
+        r=8,
+        lora_alpha=16,
+        task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     training = trl.SFTConfig(
-        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=4, learning_rate=2e-4,
-        max_length=128, bf16=torch.cuda.is_available(), logging_steps=1, save_strategy="no", report_to=[],
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=2e-4,
+        max_length=128,
+        bf16=torch.cuda.is_available(),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
     )
     sat = SATConfig(omit_in="backward", omission_rate=0.5, sparse_tokens="context")
     trainer = trl.SFTTrainer(
-        model=model, args=training, train_dataset=datasets.Dataset.from_list(records), processing_class=tokenizer,
-        peft_config=lora, callbacks=[SATCallback(sat)],
+        model=model,
+        args=training,
+        train_dataset=datasets.Dataset.from_list(records),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[SATCallback(sat)],
     )
     trainer.train()
     trainer.model.merge_and_unload().save_pretrained(f"{args.output_dir}/final")  # a plain model, adapter merged in

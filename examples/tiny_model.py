@@ -47,8 +47,15 @@ def load(name: str = "tiny") -> tuple[transformers.PreTrainedModel, transformers
         return transformers.AutoModelForCausalLM.from_pretrained(name), tokenizer
     tokenizer = train_tokenizer(TEXT + [q + " " + a for q, a in CHATS], vocab_size=320)
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return transformers.LlamaForCausalLM(config), tokenizer

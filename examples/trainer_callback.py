@@ -32,12 +32,19 @@ def main(argv: list[str] | None = None) -> transformers.Trainer:
     lines = Path(args.text).read_text().splitlines() if args.text else TEXT
     dataset = [tokenizer(line, truncation=True, max_length=256) for line in lines if line.strip()]
     training = transformers.TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=4, learning_rate=5e-5,
-        logging_steps=1, save_strategy="no", report_to=[],
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=5e-5,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
     )
     sat = SATConfig(omission_rate=args.omission_rate)  # every other key at its default: docs/configuration.md
     trainer = transformers.Trainer(
-        model=model, args=training, train_dataset=dataset,
+        model=model,
+        args=training,
+        train_dataset=dataset,
         data_collator=transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False),
         callbacks=[SATCallback(sat)],
     )

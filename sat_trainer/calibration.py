@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sat_trainer")
 
 
-def allocate(costs: list[list[float]], flops: list[float], rates: list[float], flop_budget: float | None, cost_budget: float | None) -> list[float]:
+def allocate(
+    costs: list[list[float]], flops: list[float], rates: list[float], flop_budget: float | None, cost_budget: float | None
+) -> list[float]:
     """Per-unit rate from ``[0] + rates`` (ascending) whose saving ``sum(rate_u * flops_u)`` reaches
     ``flop_budget`` (or, with ``cost_budget``, the most saving whose summed cost stays within it),
     raising one unit one level at a time where the added cost per added FLOP is least.
@@ -105,7 +107,9 @@ def calibrate(handle: SATHandle, model: torch.nn.Module, batches: list[dict]) ->
         "budget": cfg.rate_budget,
         "flops_saved_fraction_of_blocks": sum(r * f for r, f in zip(assigned, flops)) / sum(flops),
         "total_cost": sum(0.0 if r == 0 else c[rates.index(r)] for r, c in zip(assigned, costs)),
-        "units": [{"name": u.name, "costs": [round(c, 6) for c in cs], "rate": r} for u, cs, r in zip(handle.units, costs, assigned)],
+        "units": [
+            {"name": u.name, "costs": [round(c, 6) for c in cs], "rate": r} for u, cs, r in zip(handle.units, costs, assigned)
+        ],
     }
     logger.warning("sat_trainer: layer_rates auto\n%s", format_table(table))
     return table
@@ -120,9 +124,12 @@ def apply_table(handle: SATHandle, table: dict) -> None:
 
 def format_table(table: dict) -> str:
     head = "| block | " + " | ".join(f"cost at {r}" for r in table["rates"]) + " | peak rate |"
-    lines = [f"cost: {table['cost']}; budget {table['budget']}; the blocks' FLOPs saved at peak: "
-             f"{table['flops_saved_fraction_of_blocks']:.3f}; summed cost {table['total_cost']:.4f}",
-             head, "|---|" + "---|" * (len(table["rates"]) + 1)]
+    lines = [
+        f"cost: {table['cost']}; budget {table['budget']}; the blocks' FLOPs saved at peak: "
+        f"{table['flops_saved_fraction_of_blocks']:.3f}; summed cost {table['total_cost']:.4f}",
+        head,
+        "|---|" + "---|" * (len(table["rates"]) + 1),
+    ]
     for row in table["units"]:
         lines.append(f"| {row['name']} | " + " | ".join(f"{c:.4f}" for c in row["costs"]) + f" | {row['rate']} |")
     return "\n".join(lines)

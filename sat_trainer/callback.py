@@ -87,8 +87,10 @@ class SATCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         rate = self.handle.rate if self.handle is not None else 0.0
         scores = self.handle.score_state() if self.handle is not None else None
-        return {"args": {"config": self.config.to_dict()},
-                "attributes": {"draw_id": self.draw_id, "last_rate": rate, "calibration": self.calibration, "scores": scores}}
+        return {
+            "args": {"config": self.config.to_dict()},
+            "attributes": {"draw_id": self.draw_id, "last_rate": rate, "calibration": self.calibration, "scores": scores},
+        }
 
     # ---- Trainer events -------------------------------------------------------------------
 

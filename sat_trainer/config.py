@@ -117,197 +117,272 @@ class SATConfig:
 
     omission_rate: float = field(
         default=0.5,
-        metadata={"group": OMITTED, "range": numbers(0, 1, high_open=True),
-                  "help": "Peak fraction of each block's units omitted per step; the schedule scales it over training. "
-                          "Lower it with omit_in forward_backward, where the loss itself is the sparse network's."},
+        metadata={
+            "group": OMITTED,
+            "range": numbers(0, 1, high_open=True),
+            "help": "Peak fraction of each block's units omitted per step; the schedule scales it over training. "
+            "Lower it with omit_in forward_backward, where the loss itself is the sparse network's.",
+        },
     )
     targets: list[Target] = field(
         default_factory=lambda: ["mlp"],
-        metadata={"group": OMITTED,
-                  "help": "Which blocks omit units: a non-empty subset of mlp and attention (a single name is a list of "
-                          "one). Adding attention saves more time per step but costs more quality than MLP channels alone."},
+        metadata={
+            "group": OMITTED,
+            "help": "Which blocks omit units: a non-empty subset of mlp and attention (a single name is a list of "
+            "one). Adding attention saves more time per step but costs more quality than MLP channels alone.",
+        },
     )
     attention_unit: AttentionUnit = field(
         default="kv_group",
-        metadata={"group": OMITTED,
-                  "help": "What an attention block omits: kv_group (a KV head with all its query heads: q, k, v rows and o "
-                          "columns) or query_head (the same number of query heads in every KV group; k and v stay dense)."},
+        metadata={
+            "group": OMITTED,
+            "help": "What an attention block omits: kv_group (a KV head with all its query heads: q, k, v rows and o "
+            "columns) or query_head (the same number of query heads in every KV group; k and v stay dense).",
+        },
     )
     omit_in: OmitIn = field(
         default="backward",
-        metadata={"group": OMITTED,
-                  "help": "Where omitted units are skipped: forward_backward (the paper's SAT: the sparse network is "
-                          "trained), backward (the forward runs dense, so the loss is the real model's; only kept units "
-                          "get and pass on gradients) or weight_gradient (only the omitted units' weight gradients are "
-                          "skipped). Each saves less per step than the one before and changes training less."},
+        metadata={
+            "group": OMITTED,
+            "help": "Where omitted units are skipped: forward_backward (the paper's SAT: the sparse network is "
+            "trained), backward (the forward runs dense, so the loss is the real model's; only kept units "
+            "get and pass on gradients) or weight_gradient (only the omitted units' weight gradients are "
+            "skipped). Each saves less per step than the one before and changes training less.",
+        },
     )
     compensation: Compensation = field(
         default="none",
-        metadata={"group": OMITTED_UNITS,
-                  "help": "none, or mean (omit_in forward_backward, metric activation, MLP blocks): each omitted channel's "
-                          "output is replaced by its mean over the scoring subsample, a constant added to the down "
-                          "projection's output (FLAP-style)."},
+        metadata={
+            "group": OMITTED_UNITS,
+            "help": "none, or mean (omit_in forward_backward, metric activation, MLP blocks): each omitted channel's "
+            "output is replaced by its mean over the scoring subsample, a constant added to the down "
+            "projection's output (FLAP-style).",
+        },
     )
     sparse_tokens: SparseTokens = field(
         default="all",
-        metadata={"group": SFT_SPLIT,
-                  "help": "Which tokens omit units: all, or context (SparseLoRA's split; targets mlp only): tokens that "
-                          "carry the loss run every channel, the context tokens only the kept ones. Needs labels in the "
-                          "model's forward (one host sync per forward finds the split); a forward without labels runs all "
-                          "tokens sparse."},
+        metadata={
+            "group": SFT_SPLIT,
+            "help": "Which tokens omit units: all, or context (SparseLoRA's split; targets mlp only): tokens that "
+            "carry the loss run every channel, the context tokens only the kept ones. Needs labels in the "
+            "model's forward (one host sync per forward finds the split); a forward without labels runs all "
+            "tokens sparse.",
+        },
     )
     metric: Metric = field(
         default="activation",
-        metadata={"group": SCORING,
-                  "help": "How units are scored: uniform (random), magnitude, wanda, maxip or activation (what each unit "
-                          "outputs on a token subsample, times its output weights' norm). Keep activation on a pretrained "
-                          "model; the others are baselines."},
+        metadata={
+            "group": SCORING,
+            "help": "How units are scored: uniform (random), magnitude, wanda, maxip or activation (what each unit "
+            "outputs on a token subsample, times its output weights' norm). Keep activation on a pretrained "
+            "model; the others are baselines.",
+        },
     )
     selection: Selection = field(
         default="topk",
-        metadata={"group": SCORING,
-                  "help": "Which units a draw keeps: topk, the highest-scoring; or sampling, drawn with probability ~ "
-                          "score^(1/temperature), so every unit trains sometimes."},
+        metadata={
+            "group": SCORING,
+            "help": "Which units a draw keeps: topk, the highest-scoring; or sampling, drawn with probability ~ "
+            "score^(1/temperature), so every unit trains sometimes.",
+        },
     )
     temperature: float = field(
         default=1.0,
-        metadata={"group": SCORING, "range": numbers(0, low_open=True),
-                  "help": "selection sampling: the temperature; higher is closer to uniform, lower closer to topk."},
+        metadata={
+            "group": SCORING,
+            "range": numbers(0, low_open=True),
+            "help": "selection sampling: the temperature; higher is closer to uniform, lower closer to topk.",
+        },
     )
     schedule: Schedule = field(
         default="constant",
-        metadata={"group": SCHEDULE,
-                  "help": "The omission rate over the steps after the dense start: ladder (LORS, the paper's: steps down "
-                          "to dense at the end), constant, linear or cosine. Use ladder with omit_in forward_backward, so "
-                          "the trained network ends dense; with a dense forward, ending dense buys little."},
+        metadata={
+            "group": SCHEDULE,
+            "help": "The omission rate over the steps after the dense start: ladder (LORS, the paper's: steps down "
+            "to dense at the end), constant, linear or cosine. Use ladder with omit_in forward_backward, so "
+            "the trained network ends dense; with a dense forward, ending dense buys little.",
+        },
     )
     ladder_sparse_fraction: float = field(
         default=0.75,
-        metadata={"group": SCHEDULE, "range": numbers(0, 1, low_open=True, high_open=True),
-                  "help": "schedule ladder: fraction of the scheduled steps spent at the peak omission_rate; the rest "
-                          "steps down to dense."},
+        metadata={
+            "group": SCHEDULE,
+            "range": numbers(0, 1, low_open=True, high_open=True),
+            "help": "schedule ladder: fraction of the scheduled steps spent at the peak omission_rate; the rest "
+            "steps down to dense.",
+        },
     )
     ladder_num_rungs: int = field(
         default=2,
-        metadata={"group": SCHEDULE, "range": ints(1),
-                  "help": "schedule ladder: number of equally long rungs after the sparse phase, stepping the rate down "
-                          "evenly; the last rung is 0 (dense)."},
+        metadata={
+            "group": SCHEDULE,
+            "range": ints(1),
+            "help": "schedule ladder: number of equally long rungs after the sparse phase, stepping the rate down "
+            "evenly; the last rung is 0 (dense).",
+        },
     )
     ladder_rungs: list[list[float]] | None = field(
         default=None,
-        metadata={"group": SCHEDULE, "check": _ladder_rungs,
-                  "allowed": "a list of [start_fraction, rate] pairs, first start 0, starts increasing in [0, 1), rates in "
-                             "[0, 1), last rate 0",
-                  "help": "schedule ladder: explicit [[start_fraction, rate], ...] rungs that override "
-                          "ladder_sparse_fraction and ladder_num_rungs."},
+        metadata={
+            "group": SCHEDULE,
+            "check": _ladder_rungs,
+            "allowed": "a list of [start_fraction, rate] pairs, first start 0, starts increasing in [0, 1), rates in "
+            "[0, 1), last rate 0",
+            "help": "schedule ladder: explicit [[start_fraction, rate], ...] rungs that override "
+            "ladder_sparse_fraction and ladder_num_rungs.",
+        },
     )
     layer_rates: LayerRates = field(
         default="uniform",
-        metadata={"group": LAYER_RATES,
-                  "help": "uniform: every block's peak rate is omission_rate; auto: a calibration at train start measures "
-                          "each block's cost at each of calibration_rates and gives each block its own peak rate, meeting "
-                          "rate_budget at the least summed cost. dense_layers is the manual form."},
+        metadata={
+            "group": LAYER_RATES,
+            "help": "uniform: every block's peak rate is omission_rate; auto: a calibration at train start measures "
+            "each block's cost at each of calibration_rates and gives each block its own peak rate, meeting "
+            "rate_budget at the least summed cost. dense_layers is the manual form.",
+        },
     )
     rate_budget: RateBudget = field(
         default="flops",
-        metadata={"group": LAYER_RATES,
-                  "help": "layer_rates auto: flops saves as many FLOPs as the uniform omission_rate over the same blocks; "
-                          "loss saves the most FLOPs whose summed calibrated cost stays within loss_budget."},
+        metadata={
+            "group": LAYER_RATES,
+            "help": "layer_rates auto: flops saves as many FLOPs as the uniform omission_rate over the same blocks; "
+            "loss saves the most FLOPs whose summed calibrated cost stays within loss_budget.",
+        },
     )
     loss_budget: float = field(
         default=0.01,
-        metadata={"group": LAYER_RATES, "range": numbers(0, low_open=True),
-                  "help": "rate_budget loss: the largest summed cost, a fraction: of the loss (omit_in forward_backward, "
-                          "where a block's cost is the relative loss increase) or of the squared gradient norm (backward, "
-                          "weight_gradient)."},
+        metadata={
+            "group": LAYER_RATES,
+            "range": numbers(0, low_open=True),
+            "help": "rate_budget loss: the largest summed cost, a fraction: of the loss (omit_in forward_backward, "
+            "where a block's cost is the relative loss increase) or of the squared gradient norm (backward, "
+            "weight_gradient).",
+        },
     )
     calibration_rates: list[float] = field(
         default_factory=lambda: [0.25, 0.5, 0.75],
-        metadata={"group": LAYER_RATES, "check": _ascending_rates,
-                  "allowed": "a non-empty ascending list of rates in (0, 1)",
-                  "help": "layer_rates auto: the rates each block is measured at and may be given."},
+        metadata={
+            "group": LAYER_RATES,
+            "check": _ascending_rates,
+            "allowed": "a non-empty ascending list of rates in (0, 1)",
+            "help": "layer_rates auto: the rates each block is measured at and may be given.",
+        },
     )
     calibration_batches: int = field(
         default=2,
-        metadata={"group": LAYER_RATES, "range": ints(1),
-                  "help": "layer_rates auto: how many training batches (the first ones) the calibration measures on; more "
-                          "is steadier and slower to start."},
+        metadata={
+            "group": LAYER_RATES,
+            "range": ints(1),
+            "help": "layer_rates auto: how many training batches (the first ones) the calibration measures on; more "
+            "is steadier and slower to start.",
+        },
     )
     seed: int = field(
         default=0,
-        metadata={"group": SCORING,
-                  "help": "Seed of the selection's random draws, which depend only on (seed, draw number, layer)."},
+        metadata={
+            "group": SCORING,
+            "help": "Seed of the selection's random draws, which depend only on (seed, draw number, layer).",
+        },
     )
     draw_every: DrawEvery = field(
         default="step",
-        metadata={"group": SCORING,
-                  "help": "step: one kept set per optimizer step, shared by its micro-batches; micro_batch: a new one per "
-                          "micro-batch."},
+        metadata={
+            "group": SCORING,
+            "help": "step: one kept set per optimizer step, shared by its micro-batches; micro_batch: a new one per micro-batch.",
+        },
     )
     omitted_update: OmittedUpdate = field(
         default="optimizer",
-        metadata={"group": OMITTED_UNITS,
-                  "help": "What the optimizer does with omitted rows: optimizer (zero gradient; the optimizer still moves "
-                          "them by momentum and weight decay), freeze (their weights are restored after the step) or "
-                          "momentum (Adam-family optimizers: their gradient is replaced by their own first moment, so they "
-                          "continue their recent direction)."},
+        metadata={
+            "group": OMITTED_UNITS,
+            "help": "What the optimizer does with omitted rows: optimizer (zero gradient; the optimizer still moves "
+            "them by momentum and weight decay), freeze (their weights are restored after the step) or "
+            "momentum (Adam-family optimizers: their gradient is replaced by their own first moment, so they "
+            "continue their recent direction).",
+        },
     )
     momentum_decay: float = field(
         default=1.0,
-        metadata={"group": OMITTED_UNITS, "range": numbers(0, 1),
-                  "help": "omitted_update momentum: each step a slice stays omitted, its first moment is multiplied by "
-                          "this. 1 carries it unchanged, the optimizer's beta1 does what omitted_update optimizer does, "
-                          "and values between fade the continued update out over about 1 / (1 - momentum_decay) steps."},
+        metadata={
+            "group": OMITTED_UNITS,
+            "range": numbers(0, 1),
+            "help": "omitted_update momentum: each step a slice stays omitted, its first moment is multiplied by "
+            "this. 1 carries it unchanged, the optimizer's beta1 does what omitted_update optimizer does, "
+            "and values between fade the continued update out over about 1 / (1 - momentum_decay) steps.",
+        },
     )
     maxip_tokens: int = field(
         default=64,
-        metadata={"group": SCORING, "range": ints(1),
-                  "help": "metric maxip: how many tokens are subsampled per draw to score units."},
+        metadata={
+            "group": SCORING,
+            "range": ints(1),
+            "help": "metric maxip: how many tokens are subsampled per draw to score units.",
+        },
     )
     activation_tokens: int = field(
         default=256,
-        metadata={"group": SCORING, "range": ints(1),
-                  "help": "metric activation: the fewest tokens of the micro-batch subsampled to measure units' outputs "
-                          "(all tokens if it has fewer); see activation_token_fraction."},
+        metadata={
+            "group": SCORING,
+            "range": ints(1),
+            "help": "metric activation: the fewest tokens of the micro-batch subsampled to measure units' outputs "
+            "(all tokens if it has fewer); see activation_token_fraction.",
+        },
     )
     activation_token_fraction: float = field(
         default=0.125,
-        metadata={"group": SCORING, "range": numbers(0, 1, low_open=True),
-                  "help": "metric activation: the subsample is this fraction of the micro-batch's tokens when that is more "
-                          "than activation_tokens, so scoring's share of the step stays the same at every batch size."},
+        metadata={
+            "group": SCORING,
+            "range": numbers(0, 1, low_open=True),
+            "help": "metric activation: the subsample is this fraction of the micro-batch's tokens when that is more "
+            "than activation_tokens, so scoring's share of the step stays the same at every batch size.",
+        },
     )
     activation_scores: ActivationScores = field(
         default="auto",
-        metadata={"group": SCORING,
-                  "help": "metric activation: subsample measures every unit on a token subsample of the micro-batch about "
-                          "to run; forward reads the training forward's own outputs (this step's when the forward is "
-                          "dense, else the previous one's, re-measuring 1/remeasure_every of the channels per draw). auto: "
-                          "forward when omit_in keeps the forward dense, else subsample."},
+        metadata={
+            "group": SCORING,
+            "help": "metric activation: subsample measures every unit on a token subsample of the micro-batch about "
+            "to run; forward reads the training forward's own outputs (this step's when the forward is "
+            "dense, else the previous one's, re-measuring 1/remeasure_every of the channels per draw). auto: "
+            "forward when omit_in keeps the forward dense, else subsample.",
+        },
     )
     remeasure_every: int = field(
         default=8,
-        metadata={"group": SCORING, "range": ints(1),
-                  "help": "activation_scores forward with a sparse forward: every channel is re-measured on the subsample "
-                          "at least every this many draws (1: all of them each draw, as subsample does)."},
+        metadata={
+            "group": SCORING,
+            "range": ints(1),
+            "help": "activation_scores forward with a sparse forward: every channel is re-measured on the subsample "
+            "at least every this many draws (1: all of them each draw, as subsample does).",
+        },
     )
     score_every: int = field(
         default=1,
-        metadata={"group": SCORING, "range": ints(1),
-                  "help": "Re-score the units every this many draws; draws in between reuse the last scores, so topk keeps "
-                          "the same set. Raise it to cut scoring's share of the step."},
+        metadata={
+            "group": SCORING,
+            "range": ints(1),
+            "help": "Re-score the units every this many draws; draws in between reuse the last scores, so topk keeps "
+            "the same set. Raise it to cut scoring's share of the step.",
+        },
     )
     dense_layers: list[int] = field(
         default_factory=list,
-        metadata={"group": OMITTED, "check": _layer_indices,
-                  "allowed": "a list of layer indices (integers; negative counts from the last layer)",
-                  "help": "Decoder layers whose blocks never omit units, e.g. [0, 1, 2, -1] (SparseLoRA keeps the first "
-                          "three and the last layer dense)."},
+        metadata={
+            "group": OMITTED,
+            "check": _layer_indices,
+            "allowed": "a list of layer indices (integers; negative counts from the last layer)",
+            "help": "Decoder layers whose blocks never omit units, e.g. [0, 1, 2, -1] (SparseLoRA keeps the first "
+            "three and the last layer dense).",
+        },
     )
     dense_warmup_fraction: float = field(
         default=0.375,
-        metadata={"group": SCHEDULE, "range": numbers(0, 1, high_open=True),
-                  "help": "Fraction of the steps trained dense before the schedule starts; an omitted update costs most in "
-                          "the first steps, where the loss falls fastest. 0 starts sparse, as the paper's SAT does."},
+        metadata={
+            "group": SCHEDULE,
+            "range": numbers(0, 1, high_open=True),
+            "help": "Fraction of the steps trained dense before the schedule starts; an omitted update costs most in "
+            "the first steps, where the loss falls fastest. 0 starts sparse, as the paper's SAT does.",
+        },
     )
 
     def __post_init__(self) -> None:
@@ -458,15 +533,35 @@ def _checked(f: dataclasses.Field, value: Any) -> Any:
 def _check_combinations(cfg: SATConfig) -> None:
     """The combinations of individually valid values that are refused, each with the reason."""
     if cfg.compensation == "mean" and (cfg.omit_in != "forward_backward" or cfg.metric != "activation"):
-        _fail("compensation", cfg.compensation, "none, or mean with omit_in forward_backward (a dense forward has nothing to "
-              "compensate) and metric activation (the mean is taken over the channel outputs that metric computes)")
+        _fail(
+            "compensation",
+            cfg.compensation,
+            "none, or mean with omit_in forward_backward (a dense forward has nothing to "
+            "compensate) and metric activation (the mean is taken over the channel outputs that metric computes)",
+        )
     if cfg.sparse_tokens == "context" and (cfg.targets != ["mlp"] or cfg.compensation != "none"):
-        _fail("sparse_tokens", cfg.sparse_tokens, "all, or context with targets [mlp] (attention mixes tokens: a head "
-              "cannot be omitted for some tokens only) and compensation none")
+        _fail(
+            "sparse_tokens",
+            cfg.sparse_tokens,
+            "all, or context with targets [mlp] (attention mixes tokens: a head "
+            "cannot be omitted for some tokens only) and compensation none",
+        )
     if cfg.sparse_tokens == "context" and cfg.omitted_update != "optimizer":
-        _fail("omitted_update", cfg.omitted_update, "optimizer with sparse_tokens context: the loss tokens run every channel, so "
-              "the omitted channels' gradients are real (those tokens' share), and freeze or momentum would discard them")
+        _fail(
+            "omitted_update",
+            cfg.omitted_update,
+            "optimizer with sparse_tokens context: the loss tokens run every channel, so "
+            "the omitted channels' gradients are real (those tokens' share), and freeze or momentum would discard them",
+        )
     if cfg.layer_rates == "auto" and cfg.omission_rate == 0:
-        _fail("layer_rates", cfg.layer_rates, "uniform, or auto with omission_rate > 0 (the schedule scales each block's peak rate by rate(t) / omission_rate)")
+        _fail(
+            "layer_rates",
+            cfg.layer_rates,
+            "uniform, or auto with omission_rate > 0 (the schedule scales each block's peak rate by rate(t) / omission_rate)",
+        )
     if cfg.momentum_decay != 1.0 and cfg.omitted_update != "momentum":
-        _fail("momentum_decay", cfg.momentum_decay, "1 unless omitted_update is momentum (it scales that mode's continued first moment)")
+        _fail(
+            "momentum_decay",
+            cfg.momentum_decay,
+            "1 unless omitted_update is momentum (it scales that mode's continued first moment)",
+        )

@@ -64,7 +64,11 @@ def wanda(x: torch.Tensor, in_weights: list[torch.Tensor], n: int) -> torch.Tens
 
 
 def subsample_tokens(
-    x: torch.Tensor, tokens: int, generator: torch.Generator, mask: torch.Tensor | None = None, starts: torch.Tensor | None = None,
+    x: torch.Tensor,
+    tokens: int,
+    generator: torch.Generator,
+    mask: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``tokens`` rows drawn from x's flattened tokens (:func:`sample_rows`) and their
     :func:`sample_weights` (None: every row was taken, each counts once)."""
@@ -74,7 +78,11 @@ def subsample_tokens(
 
 
 def stratified_sample(
-    total: int, tokens: int, generator: torch.Generator, mask: torch.Tensor | None, starts: torch.Tensor | None,
+    total: int,
+    tokens: int,
+    generator: torch.Generator,
+    mask: torch.Tensor | None,
+    starts: torch.Tensor | None,
     device: torch.device,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(:func:`sample_rows`, their :func:`sample_weights`), or (None, ``mask``) when every row is
@@ -86,7 +94,11 @@ def stratified_sample(
 
 
 def sample_rows(
-    total: int, tokens: int, generator: torch.Generator, mask: torch.Tensor | None, device: torch.device,
+    total: int,
+    tokens: int,
+    generator: torch.Generator,
+    mask: torch.Tensor | None,
+    device: torch.device,
     starts: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Indices of ``tokens`` of ``total`` flattened token rows, drawn without replacement (None: all,
@@ -121,7 +133,11 @@ def other_rows(rows: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def sample_weights(
-    rows: torch.Tensor, total: int, mask: torch.Tensor | None, starts: torch.Tensor | None, device: torch.device,
+    rows: torch.Tensor,
+    total: int,
+    mask: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    device: torch.device,
 ) -> torch.Tensor:
     """Per sampled row, how many of the micro-batch's real tokens it stands for (0 on padding),
     float32, on the device: a stratified sample's weights, the sequence starts one stratum and the
@@ -132,11 +148,14 @@ def sample_weights(
     first = torch.zeros(total, device=device) if starts is None else starts.float() * real
     rest = real - first
     taken_first, taken_rest = first.index_select(0, rows), rest.index_select(0, rows)
-    return (taken_first * (first.sum() / taken_first.sum().clamp_min(1))
-            + taken_rest * (rest.sum() / taken_rest.sum().clamp_min(1)))
+    return taken_first * (first.sum() / taken_first.sum().clamp_min(1)) + taken_rest * (
+        rest.sum() / taken_rest.sum().clamp_min(1)
+    )
 
 
-def sequence_starts(batch: int, length: int, mask: torch.Tensor | None, position_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def sequence_starts(
+    batch: int, length: int, mask: torch.Tensor | None, position_ids: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
     """1 at the first real token of each sequence of a ``batch x length`` micro-batch, else 0
     (flattened, float32, on the device, no host sync). Packed sequences (``position_ids`` that
     restart at 0 inside a row) start wherever a position is 0; otherwise each row's first real
@@ -154,8 +173,13 @@ def sequence_starts(batch: int, length: int, mask: torch.Tensor | None, position
 
 
 def maxip(
-    x: torch.Tensor, first_in_weight: torch.Tensor, n: int, tokens: int, generator: torch.Generator,
-    mask: torch.Tensor | None = None, starts: torch.Tensor | None = None,
+    x: torch.Tensor,
+    first_in_weight: torch.Tensor,
+    n: int,
+    tokens: int,
+    generator: torch.Generator,
+    mask: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     flat, _ = subsample_tokens(x, tokens, generator, mask, starts)
     products = F.linear(flat, first_in_weight)  # in the weights' dtype: no float copy of the weight
@@ -163,7 +187,10 @@ def maxip(
 
 
 def mlp_hidden(
-    tokens: torch.Tensor, in_weights: list[torch.Tensor], in_biases: list[torch.Tensor | None], act: Callable[[torch.Tensor], torch.Tensor],
+    tokens: torch.Tensor,
+    in_weights: list[torch.Tensor],
+    in_biases: list[torch.Tensor | None],
+    act: Callable[[torch.Tensor], torch.Tensor],
     keep: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The MLP channels' outputs on ``tokens`` (the down projection's input): ``act(t W_0 + b_0) * (t W_1 + b_1)``,
@@ -218,8 +245,13 @@ def subsample_size(tokens: int, floor: int, fraction: float) -> int:
 
 
 def activation_attention(
-    tokens: torch.Tensor, v_weight: torch.Tensor, v_bias: torch.Tensor | None, out_weight: torch.Tensor, groups: int,
-    per_head: bool = False, weights: torch.Tensor | None = None,
+    tokens: torch.Tensor,
+    v_weight: torch.Tensor,
+    v_bias: torch.Tensor | None,
+    out_weight: torch.Tensor,
+    groups: int,
+    per_head: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per KV group (or, with ``per_head``, per query head): the norm over ``tokens`` (and the
     group's query heads) of ``W_o[:, head] v_t``, token t's square counted ``weights[t]`` times
@@ -229,7 +261,11 @@ def activation_attention(
 
 
 def value_scores(
-    values: torch.Tensor, out_weight: torch.Tensor, groups: int, per_head: bool = False, weights: torch.Tensor | None = None,
+    values: torch.Tensor,
+    out_weight: torch.Tensor,
+    groups: int,
+    per_head: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`activation_attention` from the value vectors themselves (``tokens x groups * head_dim``):
     a subsample's, or a dense forward's own v_proj output on every token.

@@ -36,7 +36,11 @@ class OmittedUpdate:
         if self.mode == "momentum":
             continue_momentum(self.handle, optimizer, self.momentum_decay)
         elif self.mode == "freeze":
-            self._frozen = [(t, dim, idx, t.detach().index_select(dim, idx)) for u in self.handle.units for t, dim, idx in u.omitted_parameters()]
+            self._frozen = [
+                (t, dim, idx, t.detach().index_select(dim, idx))
+                for u in self.handle.units
+                for t, dim, idx in u.omitted_parameters()
+            ]
 
     def after_step(self) -> None:
         with torch.no_grad():
@@ -58,7 +62,9 @@ def continue_momentum(handle: SATHandle, optimizer, decay: float = 1.0) -> None:
             for tensor, dim, idx in unit.omitted_parameters():
                 state = states.get(tensor) or {}
                 if state and "exp_avg" not in state:
-                    raise SATError(f"omitted_update 'momentum' needs an Adam-family optimizer (exp_avg state), got {type(inner).__name__}")
+                    raise SATError(
+                        f"omitted_update 'momentum' needs an Adam-family optimizer (exp_avg state), got {type(inner).__name__}"
+                    )
                 if "exp_avg" in state and tensor.grad is not None:
                     moment = state["exp_avg"].index_select(dim, idx).to(tensor.grad.dtype)
                     if decay != 1.0:

@@ -158,7 +158,12 @@ class GivenRows:
 
 
 def kept_linear(
-    module: nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int, cache: SliceCache | None, given: GivenRows | None = None,
+    module: nn.Module,
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    dim: int,
+    cache: SliceCache | None,
+    given: GivenRows | None = None,
 ) -> torch.Tensor:
     """``module(x)`` restricted to kept features ``idx``: its kept outputs (``dim=KEEP_OUTPUTS``),
     or, with ``x`` holding only the kept inputs (``dim=KEEP_INPUTS``), the full output. ``given``
@@ -179,12 +184,18 @@ def kept_linear(
         weight, bias = cache.get(module, idx, dim, dtype)
     else:
         weight, bias = _gather(module, idx, dim, dtype)
-    return _KeptLinear.apply(_as(x, dtype), weight, bias, module.weight, module.bias, idx, dim, isinstance(module, Conv1D), direct, *rows)
+    return _KeptLinear.apply(
+        _as(x, dtype), weight, bias, module.weight, module.bias, idx, dim, isinstance(module, Conv1D), direct, *rows
+    )
 
 
 def _linear_given_rows(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-    rows: torch.Tensor | None = None, other: torch.Tensor | None = None, values: torch.Tensor | None = None,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    rows: torch.Tensor | None = None,
+    other: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, w, b)`` with the flattened rows ``rows`` (None: all) taken from ``values``
     instead of computed (none given: ``values`` None)."""
@@ -281,7 +292,9 @@ def _out_major(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
     return tensor.t() if transposed else tensor
 
 
-def backward_kept_linear(module: nn.Module, x: torch.Tensor, idx: KeptIndex, dim: int, full_input_grad: bool = False) -> torch.Tensor:
+def backward_kept_linear(
+    module: nn.Module, x: torch.Tensor, idx: KeptIndex, dim: int, full_input_grad: bool = False
+) -> torch.Tensor:
     """``module(x)`` with the full weight forward, and a backward through kept features ``idx`` only.
 
     ``dim=KEEP_OUTPUTS`` (input projections): only the kept outputs' gradient is read; the kept
@@ -378,8 +391,15 @@ def _saved_kept_index(ctx, saved: list[torch.Tensor]) -> torch.Tensor:
 
 
 def split_rows_linear(
-    module: nn.Module, dense_forward, x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], idx: KeptIndex, dim: int,
-    backward_only: bool, cache: SliceCache | None, full_input_grad: bool = False,
+    module: nn.Module,
+    dense_forward,
+    x: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor],
+    idx: KeptIndex,
+    dim: int,
+    backward_only: bool,
+    cache: SliceCache | None,
+    full_input_grad: bool = False,
 ) -> torch.Tensor:
     """``sparse_tokens: context``: the flattened token rows ``rows[0]`` through the whole projection
     (``dense_forward``, the module's own forward), the rows ``rows[1]`` through the kept slice only,

@@ -45,19 +45,66 @@ from sat_trainer.yaml_io import parse_value
 
 SHAPES = {
     # the embedded demo base (sat-train pretrain-base)
-    "demo": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2, vocab_size=8192),
+    "demo": dict(
+        hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2, vocab_size=8192
+    ),
     # CPU-sized, realistic proportions: per-layer matmuls dominate as at 7B
-    "realistic": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4, vocab_size=8192),
+    "realistic": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=8192,
+    ),
     # SmolLM2-135M's shape (random weights: speed does not depend on them)
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "smollm2": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
     # GPU: TinyLlama-1.1B's shape, and 6 of its layers (to bound compile time)
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
-    "1b6l": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "1b6l": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=6,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
     # GPU: 4 layers of Llama-3-8B (GQA) and of Llama-2-7B (MHA)
-    "8b4l": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
-    "7b4l": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "8b4l": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+    "7b4l": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
     # checks the scripts only
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256
+    ),
 }
 TARGETS = {"mlp": ["mlp"], "attention": ["attention"], "both": ["mlp", "attention"]}
 # --table cpu: every (shape, batch x seq) configuration of the CPU table, each at --rates x --targets
@@ -125,7 +172,10 @@ def build_pruned(args, targets: str, rate: float) -> torch.nn.Module:
         over["head_dim"] = shape["hidden_size"] // shape["num_attention_heads"]
         # set after the config is built: its validator refuses a hidden size that is not a multiple of the
         # head count (1024 and 12 kept heads), though an explicit head_dim makes the model well defined
-        heads = {"num_key_value_heads": kv, "num_attention_heads": kv * (shape["num_attention_heads"] // shape["num_key_value_heads"])}
+        heads = {
+            "num_key_value_heads": kv,
+            "num_attention_heads": kv * (shape["num_attention_heads"] // shape["num_key_value_heads"]),
+        }
         return build(args, after=heads, **over)
     return build(args, **over)
 
@@ -134,9 +184,19 @@ def sat_config(args, targets: str, rate: float) -> SATConfig:
     """The SAT settings every measurement of one configuration uses: timing, ladder and memory alike; the
     schedule is the paper's ladder without a dense start (``--ladder-steps`` times it; ``--sat`` changes it)."""
     extra = dict(sat_setting(item) for item in args.sat)
-    return SATConfig(**{"omission_rate": rate, "targets": TARGETS[targets], "metric": args.metric, "selection": args.selection,
-                        "omit_in": args.omit_in, "dense_layers": args.dense_layers, "schedule": "ladder",
-                        "dense_warmup_fraction": 0.0, **extra})
+    return SATConfig(
+        **{
+            "omission_rate": rate,
+            "targets": TARGETS[targets],
+            "metric": args.metric,
+            "selection": args.selection,
+            "omit_in": args.omit_in,
+            "dense_layers": args.dense_layers,
+            "schedule": "ladder",
+            "dense_warmup_fraction": 0.0,
+            **extra,
+        }
+    )
 
 
 def sat_setting(item: str) -> tuple[str, object]:
@@ -207,8 +267,20 @@ def compare(args, targets: str, rate: float) -> Row:
     total = {name: [t for t, _ in ts] for name, ts in times.items()}
     d, s = statistics.median(total["dense"]), statistics.median(total["sat"])
     ideal = 1.0 / handle.kept_flops_fraction()
-    row = Row(args.shape, targets, args.lora, rate, args.omit_in, d, s, (min(total["dense"]), max(total["dense"])),
-              (min(total["sat"]), max(total["sat"])), d / s, ideal, (d / s) / ideal)
+    row = Row(
+        args.shape,
+        targets,
+        args.lora,
+        rate,
+        args.omit_in,
+        d,
+        s,
+        (min(total["dense"]), max(total["dense"])),
+        (min(total["sat"]), max(total["sat"])),
+        d / s,
+        ideal,
+        (d / s) / ideal,
+    )
     row.extra = {f"{name}_forward_s": statistics.median(f for _, f in ts) for name, ts in times.items()}
     if "pruned" in steps:
         row.pruned_s = statistics.median(total["pruned"])
@@ -249,9 +321,21 @@ def ladder(args, targets: str) -> dict:
     ends = starts[1:] + [len(rates)]
     excess = [per_step["sat"][a] - statistics.median(per_step["sat"][a:b]) for a, b in zip(starts, ends)]
     total = {k: sum(v) for k, v in per_step.items()}
-    return {"shape": args.shape, "targets": targets, "lora": args.lora, "omit_in": args.omit_in, "steps": args.ladder_steps, "peak_rate": cfg.omission_rate,
-            "dense_s": total["dense"], "sat_s": total["sat"], "speedup": total["dense"] / total["sat"],
-            "ideal": len(flops) / sum(flops), "rates": rates, "per_step": per_step, "rung_first_excess_s": excess}
+    return {
+        "shape": args.shape,
+        "targets": targets,
+        "lora": args.lora,
+        "omit_in": args.omit_in,
+        "steps": args.ladder_steps,
+        "peak_rate": cfg.omission_rate,
+        "dense_s": total["dense"],
+        "sat_s": total["sat"],
+        "speedup": total["dense"] / total["sat"],
+        "ideal": len(flops) / sum(flops),
+        "rates": rates,
+        "per_step": per_step,
+        "rung_first_excess_s": excess,
+    }
 
 
 def peak_memory(args, targets: str, rate: float | None) -> float:
@@ -329,21 +413,65 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rates", type=float, nargs="+", default=[0.5])
-    p.add_argument("--targets", choices=sorted(TARGETS), nargs="+", default=[DEFAULT_TARGETS], help=f"blocks that omit neurons (default {DEFAULT_TARGETS}, as SATConfig)")
+    p.add_argument(
+        "--targets",
+        choices=sorted(TARGETS),
+        nargs="+",
+        default=[DEFAULT_TARGETS],
+        help=f"blocks that omit neurons (default {DEFAULT_TARGETS}, as SATConfig)",
+    )
     p.add_argument("--metric", default=SATConfig.metric)
     p.add_argument("--selection", default=SATConfig.selection)
-    p.add_argument("--omit-in", dest="omit_in", choices=["forward_backward", "backward", "weight_gradient"], default="forward_backward", help="SATConfig.omit_in (default forward_backward, the paper's SAT and the mode of the documented rows; the package default is backward); backward: the bound is a dense forward plus a pruned backward (weight_gradient: no bound)")
-    p.add_argument("--dense-layers", dest="dense_layers", type=int, nargs="*", default=[], help="SATConfig.dense_layers (no bound is timed then)")
-    p.add_argument("--sat", action="append", default=[], metavar="KEY=VALUE", help="any other SATConfig setting, e.g. "
-                   "score_every=1000 or activation_scores=forward (values parsed as YAML; repeatable)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast: fp32 weights, bf16 autocast (Trainer's bf16=True)")
-    p.add_argument("--kernels", choices=["hf", "liger"], default="hf", help="liger: Liger-Kernel's Llama patch (rope, rms_norm, swiglu, fused linear cross-entropy)")
+    p.add_argument(
+        "--omit-in",
+        dest="omit_in",
+        choices=["forward_backward", "backward", "weight_gradient"],
+        default="forward_backward",
+        help="SATConfig.omit_in (default forward_backward, the paper's SAT and the mode of the documented rows; the package default is backward); backward: the bound is a dense forward plus a pruned backward (weight_gradient: no bound)",
+    )
+    p.add_argument(
+        "--dense-layers",
+        dest="dense_layers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="SATConfig.dense_layers (no bound is timed then)",
+    )
+    p.add_argument(
+        "--sat",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other SATConfig setting, e.g. "
+        "score_every=1000 or activation_scores=forward (values parsed as YAML; repeatable)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="fp32",
+        help="autocast: fp32 weights, bf16 autocast (Trainer's bf16=True)",
+    )
+    p.add_argument(
+        "--kernels",
+        choices=["hf", "liger"],
+        default="hf",
+        help="liger: Liger-Kernel's Llama patch (rope, rms_norm, swiglu, fused linear cross-entropy)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile every model (dense, SAT, pruned)")
-    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true",
-                   help="every model (dense, SAT, pruned) recomputes each decoder layer's activations in backward (non-reentrant)")
-    p.add_argument("--context-fraction", dest="context_fraction", type=float, default=0.0,
-                   help="label the first this fraction of each sequence -100, as an SFT prompt (with --sat sparse_tokens=context "
-                   "those tokens run sparse and the rest dense; no bound is timed then)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_true",
+        help="every model (dense, SAT, pruned) recomputes each decoder layer's activations in backward (non-reentrant)",
+    )
+    p.add_argument(
+        "--context-fraction",
+        dest="context_fraction",
+        type=float,
+        default=0.0,
+        help="label the first this fraction of each sequence -100, as an SFT prompt (with --sat sparse_tokens=context "
+        "those tokens run sparse and the rest dense; no bound is timed then)",
+    )
     p.add_argument("--no-bound", dest="bound", action="store_false", help="skip the pruned-dense model")
     p.add_argument("--device", default="cpu")
     p.add_argument("--lora", action="store_true")
@@ -351,8 +479,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--ladder-steps", type=int, default=0, help="also time a whole ladder run of this many steps")
     p.add_argument("--memory", action="store_true", help="also measure peak memory per variant (separate processes)")
-    p.add_argument("--table", choices=sorted(TABLES), help="cpu: SmolLM2-135M's and the realistic shape at 512, 1024 and 4096 "
-                   "tokens per step (batch 2, 4, 16 x 256), each at --rates x --targets (overrides --shape/--batch/--seq)")
+    p.add_argument(
+        "--table",
+        choices=sorted(TABLES),
+        help="cpu: SmolLM2-135M's and the realistic shape at 512, 1024 and 4096 "
+        "tokens per step (batch 2, 4, 16 x 256), each at --rates x --targets (overrides --shape/--batch/--seq)",
+    )
     p.add_argument("--json", help="append result rows to this JSON-lines file (each row as it finishes)")
     p.add_argument("--plot", help="write a PNG of measured and ideal speedup against omission rate, per target")
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
@@ -360,26 +492,34 @@ def parser() -> argparse.ArgumentParser:
 
 
 def describe(args) -> str:
-    return (f"{args.shape}, batch {args.batch} x {args.seq}, omit_in {args.omit_in}, {args.precision}, kernels {args.kernels}"
-            f"{', compiled' if args.compile else ''}{', gradient checkpointing' if args.gradient_checkpointing else ''}"
-            f"{', LoRA r16' if args.lora else ''}, device {args.device}"
-            f"{''.join(', ' + item for item in args.sat)}")
+    return (
+        f"{args.shape}, batch {args.batch} x {args.seq}, omit_in {args.omit_in}, {args.precision}, kernels {args.kernels}"
+        f"{', compiled' if args.compile else ''}{', gradient checkpointing' if args.gradient_checkpointing else ''}"
+        f"{', LoRA r16' if args.lora else ''}, device {args.device}"
+        f"{''.join(', ' + item for item in args.sat)}"
+    )
 
 
 def format_row(row: Row) -> str:
     bound = f"{row.pruned_s:.4f} | {row.bound:.2f}x | {row.of_bound:.2f}" if row.bound else "- | - | -"
-    return (f"| {row.targets} | {row.rate} | {row.dense_s:.4f} ({row.dense_range[0]:.4f}-{row.dense_range[1]:.4f}) | "
-            f"{row.sat_s:.4f} ({row.sat_range[0]:.4f}-{row.sat_range[1]:.4f}) | {row.speedup:.2f}x | {bound} | {row.ideal:.2f}x |")
+    return (
+        f"| {row.targets} | {row.rate} | {row.dense_s:.4f} ({row.dense_range[0]:.4f}-{row.dense_range[1]:.4f}) | "
+        f"{row.sat_s:.4f} ({row.sat_range[0]:.4f}-{row.sat_range[1]:.4f}) | {row.speedup:.2f}x | {bound} | {row.ideal:.2f}x |"
+    )
 
 
-TABLE_HEAD = ("| targets | rate | dense s/step (min-max) | SAT s/step (min-max) | SAT speedup | pruned s/step | bound | of bound | FLOP ideal |\n"
-              "|---|---|---|---|---|---|---|---|---|")
+TABLE_HEAD = (
+    "| targets | rate | dense s/step (min-max) | SAT s/step (min-max) | SAT speedup | pruned s/step | bound | of bound | FLOP ideal |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def format_ladder(lad: dict) -> str:
     excess = ", ".join(f"{e:+.3f}" for e in lad["rung_first_excess_s"])
-    return (f"| {lad['targets']} | ladder {lad['steps']} steps | {lad['dense_s']:.2f} s total | {lad['sat_s']:.2f} s total | "
-            f"{lad['speedup']:.2f}x | first step of each later rung over its median: {excess} s | | | {lad['ideal']:.2f}x |")
+    return (
+        f"| {lad['targets']} | ladder {lad['steps']} steps | {lad['dense_s']:.2f} s total | {lad['sat_s']:.2f} s total | "
+        f"{lad['speedup']:.2f}x | first step of each later rung over its median: {excess} s | | | {lad['ideal']:.2f}x |"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -423,10 +563,21 @@ def write_row(args, row: dict) -> None:
 
 def context(args) -> dict:
     """What a JSON row needs besides its numbers to be reproduced."""
-    return {"shape": args.shape, "device": args.device, "precision": args.precision, "kernels": args.kernels, "compile": args.compile,
-            "gradient_checkpointing": args.gradient_checkpointing,
-            "batch": args.batch, "seq": args.seq, "metric": args.metric, "selection": args.selection, "dense_layers": args.dense_layers,
-            "sat": args.sat, "context_fraction": args.context_fraction}
+    return {
+        "shape": args.shape,
+        "device": args.device,
+        "precision": args.precision,
+        "kernels": args.kernels,
+        "compile": args.compile,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "batch": args.batch,
+        "seq": args.seq,
+        "metric": args.metric,
+        "selection": args.selection,
+        "dense_layers": args.dense_layers,
+        "sat": args.sat,
+        "context_fraction": args.context_fraction,
+    }
 
 
 if __name__ == "__main__":

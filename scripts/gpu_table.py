@@ -91,11 +91,14 @@ def main() -> None:
             f.write(line + "\n")
 
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    import sat_trainer
     import transformers
 
-    log(f"# GPU table: {name}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"sat_trainer from {Path(sat_trainer.__file__).parent}, {time.strftime('%Y-%m-%d %H:%M')}")
+    import sat_trainer
+
+    log(
+        f"# GPU table: {name}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"sat_trainer from {Path(sat_trainer.__file__).parent}, {time.strftime('%Y-%m-%d %H:%M')}"
+    )
     rows: list[dict] = []
     start = time.time()
     for group, spec, targets in GROUPS:

@@ -35,8 +35,16 @@ def step_time(guarded: bool, steps: int, warmup: int, length: int, out: str) -> 
     tokens = torch.randint(0, config.vocab_size, (8 * steps, length))
     data = Dataset.from_dict({"input_ids": tokens.tolist(), "labels": tokens.tolist()})
     args = transformers.TrainingArguments(
-        output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3, optim="adamw_torch_fused",
-        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        output_dir=out,
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        optim="adamw_torch_fused",
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
     )
     record = ReportCallback()
     callbacks = [NonFiniteGuard(), record] if guarded else [record]
@@ -58,12 +66,21 @@ def main() -> None:
             for name in runs:
                 runs[name].append(step_time(name == "with", opts.steps, opts.warmup, opts.length, out))
     ratios = [w / n for w, n in zip(runs["with"], runs["without"])]
-    print(json.dumps({
-        "steps": opts.steps, "pairs": opts.pairs, "tokens_per_step": 8 * opts.length, "threads": torch.get_num_threads(),
-        "step_s_without_guard": [round(t, 4) for t in runs["without"]], "step_s_with_guard": [round(t, 4) for t in runs["with"]],
-        "median_step_s_without": round(statistics.median(runs["without"]), 4), "median_step_s_with": round(statistics.median(runs["with"]), 4),
-        "median_ratio_with_over_without": round(statistics.median(ratios), 4),
-    }))
+    print(
+        json.dumps(
+            {
+                "steps": opts.steps,
+                "pairs": opts.pairs,
+                "tokens_per_step": 8 * opts.length,
+                "threads": torch.get_num_threads(),
+                "step_s_without_guard": [round(t, 4) for t in runs["without"]],
+                "step_s_with_guard": [round(t, 4) for t in runs["with"]],
+                "median_step_s_without": round(statistics.median(runs["without"]), 4),
+                "median_step_s_with": round(statistics.median(runs["with"]), 4),
+                "median_ratio_with_over_without": round(statistics.median(ratios), 4),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -59,7 +59,10 @@ def op_times(args, targets: str, rate: float) -> dict[str, dict[str, tuple[float
                 acc[1] += event.self_device_time_total
                 acc[2] += event.count
     n = args.profile_steps
-    return {name: {op: (host / n / 1e3, device / n / 1e3, count / n) for op, (host, device, count) in ops.items()} for name, ops in sums.items()}
+    return {
+        name: {op: (host / n / 1e3, device / n / 1e3, count / n) for op, (host, device, count) in ops.items()}
+        for name, ops in sums.items()
+    }
 
 
 def table(times: dict[str, dict[str, tuple[float, float, float]]], top: int) -> str:
@@ -67,14 +70,20 @@ def table(times: dict[str, dict[str, tuple[float, float, float]]], top: int) -> 
     zero = (0.0, 0.0, 0.0)
     ops = set().union(*(times[name] for name in MODELS))
     ordered = sorted(ops, key=lambda op: times["pruned"].get(op, zero)[0] - times["sat"].get(op, zero)[0])
-    lines = ["| op | dense ms | SAT ms | pruned ms | SAT - pruned ms | SAT calls | pruned calls | dense device ms | SAT device ms | pruned device ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| op | dense ms | SAT ms | pruned ms | SAT - pruned ms | SAT calls | pruned calls | dense device ms | SAT device ms | pruned device ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     total = {name: (sum(v[0] for v in times[name].values()), sum(v[1] for v in times[name].values())) for name in MODELS}
-    lines.append(f"| **all ops** | {total['dense'][0]:.1f} | {total['sat'][0]:.1f} | {total['pruned'][0]:.1f} | "
-                 f"{total['sat'][0] - total['pruned'][0]:+.1f} | | | {total['dense'][1]:.1f} | {total['sat'][1]:.1f} | {total['pruned'][1]:.1f} |")
+    lines.append(
+        f"| **all ops** | {total['dense'][0]:.1f} | {total['sat'][0]:.1f} | {total['pruned'][0]:.1f} | "
+        f"{total['sat'][0] - total['pruned'][0]:+.1f} | | | {total['dense'][1]:.1f} | {total['sat'][1]:.1f} | {total['pruned'][1]:.1f} |"
+    )
     for op in ordered[:top]:
         d, s, p = (times[name].get(op, zero) for name in MODELS)
-        lines.append(f"| {op} | {d[0]:.1f} | {s[0]:.1f} | {p[0]:.1f} | {s[0] - p[0]:+.1f} | {s[2]:.0f} | {p[2]:.0f} | {d[1]:.1f} | {s[1]:.1f} | {p[1]:.1f} |")
+        lines.append(
+            f"| {op} | {d[0]:.1f} | {s[0]:.1f} | {p[0]:.1f} | {s[0] - p[0]:+.1f} | {s[2]:.0f} | {p[2]:.0f} | {d[1]:.1f} | {s[1]:.1f} | {p[1]:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -82,13 +91,21 @@ def parse(argv: list[str] | None = None):
     """``benchmark.py``'s arguments, less those that time no pruned model or do other work (refused)."""
     p = parser()
     args = p.parse_args(argv)
-    unused = {"--table": args.table, "--memory": args.memory, "--ladder-steps": args.ladder_steps, "--json": args.json, "--plot": args.plot}
+    unused = {
+        "--table": args.table,
+        "--memory": args.memory,
+        "--ladder-steps": args.ladder_steps,
+        "--json": args.json,
+        "--plot": args.plot,
+    }
     for flag, given in unused.items():
         if given:
             p.error(f"{flag} is benchmark.py's; this script profiles one comparison against the pruned model")
     if not benchmark.has_bound(args, benchmark.sat_config(args, args.targets[0], args.rates[0])):
-        p.error("no pruned model matches this comparison (--no-bound, --omit-in weight_gradient, --dense-layers, "
-                "or --sat sparse_tokens=context with --context-fraction)")
+        p.error(
+            "no pruned model matches this comparison (--no-bound, --omit-in weight_gradient, --dense-layers, "
+            "or --sat sparse_tokens=context with --context-fraction)"
+        )
     if args.profile_steps < 1:
         p.error("--profile-steps must be at least 1")
     return args
@@ -100,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     benchmark.apply_kernels(args)
     for targets in args.targets:
         for rate in args.rates:
-            print(f"# {benchmark.describe(args)}, targets {targets}, rate {rate}: self time per step over {args.profile_steps} profiled steps")
+            print(
+                f"# {benchmark.describe(args)}, targets {targets}, rate {rate}: self time per step over {args.profile_steps} profiled steps"
+            )
             print(table(op_times(args, targets, rate), args.top), flush=True)
 
 

@@ -65,7 +65,9 @@ def variant_overrides(variant: str) -> tuple[bool, list[str]]:
     items = re.split(r",(?![^\[]*\])", variant)  # commas inside [...] belong to a list value
     if items[0] == "dense":
         if not all("." in item.split("=")[0] and "=" in item for item in items[1:]):
-            raise SystemExit(f"variant {variant!r}: after 'dense,' only dotted overrides (training.learning_rate=6e-5), no sat settings")
+            raise SystemExit(
+                f"variant {variant!r}: after 'dense,' only dotted overrides (training.learning_rate=6e-5), no sat settings"
+            )
         return True, items[1:]
     return False, [item if "." in item.split("=")[0] else f"sat.{item}" for item in items]
 
@@ -82,15 +84,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--set", action="append", default=[], help="override for every variant, e.g. training.max_steps=60")
     p.add_argument("--out", default="runs/quality")
-    p.add_argument("--json", nargs="+", default=["docs/journal/bench/quality.jsonl"],
-                   help="JSON-lines file(s): training appends to the first, --report reads them all")
-    p.add_argument("--equal-time", action="store_true", help="also run each SAT variant for the steps that fit in dense's train-step time")
+    p.add_argument(
+        "--json",
+        nargs="+",
+        default=["docs/journal/bench/quality.jsonl"],
+        help="JSON-lines file(s): training appends to the first, --report reads them all",
+    )
+    p.add_argument(
+        "--equal-time", action="store_true", help="also run each SAT variant for the steps that fit in dense's train-step time"
+    )
     p.add_argument("--report", action="store_true", help="train nothing: tabulate the rows already in --json")
-    p.add_argument("--min-steps", type=int, default=0, help="--report: only rows of at least this many steps (one protocol among several)")
+    p.add_argument(
+        "--min-steps", type=int, default=0, help="--report: only rows of at least this many steps (one protocol among several)"
+    )
     p.add_argument("--step-times", help="re-time every curve with the step times of these benchmark.py JSON rows")
     p.add_argument("--plot", help="also write a PNG of held-out loss (first eval set) against training time")
-    p.add_argument("--frontier", help="also write a PNG of the final held-out losses, first eval set against the second "
-                   "(new domain against forgetting), with dense's runs (e.g. a learning-rate sweep) joined as its frontier")
+    p.add_argument(
+        "--frontier",
+        help="also write a PNG of the final held-out losses, first eval set against the second "
+        "(new domain against forgetting), with dense's runs (e.g. a learning-rate sweep) joined as its frontier",
+    )
     args = p.parse_args(argv)
     keep_freed_memory()  # no page faults per step on CPU (sat_trainer.app.cpu_memory): steadier timings
     results = saved_results(args.json, args.config, args.min_steps) if args.report else train_variants(args)
@@ -118,7 +131,9 @@ def train_variants(args: argparse.Namespace) -> dict[str, list[dict]]:
                 if row["sat"] is not None:
                     steps = equal_time_steps_of(args, rows["dense"], row)
                     label = f"{variant}@equal-time"
-                    results.setdefault(label, []).append(train_one(args, task, seed, variant, [f"training.max_steps={steps}"], label))
+                    results.setdefault(label, []).append(
+                        train_one(args, task, seed, variant, [f"training.max_steps={steps}"], label)
+                    )
     return results
 
 
@@ -136,16 +151,25 @@ def train_one(args: argparse.Namespace, task: str, seed: int, variant: str, extr
     label = label or variant
     dense, overrides = variant_overrides(variant)
     out = Path(args.out) / Path(args.config).stem / f"seed{seed}" / label.replace("=", "-").replace(",", "_").replace("@", "_")
-    cfg = load_run_config(task, args.config, [*args.set, *overrides, *extra, f"training.seed={seed}", f"training.output_dir={out}"])
+    cfg = load_run_config(
+        task, args.config, [*args.set, *overrides, *extra, f"training.seed={seed}", f"training.output_dir={out}"]
+    )
     report = run(cfg, dense=dense)
-    row = {"config": args.config, "variant": label, "seed": seed, "train_time_s": report["train_time_s"],
-           "held_out_loss": report["held_out_loss"], "evals": report["history"]["held_out"],
-           "sat": report["config"]["sat"] if not dense else None, "steps": report["steps"], "set": args.set}
+    row = {
+        "config": args.config,
+        "variant": label,
+        "seed": seed,
+        "train_time_s": report["train_time_s"],
+        "held_out_loss": report["held_out_loss"],
+        "evals": report["history"]["held_out"],
+        "sat": report["config"]["sat"] if not dense else None,
+        "steps": report["steps"],
+        "set": args.set,
+    }
     Path(args.json[0]).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json[0], "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
-
 
 
 def step_times(path: str) -> dict[str, StepTimes]:
@@ -168,7 +192,10 @@ def retime(row: dict, times: dict[str, StepTimes]) -> dict:
     sat = SATConfig.from_dict(row["sat"]) if row["sat"] else None
     mode = sat.omit_in if sat else next(iter(times))
     if mode not in times:
-        print(f"--step-times: {row['variant']} keeps its own train-step times (no benchmark rows for omit_in {mode})", file=sys.stderr)
+        print(
+            f"--step-times: {row['variant']} keeps its own train-step times (no benchmark rows for omit_in {mode})",
+            file=sys.stderr,
+        )
         return row
     measured = times[mode]
 
@@ -203,7 +230,11 @@ def table(results: dict[str, list[dict]]) -> str:
     """Mean (and spread over seeds) per variant; against dense, seed by seed, where dense ran that seed."""
     dense = results.get("dense")
     sets = list(next(iter(results.values()))[0]["held_out_loss"])  # config order: the new domain first
-    head = "| variant | " + " | ".join(f"held-out {s}" for s in sets) + " | vs dense | train-step s | speedup | time to dense's loss |"
+    head = (
+        "| variant | "
+        + " | ".join(f"held-out {s}" for s in sets)
+        + " | vs dense | train-step s | speedup | time to dense's loss |"
+    )
     lines = [head, "|" + "---|" * (len(sets) + 5)]
     for variant, rows in results.items():
         cells = []
@@ -219,8 +250,16 @@ def table(results: dict[str, list[dict]]) -> str:
             speedup = statistics.mean(d["train_time_s"] / r["train_time_s"] for r, d in pairs)
             # dense's last curve point: the curve's own held-out blocks (data.curve_eval_samples), not the whole set's loss
             reach = [time_to_reach(r["evals"], first, d["evals"][-1].get(first, d["held_out_loss"][first])) for r, d in pairs]
-            reach_cell = "not reached" if None in reach else f"{statistics.mean(t / d['train_time_s'] for t, (_, d) in zip(reach, pairs)):.2f}x"
-            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {100 * (ratio - 1):+.2f}% ({first}) | {time:.1f} | {speedup:.2f}x | {reach_cell} |")
+            reach_cell = (
+                "not reached"
+                if None in reach
+                else f"{statistics.mean(t / d['train_time_s'] for t, (_, d) in zip(reach, pairs)):.2f}x"
+            )
+            lines.append(
+                f"| {variant} | "
+                + " | ".join(cells)
+                + f" | {100 * (ratio - 1):+.2f}% ({first}) | {time:.1f} | {speedup:.2f}x | {reach_cell} |"
+            )
         else:
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | | {time:.1f} | | |")
     return "\n".join(lines)
@@ -244,7 +283,13 @@ def plot(results: dict[str, list[dict]], path: str) -> None:
     first = list(next(iter(results.values()))[0]["held_out_loss"])[0]
     for variant, rows in results.items():
         evals = rows[0]["evals"]
-        style = dict(color="black", linewidth=2.5) if variant == "dense" else dict(linewidth=2.5) if variant == "default" else dict(alpha=0.7)
+        style = (
+            dict(color="black", linewidth=2.5)
+            if variant == "dense"
+            else dict(linewidth=2.5)
+            if variant == "default"
+            else dict(alpha=0.7)
+        )
         ax.plot([e["train_time_s"] for e in evals], [e[first] for e in evals], marker="o", markersize=3, label=variant, **style)
     ax.set_xlabel("time inside training steps (s)")
     ax.set_ylabel(f"held-out loss: {first}")
@@ -278,7 +323,9 @@ def frontier(results: dict[str, list[dict]], path: str) -> None:
     dense = sorted((loss[first], loss[second], v) for v, loss in points.items() if rows[v]["sat"] is None)
     ax.plot([d[0] for d in dense], [d[1] for d in dense], color="black", marker="s", label="dense (joined: its frontier)")
     for x, y, v in dense:
-        ax.annotate(v.replace("dense,", "").replace("training.", ""), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            v.replace("dense,", "").replace("training.", ""), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
     markers = "o^vD<>Pp*hX"
     for i, v in enumerate(v for v in points if rows[v]["sat"] is not None):
         ax.scatter(points[v][first], points[v][second], marker=markers[i % len(markers)], s=40, label=v)

@@ -19,14 +19,13 @@ import argparse
 
 import torch
 import transformers
+from quality import task_of, variant_overrides  # scripts/quality.py: the same scenario and variant syntax
 
 from sat_trainer import SATCallback
 from sat_trainer.app import data as sat_data
 from sat_trainer.app.builtin_models import resolve_model_path
 from sat_trainer.app.run_config import load_run_config
 from sat_trainer.patch.model import handle_of
-
-from quality import task_of, variant_overrides  # scripts/quality.py: the same scenario and variant syntax
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,8 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--rate", type=float, default=0.5)
     p.add_argument("--eval-samples", type=int, default=32)
-    p.add_argument("--variants", nargs="+", default=["dense", "default"],
-                   help="dense, default (the config's sat: block), or k=v[,k=v] changes to it, e.g. targets=[attention]")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["dense", "default"],
+        help="dense, default (the config's sat: block), or k=v[,k=v] changes to it, e.g. targets=[attention]",
+    )
     args = p.parse_args(argv)
     task = task_of(args.config)
     cfg = load_run_config(task, args.config, ["training.output_dir=runs/sparse_dense_gap"])
@@ -51,12 +54,22 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_pretrained(model_path)
         training = transformers.TrainingArguments(
-            output_dir="runs/sparse_dense_gap", max_steps=args.steps, per_device_train_batch_size=cfg.training["per_device_train_batch_size"],
-            learning_rate=cfg.training["learning_rate"], lr_scheduler_type="constant", optim="adamw_torch_fused",
-            report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+            output_dir="runs/sparse_dense_gap",
+            max_steps=args.steps,
+            per_device_train_batch_size=cfg.training["per_device_train_batch_size"],
+            learning_rate=cfg.training["learning_rate"],
+            lr_scheduler_type="constant",
+            optim="adamw_torch_fused",
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
         )
         callbacks = [] if sat is None else [SATCallback(sat)]
-        trainer = transformers.Trainer(model=model, args=training, train_dataset=train_set, data_collator=collator, callbacks=callbacks)
+        trainer = transformers.Trainer(
+            model=model, args=training, train_dataset=train_set, data_collator=collator, callbacks=callbacks
+        )
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # keep stdout a clean table
         trainer.train()
         dense_loss = held_out_loss(model.eval(), batch)

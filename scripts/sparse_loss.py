@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from quality import task_of, variant_overrides  # scripts/quality.py: the same scenario and variant syntax
 
 from sat_trainer import SATConfig, apply_sat, remove_sat
 from sat_trainer.app import data as sat_data
@@ -49,8 +50,6 @@ from sat_trainer.app.run_config import load_run_config
 from sat_trainer.calibration import calibrate
 from sat_trainer.config import METRICS
 
-from quality import task_of, variant_overrides  # scripts/quality.py: the same scenario and variant syntax
-
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=2, help="batches of the training set (per_device_train_batch_size blocks each)")
     p.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
     p.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.25, 0.5])
-    p.add_argument("--variants", nargs="+", default=["default"], help="default (the config's sat: block) or k=v[,k=v] changes to it")
+    p.add_argument(
+        "--variants", nargs="+", default=["default"], help="default (the config's sat: block) or k=v[,k=v] changes to it"
+    )
     p.add_argument("--no-correlation", action="store_true", help="skip the per-layer rank correlations")
     p.add_argument("--json", default="docs/journal/bench/sparse_loss.jsonl")
     args = p.parse_args(argv)
@@ -88,7 +89,10 @@ def main(argv: list[str] | None = None) -> None:
                     dense_grads = dense_grads or [gradient(model, b) for b in batches]
                     cosine, error = gradient_error(model, batches, dense_grads, sat, rate, calibration_batches)
                     row |= {"grad_cosine": round(cosine, 4), "grad_rel_error": round(error, 4)}
-                    print(f"  {variant:>24} {metric:>10} rate {rate:<5} gradient cosine {cosine:.4f}, relative error {error:.4f}", flush=True)
+                    print(
+                        f"  {variant:>24} {metric:>10} rate {rate:<5} gradient cosine {cosine:.4f}, relative error {error:.4f}",
+                        flush=True,
+                    )
                 else:
                     row["sparse_loss"] = round(sparse_loss(model, batches, sat, rate, calibration_batches), 4)
                     print(f"  {variant:>24} {metric:>10} rate {rate:<5} sparse loss {row['sparse_loss']:.3f}", flush=True)
@@ -128,7 +132,9 @@ def patched(model: torch.nn.Module, sat: SATConfig, rate: float, calibration_bat
         remove_sat(model)
 
 
-def sparse_loss(model: torch.nn.Module, batches: list[dict], sat: SATConfig, rate: float, calibration_batches: list[dict] | None = None) -> float:
+def sparse_loss(
+    model: torch.nn.Module, batches: list[dict], sat: SATConfig, rate: float, calibration_batches: list[dict] | None = None
+) -> float:
     """Mean loss of the sparse network at ``rate``, each batch drawing its own kept set."""
     with patched(model, sat, rate, calibration_batches) as handle:
         losses = []
@@ -149,7 +155,11 @@ def gradient(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 def gradient_error(
-    model: torch.nn.Module, batches: list[dict], dense_grads: list[torch.Tensor], sat: SATConfig, rate: float,
+    model: torch.nn.Module,
+    batches: list[dict],
+    dense_grads: list[torch.Tensor],
+    sat: SATConfig,
+    rate: float,
     calibration_batches: list[dict] | None = None,
 ) -> tuple[float, float]:
     """Mean over batches of (cosine, relative L2 error) of SAT's gradient against the dense one."""
@@ -194,8 +204,11 @@ def contribution(h: torch.Tensor, out_weight: torch.Tensor, n: int) -> torch.Ten
     flat = h.reshape(-1, h.shape[-1]).float()
     w = out_weight.float()
     chunk = flat.shape[1] // n
-    return torch.stack([(flat[:, g * chunk : (g + 1) * chunk] @ w[:, g * chunk : (g + 1) * chunk].t()).norm() for g in range(n)]) \
-        if chunk > 1 else flat.norm(dim=0) * w.norm(dim=0)
+    return (
+        torch.stack([(flat[:, g * chunk : (g + 1) * chunk] @ w[:, g * chunk : (g + 1) * chunk].t()).norm() for g in range(n)])
+        if chunk > 1
+        else flat.norm(dim=0) * w.norm(dim=0)
+    )
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -206,9 +219,12 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def loss_table(rows: list[dict], dense: float, value: str = "sparse_loss") -> str:
     rates = sorted({r["rate"] for r in rows})
-    title = f"sparse-network loss (dense {dense:.3f})" if value == "sparse_loss" else "gradient cosine with the dense gradient (omit_in backward)"
-    lines = [title, "| variant | metric | " + " | ".join(f"rate {r}" for r in rates) + " |",
-             "|---|---|" + "---|" * len(rates)]
+    title = (
+        f"sparse-network loss (dense {dense:.3f})"
+        if value == "sparse_loss"
+        else "gradient cosine with the dense gradient (omit_in backward)"
+    )
+    lines = [title, "| variant | metric | " + " | ".join(f"rate {r}" for r in rates) + " |", "|---|---|" + "---|" * len(rates)]
     for key in dict.fromkeys((r["variant"], r["metric"]) for r in rows):
         cells = {r["rate"]: f"{r[value]:.3f}" for r in rows if (r["variant"], r["metric"]) == key}
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells.get(r, "") for r in rates) + " |")
@@ -216,8 +232,11 @@ def loss_table(rows: list[dict], dense: float, value: str = "sparse_loss") -> st
 
 
 def correlation_table(corr: list[dict]) -> str:
-    lines = ["Spearman correlation with the actual contribution, over blocks: median [min, max]",
-             "| kind | metric | median | min | max |", "|---|---|---|---|---|"]
+    lines = [
+        "Spearman correlation with the actual contribution, over blocks: median [min, max]",
+        "| kind | metric | median | min | max |",
+        "|---|---|---|---|---|",
+    ]
     for key in dict.fromkeys((c["kind"], c["metric"]) for c in corr):
         values = [c["spearman"] for c in corr if (c["kind"], c["metric"]) == key]
         lines.append(f"| {key[0]} | {key[1]} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |")

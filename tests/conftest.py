@@ -10,7 +10,9 @@ import torch
 # process leave malloc as it is, so no test's memory use depends on which ran before (test_cpu_memory runs it apart)
 os.environ.setdefault("SAT_TRAINER_KEEP_CPU_MEMORY", "0")
 
-TINY_BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_steps=2)
+TINY_BASE = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_steps=2
+)
 
 
 @pytest.fixture(autouse=True)

@@ -40,7 +40,9 @@ class Recorder(transformers.TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         handle = handle_of(model)
         self.kept[state.global_step] = {n: k.tolist() for n, k in handle.kept().items()}
-        self.scores[state.global_step] = {u.name: u.scorer.cached_scores.tolist() for u in handle.units if u.scorer.cached_scores is not None}
+        self.scores[state.global_step] = {
+            u.name: u.scorer.cached_scores.tolist() for u in handle.units if u.scorer.cached_scores is not None
+        }
 
 
 def main():
@@ -49,12 +51,24 @@ def main():
     rank = int(os.environ.get("RANK", 0))
     recorder = Recorder()
     args = transformers.TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-3,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, optim="adamw_torch",
-        lr_scheduler_type="constant", disable_tqdm=True, dataloader_drop_last=True,
+        output_dir=str(out / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+        dataloader_drop_last=True,
     )
     sat = sat_config(omission_rate=0.5, metric=metric, selection="sampling", ladder_sparse_fraction=0.6, omit_in=omit_in)
-    trainer = transformers.Trainer(model=build("llama"), args=args, train_dataset=Stream(), callbacks=[SATCallback(sat), recorder])
+    trainer = transformers.Trainer(
+        model=build("llama"), args=args, train_dataset=Stream(), callbacks=[SATCallback(sat), recorder]
+    )
     trainer.train()
     world = int(os.environ.get("WORLD_SIZE", 1))
     (out / f"kept_rank{rank}.json").write_text(json.dumps({"world": world, "kept": recorder.kept, "scores": recorder.scores}))

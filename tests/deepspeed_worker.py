@@ -136,10 +136,22 @@ def count_cpu_ranks() -> None:
 
 def training_args(out: Path, batch: int, stage: int | None) -> transformers.TrainingArguments:
     args = transformers.TrainingArguments(
-        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=batch, learning_rate=1e-3,
-        logging_steps=1, save_strategy="steps", save_steps=SAVE_AT, report_to=[], seed=0, optim="adamw_torch",
-        lr_scheduler_type="constant", disable_tqdm=True, dataloader_drop_last=True, max_grad_norm=0.0,
-        use_cpu=stage is None, deepspeed=ds_config(stage) if stage is not None else None,
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=SAVE_AT,
+        report_to=[],
+        seed=0,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+        max_grad_norm=0.0,
+        use_cpu=stage is None,
+        deepspeed=ds_config(stage) if stage is not None else None,
     )
     if stage is not None:
         count_cpu_ranks()
@@ -194,8 +206,13 @@ def run(out: Path, name: str, stage: int | None, batch: int, *, resume: bool = F
         trainer.train(resume_from_checkpoint=checkpoint)
     grads = grads or recorder.grads
     partitioned = any(hasattr(p, "ds_id") for p in trainer.model.parameters())
-    record = {"kept": recorder.kept, "losses": trainer.losses, "rows": trainer.rows, "partitioned": partitioned,
-              "leaves": leaf_classes(trainer.model)}
+    record = {
+        "kept": recorder.kept,
+        "losses": trainer.losses,
+        "rows": trainer.rows,
+        "partitioned": partitioned,
+        "leaves": leaf_classes(trainer.model),
+    }
     (out / f"{name}_rank{rank}.json").write_text(json.dumps(record))
     final = full_state(trainer)
     if rank == 0:

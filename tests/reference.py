@@ -50,9 +50,13 @@ def masked(reference: nn.Module, handle):
         if split:  # every layer that reads the features: the base layer and LoRA's lora_A, not lora_B
             for layer in target.modules():
                 if isinstance(layer, SLICEABLE) and in_features(layer) == mask.shape[-1]:
-                    hooks.append(layer.register_forward_hook(lambda mod, args, out, mask=mask: _cut_rows(mod, args[0], out, mask)))
+                    hooks.append(
+                        layer.register_forward_hook(lambda mod, args, out, mask=mask: _cut_rows(mod, args[0], out, mask))
+                    )
             continue
-        hooks.append(target.register_forward_pre_hook(lambda mod, args, mask=mask: (args[0] * mask + (args[0] * (1 - mask)).detach(),)))
+        hooks.append(
+            target.register_forward_pre_hook(lambda mod, args, mask=mask: (args[0] * mask + (args[0] * (1 - mask)).detach(),))
+        )
         for layer in target.modules():
             if isinstance(layer, SLICEABLE) and in_features(layer) == mask.numel() and layer.weight.requires_grad:
                 column_mask = mask.unsqueeze(1) if isinstance(layer, Conv1D) else mask  # Conv1D stores (in, out)

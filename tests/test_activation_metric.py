@@ -26,7 +26,9 @@ def test_activation_mlp_is_each_channels_output_norm_times_its_down_column():
     mlp = model.model.layers[0].mlp
     x = _block_inputs(model, ["model.layers.0.mlp.gate_proj"])["model.layers.0.mlp.gate_proj"]
     tokens = x.reshape(-1, x.shape[-1])
-    computed = importance.mlp_hidden(tokens, [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias], mlp.act_fn)
+    computed = importance.mlp_hidden(
+        tokens, [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias], mlp.act_fn
+    )
     got = importance.channel_rms(computed, None) * importance.output_column_norms(mlp.down_proj.weight)
     hidden = mlp.act_fn(mlp.gate_proj(tokens)) * mlp.up_proj(tokens)
     # channel j's term in the down projection, token by token: hidden[:, j] outer W_down[:, j]
@@ -44,7 +46,9 @@ def test_channel_rms_of_bf16_activations_accumulates_in_float32():
     for got in (importance.channel_rms(low, None), importance.channel_rms(low, torch.ones(2048))):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), exact, rtol=1e-3, atol=0)
-    torch.testing.assert_close(importance.output_column_norms(low.t().contiguous().t()).double(), exact * 2048**0.5, rtol=1e-3, atol=0)
+    torch.testing.assert_close(
+        importance.output_column_norms(low.t().contiguous().t()).double(), exact * 2048**0.5, rtol=1e-3, atol=0
+    )
 
 
 def test_activation_plain_mlp_uses_the_activation_and_transposed_conv1d():
@@ -74,7 +78,9 @@ def test_activation_attention_is_value_through_output_norm_per_kv_group():
     # the patched block scores its KV groups the same way (all tokens: a subsample larger than the batch)
     handle = apply_sat(model, sat_config(metric="activation", targets=["attention"], activation_tokens=1000))
     unit = next(u for u in handle.units if u.name == "model.layers.0.self_attn")
-    torch.testing.assert_close(unit.scorer.scores(x, torch.Generator().manual_seed(0)), torch.stack(expected).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        unit.scorer.scores(x, torch.Generator().manual_seed(0)), torch.stack(expected).detach(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_value_scores_weigh_each_tokens_square_per_head_and_per_group():
@@ -82,12 +88,16 @@ def test_value_scores_weigh_each_tokens_square_per_head_and_per_group():
     per query head and summed over a group's heads, with 4 query heads reading 2 KV groups."""
     torch.manual_seed(0)
     values, o_weight, weights = torch.randn(10, 2 * 8), torch.randn(24, 4 * 8), torch.rand(10) * 3
-    per_head = torch.stack([
-        (weights * (values[:, (h // 2) * 8 : (h // 2 + 1) * 8] @ o_weight[:, h * 8 : (h + 1) * 8].t()).square().sum(1)).sum()
-        for h in range(4)
-    ])
+    per_head = torch.stack(
+        [
+            (weights * (values[:, (h // 2) * 8 : (h // 2 + 1) * 8] @ o_weight[:, h * 8 : (h + 1) * 8].t()).square().sum(1)).sum()
+            for h in range(4)
+        ]
+    )
     torch.testing.assert_close(importance.value_scores(values, o_weight, 2, True, weights), per_head.sqrt(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(importance.value_scores(values, o_weight, 2, False, weights), per_head.reshape(2, 2).sum(1).sqrt(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        importance.value_scores(values, o_weight, 2, False, weights), per_head.reshape(2, 2).sum(1).sqrt(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_activation_attention_of_a_fused_qkv_reads_its_value_rows():
@@ -105,7 +115,9 @@ def test_activation_attention_of_a_fused_qkv_reads_its_value_rows():
             expected.append(torch.cat(written, 1).norm())
     handle = apply_sat(model, sat_config(metric="activation", targets=["attention"], activation_tokens=1000))
     unit = next(u for u in handle.units if u.name == "model.layers.0.self_attn")
-    torch.testing.assert_close(unit.scorer.scores(x, torch.Generator().manual_seed(0)), torch.stack(expected), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        unit.scorer.scores(x, torch.Generator().manual_seed(0)), torch.stack(expected), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_activation_metric_omits_a_channel_that_writes_nothing():
@@ -158,7 +170,9 @@ def test_forward_scores_refresh_the_kept_channels_and_remeasure_a_window(monkeyp
     handle.set_rate(0.5)
     unit = handle.units[0]
     seen = []
-    hook = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    hook = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1]))
+    )
     for step in range(5):
         handle.new_step()
         model(batch(seed=step))
@@ -174,7 +188,9 @@ def test_forward_scores_are_what_the_next_draw_keeps():
     RMS is that forward's own for the channels it kept, freshly measured for the first window
     (here on all tokens), and stored for the rest."""
     model = build("llama")
-    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_scores="forward", activation_tokens=1000))
+    handle = apply_sat(
+        model, sat_config(metric="activation", targets=["mlp"], activation_scores="forward", activation_tokens=1000)
+    )
     model.train()
     handle.set_rate(0.5)
     unit = handle.units[0]
@@ -330,9 +346,12 @@ def test_backward_only_attention_scores_come_from_the_dense_forwards_values(monk
     o_weight = attn.o_proj.weight.detach()
     for step in range(3):
         v = values[step] * mask.reshape(-1, 1, 1)
-        scores = torch.stack([
-            torch.cat([v[:, g] @ o_weight[:, h * 16 : (h + 1) * 16].t() for h in (2 * g, 2 * g + 1)], 1).norm() for g in range(4)
-        ])
+        scores = torch.stack(
+            [
+                torch.cat([v[:, g] @ o_weight[:, h * 16 : (h + 1) * 16].t() for h in (2 * g, 2 * g + 1)], 1).norm()
+                for g in range(4)
+            ]
+        )
         groups = scores.topk(2).indices.sort().values
         assert torch.equal(kept[step], torch.stack([2 * groups, 2 * groups + 1], 1).reshape(-1))
 

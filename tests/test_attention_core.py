@@ -51,15 +51,18 @@ def test_backward_only_splits_the_core_into_kept_and_omitted_heads(family, core_
     assert core_calls == [(8, True, True)] * len(blocks)  # unpatched: one call on every head
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(omit_in="forward_backward"),  # the sliced forward already computes only the kept heads
-    dict(omit_in="weight_gradient"),  # the input gradient is the dense one: every head's core backward is needed
-    dict(omit_in="backward", attention_unit="query_head"),  # K and V are whole: every KV head is read by kept heads
-    dict(omit_in="backward", targets=["mlp"]),  # attention not omitted
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(omit_in="forward_backward"),  # the sliced forward already computes only the kept heads
+        dict(omit_in="weight_gradient"),  # the input gradient is the dense one: every head's core backward is needed
+        dict(omit_in="backward", attention_unit="query_head"),  # K and V are whole: every KV head is read by kept heads
+        dict(omit_in="backward", targets=["mlp"]),  # attention not omitted
+    ],
+)
 def test_the_core_runs_whole_where_it_must(cfg, core_calls):
     model = build("llama", "sdpa")
-    handle = sparse(model, **{"targets": ["mlp", "attention"], **cfg})
+    sparse(model, **{"targets": ["mlp", "attention"], **cfg})
     loss_and_grads(model, batch())
     heads = 4 if cfg.get("omit_in") == "forward_backward" else 8  # forward_backward: the kept heads, one call
     assert core_calls == [(heads, True, True)] * 2, cfg

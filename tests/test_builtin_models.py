@@ -17,7 +17,9 @@ pytestmark = pytest.mark.slow  # minutes on a CPU: pytest -m "not slow" leaves i
 
 def test_unknown_builtin_model_lists_the_builtins():
     raw = {"model": "builtin:nope", "data": {"train": "builtin:chatterbot"}}
-    with pytest.raises(SATConfigError, match=r"unknown builtin model 'builtin:nope'; allowed: builtin:base, builtin:smollm2-135m"):
+    with pytest.raises(
+        SATConfigError, match=r"unknown builtin model 'builtin:nope'; allowed: builtin:base, builtin:smollm2-135m"
+    ):
         build_run_config("sft", raw)
 
 

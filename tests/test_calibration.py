@@ -89,8 +89,14 @@ def _backward_calibration_draws(trained, monkeypatch, targets: list[str], record
     from sat_trainer import calibration
 
     model = _model_with_a_dear_first_layer(trained)
-    config = sat_config(targets=targets, omission_rate=0.5, layer_rates="auto", omit_in="backward",
-                        activation_tokens=16, activation_token_fraction=0.1)  # a subsample would be 20 of 192 tokens
+    config = sat_config(
+        targets=targets,
+        omission_rate=0.5,
+        layer_rates="auto",
+        omit_in="backward",
+        activation_tokens=16,
+        activation_token_fraction=0.1,
+    )  # a subsample would be 20 of 192 tokens
     handle = apply_sat(model, config)
     seen = []
     hooks = [record(layer, seen) for layer in model.model.layers]
@@ -108,7 +114,9 @@ def test_backward_calibration_scores_every_channel_on_every_batch_as_training_do
     scores all channels from its own dense forward's down projection input, on every token, as a
     training draw does (not from a subsample, not a rotating window after the first batch)."""
     per_draw, downs = _backward_calibration_draws(
-        trained, monkeypatch, ["mlp"],
+        trained,
+        monkeypatch,
+        ["mlp"],
         lambda layer, seen: layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append((m, a[0].detach().clone()))),
     )
     assert len(per_draw) == len(downs) == 6  # 2 batches x 3 blocks
@@ -119,9 +127,18 @@ def test_backward_calibration_scores_every_channel_on_every_batch_as_training_do
 
 def test_trainer_calibrates_at_train_start_and_keeps_the_rates_in_checkpoints(trained, tmp_path):
     model = _model_with_a_dear_first_layer(trained)
-    callback = SATCallback(sat_config(targets=["mlp"], omission_rate=0.5, layer_rates="auto", calibration_batches=1, metric="activation"))
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
-                                          use_cpu=True, save_strategy="no", disable_tqdm=True)
+    callback = SATCallback(
+        sat_config(targets=["mlp"], omission_rate=0.5, layer_rates="auto", calibration_batches=1, metric="activation")
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     transformers.Trainer(model=model, args=args, train_dataset=_Stream(rows=16), callbacks=[callback]).train()
     rates = [row["rate"] for row in callback.calibration["units"]]
     assert rates[0] < max(rates)
@@ -142,7 +159,9 @@ def test_backward_calibration_scores_attention_from_each_batchs_values(trained, 
     """The same for attention's KV groups: each calibration batch scores them from its own dense
     forward's values (v_proj's output, every token), as a training draw does."""
     per_draw, values = _backward_calibration_draws(
-        trained, monkeypatch, ["attention"],
+        trained,
+        monkeypatch,
+        ["attention"],
         lambda layer, seen: layer.self_attn.v_proj.register_forward_hook(
             lambda m, a, out, o=layer.self_attn.o_proj: seen.append((o, out.detach().clone()))
         ),

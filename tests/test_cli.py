@@ -16,15 +16,24 @@ from sat_trainer.app.step_timing import StepTimes
 
 def _overrides(base, out, steps=4):
     return [
-        "--set", f"model={base}",
-        "--set", f"training.output_dir={out}",
-        "--set", f"training.max_steps={steps}",
-        "--set", "training.eval_steps=2",
-        "--set", "training.logging_steps=1",
-        "--set", "training.per_device_train_batch_size=2",
-        "--set", "data.max_length=32",
-        "--set", "data.max_train_samples=40",
-        "--set", "data.max_eval_samples=4",
+        "--set",
+        f"model={base}",
+        "--set",
+        f"training.output_dir={out}",
+        "--set",
+        f"training.max_steps={steps}",
+        "--set",
+        "training.eval_steps=2",
+        "--set",
+        "training.logging_steps=1",
+        "--set",
+        "training.per_device_train_batch_size=2",
+        "--set",
+        "data.max_length=32",
+        "--set",
+        "data.max_train_samples=40",
+        "--set",
+        "data.max_eval_samples=4",
     ]
 
 
@@ -58,7 +67,9 @@ def test_compare_dense_prints_a_side_by_side_table(tiny_base, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["cpt", "--config", "configs/demo_cpt.yaml", "--compare-dense", *_overrides(tiny_base, out, steps=3)]) == 0
     table = capsys.readouterr().out
-    assert "| | dense | SAT, equal steps | SAT, equal time (" in table and "speedup" in table and "held-out loss: continual" in table
+    assert (
+        "| | dense | SAT, equal steps | SAT, equal time (" in table and "speedup" in table and "held-out loss: continual" in table
+    )
     dense = json.loads((out / "dense" / "report.json").read_text())
     sat = json.loads((out / "sat" / "report.json").read_text())
     timed = json.loads((out / "sat_equal_time" / "report.json").read_text())
@@ -72,19 +83,31 @@ def test_compare_dense_prints_a_side_by_side_table(tiny_base, tmp_path, capsys):
     assert timed["omission_schedule"][-1] == 0.0 and f"equal time ({timed['steps']} steps)" in table
     assert "| step time, interleaved (s) |" in table and "| FLOP ideal, same schedule | 1.00x |" in table
     assert "time to dense's final continual loss, re-timed" in table
-    assert not [line for line in table.splitlines() if line.startswith("|") and "as run" in line]  # the machine's load: not a headline
+    assert not [
+        line for line in table.splitlines() if line.startswith("|") and "as run" in line
+    ]  # the machine's load: not a headline
     assert json.loads((out / "compare.json").read_text())["timing"] == "interleaved"
     assert (out / "compare.md").read_text().startswith("| | dense | SAT, equal steps |")
     assert "held-out loss vs dense: continual" in table and "time to dense's final continual loss" in table
     starts = [json.loads((out / mode / "report.json").read_text())["history"]["held_out"][0] for mode in ("sat", "dense")]
-    assert starts[0]["step"] == starts[1]["step"] == 0 and starts[0]["continual"] == pytest.approx(starts[1]["continual"])  # same model at step 0
+    assert starts[0]["step"] == starts[1]["step"] == 0 and starts[0]["continual"] == pytest.approx(
+        starts[1]["continual"]
+    )  # same model at step 0
     assert (out / "report.png").stat().st_size > 10_000  # dense and SAT curves together
 
 
 @pytest.mark.slow
 def test_compare_dense_without_timing_sizes_equal_time_from_the_runs(tiny_base, tmp_path, capsys):
     out = tmp_path / "cmp0"
-    args = ["cpt", "--config", "configs/demo_cpt.yaml", "--compare-dense", "--timing-rounds", "0", *_overrides(tiny_base, out, steps=3)]
+    args = [
+        "cpt",
+        "--config",
+        "configs/demo_cpt.yaml",
+        "--compare-dense",
+        "--timing-rounds",
+        "0",
+        *_overrides(tiny_base, out, steps=3),
+    ]
     assert main(args) == 0
     table = capsys.readouterr().out
     dense, sat, timed = (json.loads((out / m / "report.json").read_text()) for m in ("dense", "sat", "sat_equal_time"))
@@ -93,7 +116,21 @@ def test_compare_dense_without_timing_sizes_equal_time_from_the_runs(tiny_base, 
 
 
 def test_negative_timing_rounds_is_refused(tmp_path, capsys):
-    assert main(["cpt", "--config", "configs/demo_cpt.yaml", "--compare-dense", "--timing-rounds", "-1", "--set", f"training.output_dir={tmp_path}"]) == 2
+    assert (
+        main(
+            [
+                "cpt",
+                "--config",
+                "configs/demo_cpt.yaml",
+                "--compare-dense",
+                "--timing-rounds",
+                "-1",
+                "--set",
+                f"training.output_dir={tmp_path}",
+            ]
+        )
+        == 2
+    )
     assert "--timing-rounds has invalid value -1" in capsys.readouterr().err
 
 

@@ -94,8 +94,16 @@ def test_enum_values_come_from_the_literal_annotations():
 
 
 def test_valid_values_are_kept_as_given_and_normalised():
-    cfg = SATConfig(targets=("attention", "mlp"), dense_layers=(0, -1), calibration_rates=[0.2, 1 / 2], temperature=2,
-                    ladder_rungs=[[0, 0.5], [0.5, 0]], schedule="ladder", omit_in="forward_backward", compensation="mean")
+    cfg = SATConfig(
+        targets=("attention", "mlp"),
+        dense_layers=(0, -1),
+        calibration_rates=[0.2, 1 / 2],
+        temperature=2,
+        ladder_rungs=[[0, 0.5], [0.5, 0]],
+        schedule="ladder",
+        omit_in="forward_backward",
+        compensation="mean",
+    )
     assert cfg.targets == ["attention", "mlp"] and cfg.dense_layers == [0, -1] and cfg.calibration_rates == [0.2, 0.5]
     assert cfg.temperature == 2 and cfg.ladder_rungs == [[0, 0.5], [0.5, 0]]
     assert SATConfig.from_dict(cfg.to_dict()) == cfg

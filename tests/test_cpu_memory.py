@@ -26,7 +26,9 @@ def _faults(opt_out: bool) -> tuple[str, int]:
     env = {k: v for k, v in os.environ.items() if k != "SAT_TRAINER_KEEP_CPU_MEMORY"}
     if opt_out:
         env["SAT_TRAINER_KEEP_CPU_MEMORY"] = "0"
-    kept, faults = subprocess.run([sys.executable, "-c", SCRIPT], env=env, check=True, capture_output=True, text=True).stdout.split()
+    kept, faults = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, check=True, capture_output=True, text=True
+    ).stdout.split()
     return kept, int(faults)  # the most page faults of the last 3 of 12 allocations of the same size
 
 

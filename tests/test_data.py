@@ -88,8 +88,13 @@ def test_sft_dataset_drops_records_truncated_before_the_response(tokenizer):
     ds = datasets.Dataset.from_list([{"prompt": "x " * 200, "completion": "y"}, {"prompt": "a", "completion": "b"}])
     out = sft.tokenize(ds, tokenizer, max_length=32)
     assert len(out) == 1 and max(len(r) for r in out["input_ids"]) <= 32
-    batch = sft.PadCollator(tokenizer.pad_token_id)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}])
-    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]] and batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    batch = sft.PadCollator(tokenizer.pad_token_id)(
+        [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}]
+    )
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]] and batch["attention_mask"].tolist() == [
+        [1, 1, 1],
+        [1, 0, 0],
+    ]
     with pytest.raises(ValueError, match="expected 'messages'"):
         sft.to_messages({"question_text": "?", "reply": "!"})
 

@@ -9,7 +9,17 @@ import logging
 import pytest
 import torch
 from reference import loss_and_grads, masked
-from tiny import ALL_FAMILY_CONFIGS, FAMILY_CONFIGS, LLAMA_STYLE_ATTENTION, MORE_FAMILIES, NO_SDPA, batch, build, sat_config, sparse
+from tiny import (
+    ALL_FAMILY_CONFIGS,
+    FAMILY_CONFIGS,
+    LLAMA_STYLE_ATTENTION,
+    MORE_FAMILIES,
+    NO_SDPA,
+    batch,
+    build,
+    sat_config,
+    sparse,
+)
 
 from sat_trainer import apply_sat, remove_sat
 from sat_trainer.patch.registry import FAMILIES, supported_model_types
@@ -60,7 +70,10 @@ def test_dense_forward_draws_at_the_output_projection_and_stays_exact(family, om
     handle = _assert_matches_masked_reference(model, metric="activation", omit_in=omit_in, activation_scores="forward")
     for unit in handle.units:
         original = unit._draw
-        unit._draw = lambda x, key, hidden=False, u=unit, f=original: (draws.append((u.name, hidden, x.shape[-1])), f(x, key, hidden))[1]
+        unit._draw = lambda x, key, hidden=False, u=unit, f=original: (
+            draws.append((u.name, hidden, x.shape[-1])),
+            f(x, key, hidden),
+        )[1]
     handle.new_step()
     loss_and_grads(model, batch())
     # one draw per block, from this forward: an MLP's from its channels' outputs (the down projection's input),
@@ -236,8 +249,13 @@ def _sft_batch(size: int = 2, length: int = 16):
 
 
 SPLIT_CASES = [
-    ("llama", "forward_backward", "subsample"), ("llama", "backward", "subsample"), ("gpt2", "forward_backward", "subsample"),
-    ("gpt2", "backward", "subsample"), ("qwen3", "backward", "subsample"), ("llama", "backward", "forward"), ("gpt2", "backward", "forward"),
+    ("llama", "forward_backward", "subsample"),
+    ("llama", "backward", "subsample"),
+    ("gpt2", "forward_backward", "subsample"),
+    ("gpt2", "backward", "subsample"),
+    ("qwen3", "backward", "subsample"),
+    ("llama", "backward", "forward"),
+    ("gpt2", "backward", "forward"),
 ]
 
 
@@ -288,10 +306,17 @@ def test_context_split_under_weight_gradient_cuts_only_the_sparse_rows_weight_gr
 
     def keep(name):
         def hook(module, args, output):
-            output.register_hook(lambda g: seen.__setitem__(name, (args[0].reshape(-1, args[0].shape[-1]), g.reshape(-1, g.shape[-1]))))
+            output.register_hook(
+                lambda g: seen.__setitem__(name, (args[0].reshape(-1, args[0].shape[-1]), g.reshape(-1, g.shape[-1])))
+            )
+
         return hook
 
-    hooks = [m.register_forward_hook(keep(n)) for n, m in reference.named_modules() if n.endswith(("gate_proj", "up_proj", "down_proj"))]
+    hooks = [
+        m.register_forward_hook(keep(n))
+        for n, m in reference.named_modules()
+        if n.endswith(("gate_proj", "up_proj", "down_proj"))
+    ]
     ref = reference(ids, labels=labels)
     ref.loss.backward()
     for hook in hooks:

@@ -62,13 +62,16 @@ def test_final_model_with_non_finite_weights_is_never_saved(tmp_path):
     import torch
     from tiny import build
 
-    from sat_trainer.errors import SATTrainingError
     from sat_trainer.app.run import _save_final
+    from sat_trainer.errors import SATTrainingError
 
     model = build("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
-    with pytest.raises(SATTrainingError, match=r"final/ not saved: 1 weight tensors are not finite \(first: model.layers.1.mlp.down_proj.weight\)"):
+    with pytest.raises(
+        SATTrainingError,
+        match=r"final/ not saved: 1 weight tensors are not finite \(first: model.layers.1.mlp.down_proj.weight\)",
+    ):
         _save_final(model, None, tmp_path, lora=False)
     assert not (tmp_path / "final").exists()
 

@@ -12,14 +12,14 @@ import contextlib
 import copy
 
 import pytest
-import torch
-from reference import loss_and_grads, masked
-from tiny import batch, build, sparse
-
 import test_exactness
 import test_lora
 import test_patching
 import test_stack_precision_compile
+import torch
+from reference import loss_and_grads, masked
+from tiny import batch, build, sparse
+
 from sat_trainer import ops
 from sat_trainer.config import METRICS, SELECTIONS
 from sat_trainer.patch import scoring, units
@@ -100,7 +100,9 @@ def _inside_sat(monkeypatch, enter, leave):
 def test_a_step_that_draws_reads_nothing_back_to_the_host(monkeypatch, op_path, metric, selection, omit_in):
     model = build("llama")
     # a subsample of 6 of the 32 tokens: the activation metric's forward then reuses the subsample's rows
-    handle = sparse(model, metric=metric, selection=selection, omit_in=omit_in, activation_tokens=6, activation_token_fraction=0.1)
+    handle = sparse(
+        model, metric=metric, selection=selection, omit_in=omit_in, activation_tokens=6, activation_token_fraction=0.1
+    )
     depth = [0]
     originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
 

@@ -48,7 +48,9 @@ def test_relative_imports_are_resolved():
 def test_no_engine_module_imports_the_app():
     assert len(engine_modules()) >= 10
     offenders = {
-        str(path.relative_to(PACKAGE.parent)): sorted(m for m in imported_modules(path) if m == "sat_trainer.app" or m.startswith("sat_trainer.app."))
+        str(path.relative_to(PACKAGE.parent)): sorted(
+            m for m in imported_modules(path) if m == "sat_trainer.app" or m.startswith("sat_trainer.app.")
+        )
         for path in engine_modules()
     }
     assert not {k: v for k, v in offenders.items() if v}, "engine modules must not import sat_trainer.app"

@@ -52,7 +52,9 @@ def test_lora_exact_against_masked_dense(targets, omit_in):
         assert torch.count_nonzero(grads["base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight"][:, omitted]) == 0
 
 
-@pytest.mark.parametrize("family,targets", [("llama", SUBSETS[0]), ("phi3", ["gate_up_proj", "down_proj"])], ids=["llama", "phi3"])
+@pytest.mark.parametrize(
+    "family,targets", [("llama", SUBSETS[0]), ("phi3", ["gate_up_proj", "down_proj"])], ids=["llama", "phi3"]
+)
 def test_lora_under_a_dense_forward_drawn_at_the_output_is_exact(family, targets):
     """omit_in backward with activation_scores forward: the kept set is drawn at the base down
     projection (before its lora_A runs); lora_B rows of gate/up read it in backward."""
@@ -64,7 +66,7 @@ def test_lora_under_a_dense_forward_drawn_at_the_output_is_exact(family, targets
     omitted = torch.ones(96, dtype=torch.bool)
     omitted[handle.kept()[unit.name]] = False
     lora_b = grads[f"base_model.model.model.layers.0.mlp.{targets[0]}.lora_B.default.weight"]
-    assert torch.count_nonzero(lora_b[: 96][omitted]) == 0 and torch.count_nonzero(lora_b[: 96][~omitted]) > 0
+    assert torch.count_nonzero(lora_b[:96][omitted]) == 0 and torch.count_nonzero(lora_b[:96][~omitted]) > 0
 
 
 def test_get_peft_model_after_apply_sat_matches_the_other_order():

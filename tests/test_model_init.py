@@ -43,8 +43,14 @@ def test_model_init_model_is_patched_and_logged(tmp_path):
     sat = sat_config(omission_rate=0.5, targets=["mlp"], ladder_sparse_fraction=0.5, ladder_num_rungs=1)
     kept = _KeptSizes()
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=1, report_to=[],
-        use_cpu=True, save_strategy="no", disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
     )
     trainer = transformers.Trainer(model_init=init, args=args, train_dataset=_Rows(), callbacks=[SATCallback(sat), kept])
     trainer.train()

@@ -109,10 +109,16 @@ def test_set_rate_changes_k_at_next_forward():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "metric,reentrant,omit_in,family,scores",
-    [("wanda", False, "forward_backward", "llama", "subsample"), ("uniform", False, "forward_backward", "llama", "subsample"),
-     ("wanda", True, "forward_backward", "llama", "subsample"), ("activation", False, "backward", "llama", "subsample"),
-     ("activation", True, "backward", "llama", "subsample"), ("activation", True, "forward_backward", "phi3", "subsample"),
-     ("activation", False, "backward", "llama", "forward"), ("activation", True, "backward", "phi3", "forward")],
+    [
+        ("wanda", False, "forward_backward", "llama", "subsample"),
+        ("uniform", False, "forward_backward", "llama", "subsample"),
+        ("wanda", True, "forward_backward", "llama", "subsample"),
+        ("activation", False, "backward", "llama", "subsample"),
+        ("activation", True, "backward", "llama", "subsample"),
+        ("activation", True, "forward_backward", "phi3", "subsample"),
+        ("activation", False, "backward", "llama", "forward"),
+        ("activation", True, "backward", "phi3", "forward"),
+    ],
 )
 def test_gradient_checkpointing_reuses_the_kept_set(metric, reentrant, omit_in, family, scores):
     base = build(family)
@@ -120,7 +126,9 @@ def test_gradient_checkpointing_reuses_the_kept_set(metric, reentrant, omit_in, 
     checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     results, calls = [], []
     for model in (base, checkpointed):
-        handle = apply_sat(model, sat_config(omission_rate=0.5, metric=metric, selection="sampling", omit_in=omit_in, activation_scores=scores))
+        handle = apply_sat(
+            model, sat_config(omission_rate=0.5, metric=metric, selection="sampling", omit_in=omit_in, activation_scores=scores)
+        )
         model.train()
         handle.set_rate(0.5)
         handle.new_step()
@@ -198,7 +206,10 @@ def test_fused_qkv_unit_gradients_and_omitted_rows_follow_its_segments(attention
     rows = unit.block.qkv_proj.weight.grad.square().sum(1)
     columns = unit.block.o_proj.weight.grad.square().sum(0)
     if attention_unit == "kv_group":
-        owned = [[*range(32 * g, 32 * g + 32), *range(128 + 16 * g, 144 + 16 * g), *range(192 + 16 * g, 208 + 16 * g)] for g in range(4)]
+        owned = [
+            [*range(32 * g, 32 * g + 32), *range(128 + 16 * g, 144 + 16 * g), *range(192 + 16 * g, 208 + 16 * g)]
+            for g in range(4)
+        ]
         per_column = 32
     else:
         owned = [list(range(16 * h, 16 * h + 16)) for h in range(8)]

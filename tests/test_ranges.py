@@ -57,7 +57,9 @@ def test_training_ranges_match_what_transformers_accepts(key):
     for value in inside:
         check_training({"output_dir": "out", "max_steps": 10, **CONTEXT.get(key, {}), key: value}, has_eval=True)
     for value in outside:
-        with pytest.raises(SATConfigError, match=rf"^key 'training\.{key}' has invalid value .*; allowed: {re.escape(TRAINING[key].describe())}$"):
+        with pytest.raises(
+            SATConfigError, match=rf"^key 'training\.{key}' has invalid value .*; allowed: {re.escape(TRAINING[key].describe())}$"
+        ):
             check_training({"output_dir": "out", "max_steps": 10, **CONTEXT.get(key, {}), key: value}, has_eval=True)
 
 
@@ -94,8 +96,14 @@ def test_builtin_shapes_are_those_of_the_real_models():
     from sat_trainer.app.builtin_models import MODEL_SHAPES, smollm2_dir
     from sat_trainer.app.pretrain import BASE_SHAPE, BLOCK_SIZE
 
-    assert MODEL_SHAPES["base"] == {"num_hidden_layers": BASE_SHAPE["num_hidden_layers"], "max_position_embeddings": max(1024, BLOCK_SIZE)}
+    assert MODEL_SHAPES["base"] == {
+        "num_hidden_layers": BASE_SHAPE["num_hidden_layers"],
+        "max_position_embeddings": max(1024, BLOCK_SIZE),
+    }
     if not (smollm2_dir() / "config.json").is_file():
         pytest.skip("SmolLM2 not converted on this machine (its GGUF says 30 layers, context 8192)")
     config = transformers.AutoConfig.from_pretrained(smollm2_dir())
-    assert MODEL_SHAPES["smollm2-135m"] == {"num_hidden_layers": config.num_hidden_layers, "max_position_embeddings": config.max_position_embeddings}
+    assert MODEL_SHAPES["smollm2-135m"] == {
+        "num_hidden_layers": config.num_hidden_layers,
+        "max_position_embeddings": config.max_position_embeddings,
+    }

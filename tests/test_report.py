@@ -24,7 +24,9 @@ from sat_trainer.app.run_config import load_run_config
 from sat_trainer.app.step_timing import StepTimes
 from sat_trainer.app.training_args import training_arguments
 
-LADDER = SATConfig(omission_rate=0.5, schedule="ladder", ladder_sparse_fraction=0.75, ladder_num_rungs=2, dense_warmup_fraction=0.0)
+LADDER = SATConfig(
+    omission_rate=0.5, schedule="ladder", ladder_sparse_fraction=0.75, ladder_num_rungs=2, dense_warmup_fraction=0.0
+)
 TIMES = StepTimes(dense_s=1.0, sat_s={0.0: 1.0, 0.25: 0.8, 0.5: 0.6}, kept_flops={0.0: 1.0, 0.25: 0.75, 0.5: 0.5}, rounds=3)
 
 
@@ -32,14 +34,24 @@ def _report(mode: str, steps: int, seconds_per_step: float, curve: list[tuple[in
     """A run whose own clock ran at ``seconds_per_step`` (as run: the machine's load included)."""
     rates = [0.5 if mode == "sat" and s < 0.75 * steps else 0.0 for s in range(steps)]
     history = {
-        "steps": [{"step": s + 1, "train_time_s": seconds_per_step * (s + 1), "tokens": 10 * (s + 1), "omission_rate": r}
-                  for s, r in enumerate(rates)],
+        "steps": [
+            {"step": s + 1, "train_time_s": seconds_per_step * (s + 1), "tokens": 10 * (s + 1), "omission_rate": r}
+            for s, r in enumerate(rates)
+        ],
         "train_loss": [{"step": s, "train_time_s": seconds_per_step * s, "loss": loss + 0.5} for s, loss in curve if s],
         "held_out": [{"step": s, "train_time_s": seconds_per_step * s, "new": loss, "old": 4.0} for s, loss in curve],
     }
     held_out = {"new": curve[-1][1] if final is None else final, "old": 4.0}
-    return {"mode": mode, "steps": steps, "wall_time_s": seconds_per_step * steps + 30, "train_time_s": seconds_per_step * steps,
-            "tokens_per_second": 10 / seconds_per_step, "held_out_loss": held_out, "history": history, "config": {"task": "cpt"}}
+    return {
+        "mode": mode,
+        "steps": steps,
+        "wall_time_s": seconds_per_step * steps + 30,
+        "train_time_s": seconds_per_step * steps,
+        "tokens_per_second": 10 / seconds_per_step,
+        "held_out_loss": held_out,
+        "history": history,
+        "config": {"task": "cpt"},
+    }
 
 
 CURVE = [(s, 5.0 - 0.05 * s) for s in range(0, 41, 5)]
@@ -64,8 +76,12 @@ def test_headline_rows_are_interleaved_and_the_as_run_times_are_labelled_as_load
     # re-timed, SAT's step 35 (3.23) is at 30 * 0.6 + 5 = 23 s, step 40 (2.98) at 27 s: dense's 3.0 at 26.2 s of dense's 40
     assert rows["train-step time to dense's final new loss, re-timed"] == ["1.00x", f"{(23 + 4 * 0.23 / 0.25) / 40:.2f}x"]
     load = [line for line in table.splitlines() if line.startswith(f"wall time {AS_RUN}")]
-    assert load == [(f"wall time {AS_RUN} (s): dense 70.0, SAT, equal steps 90.0 (the runs ran one after the other; speed is "
-                     "compared on the interleaved times above)")]
+    assert load == [
+        (
+            f"wall time {AS_RUN} (s): dense 70.0, SAT, equal steps 90.0 (the runs ran one after the other; speed is "
+            "compared on the interleaved times above)"
+        )
+    ]
 
 
 def test_without_interleaved_times_the_speed_rows_say_they_are_as_run():
@@ -99,7 +115,10 @@ def test_shipped_configs_evaluate_at_least_eight_points_per_run(config):
     cfg = load_run_config(config.split("_")[-1], f"configs/{config}.yaml")
     args = training_arguments(cfg.training, has_eval=bool(cfg.data.eval), output_dir="unused")
     steps = cfg.training["max_steps"]
-    points = {s for s in range(args.eval_steps, steps + 1, args.eval_steps)} | {0, steps}  # eval_on_start, and run() ends the curve
+    points = {s for s in range(args.eval_steps, steps + 1, args.eval_steps)} | {
+        0,
+        steps,
+    }  # eval_on_start, and run() ends the curve
     assert args.eval_on_start and len(points) >= 8
 
 

@@ -51,12 +51,16 @@ def test_resumed_run_matches_the_uninterrupted_one_even_if_the_base_changed(full
     assert got["held_out_loss"] == pytest.approx(expected["held_out_loss"], rel=1e-5)
     evals = [e["step"] for e in got["history"]["held_out"]]
     assert evals == [e["step"] for e in expected["history"]["held_out"]] and evals.count(0) == 1  # step 0 not evaluated again
-    assert [r["loss"] for r in got["history"]["train_loss"]] == pytest.approx([r["loss"] for r in expected["history"]["train_loss"]], rel=1e-5)
+    assert [r["loss"] for r in got["history"]["train_loss"]] == pytest.approx(
+        [r["loss"] for r in expected["history"]["train_loss"]], rel=1e-5
+    )
 
 
 def test_resume_from_a_named_checkpoint_into_a_new_folder(full_run, tmp_path):
     base, full, expected = full_run
-    assert main(demo_run_args("cpt", base, tmp_path / "again", 8, f"training.resume_from_checkpoint={full / 'checkpoint-4'}")) == 0
+    assert (
+        main(demo_run_args("cpt", base, tmp_path / "again", 8, f"training.resume_from_checkpoint={full / 'checkpoint-4'}")) == 0
+    )
     got = _report(tmp_path / "again")
     assert got["omission_schedule"] == expected["omission_schedule"]
     assert got["held_out_loss"] == pytest.approx(expected["held_out_loss"], rel=1e-5)

@@ -125,7 +125,11 @@ def test_other_rows_are_the_complement_in_order():
 
 def test_modes_that_do_not_score_a_subsample_reuse_nothing(given_calls):
     model = build("llama")
-    for cfg in (dict(metric="wanda"), dict(metric="activation", omit_in="backward"), dict(metric="activation", activation_scores="forward")):
+    for cfg in (
+        dict(metric="wanda"),
+        dict(metric="activation", omit_in="backward"),
+        dict(metric="activation", activation_scores="forward"),
+    ):
         handle = apply_sat(model, dict(targets=["mlp"], omission_rate=0.5, **cfg))
         model.train()
         handle.set_rate(0.5)
@@ -134,4 +138,3 @@ def test_modes_that_do_not_score_a_subsample_reuse_nothing(given_calls):
         model(batch(), labels=batch()).loss.backward()
         remove_sat(model)
     assert given_calls == []
-

@@ -26,9 +26,7 @@ def test_explicit_rungs():
     assert [omission_rate_at(cfg, s, 10) for s in (0, 3, 4, 8, 9)] == [0.7, 0.7, 0.5, 0.5, 0.0]
 
 
-@pytest.mark.parametrize(
-    "schedule,at_half", [("constant", 0.4), ("linear", 0.2), ("cosine", 0.2)]
-)
+@pytest.mark.parametrize("schedule,at_half", [("constant", 0.4), ("linear", 0.2), ("cosine", 0.2)])
 def test_smooth_schedules(schedule, at_half):
     cfg = sat_config(omission_rate=0.4, schedule=schedule)
     assert omission_rate_at(cfg, 0, 11) == pytest.approx(0.4)

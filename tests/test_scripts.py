@@ -21,16 +21,34 @@ def _load(name: str):
 
 
 def _row(variant: str, seed: int, final: dict, evals: list[dict], time: float) -> dict:
-    return {"config": "c.yaml", "variant": variant, "seed": seed, "train_time_s": time, "held_out_loss": final,
-            "evals": evals, "sat": None, "steps": 10}
+    return {
+        "config": "c.yaml",
+        "variant": variant,
+        "seed": seed,
+        "train_time_s": time,
+        "held_out_loss": final,
+        "evals": evals,
+        "sat": None,
+        "steps": 10,
+    }
 
 
 def test_quality_table_compares_the_first_configured_eval_set_and_time_to_dense_loss(tmp_path):
     quality = _load("quality")
-    dense = _row("dense", 0, {"new": 4.0, "base": 5.0}, [{"step": 5, "train_time_s": 50, "new": 4.5, "base": 5.0},
-                                                        {"step": 10, "train_time_s": 100, "new": 4.0, "base": 5.0}], 100)
-    sat = _row("default", 0, {"new": 3.9, "base": 6.0}, [{"step": 5, "train_time_s": 30, "new": 4.2, "base": 6.0},
-                                                          {"step": 10, "train_time_s": 60, "new": 3.9, "base": 6.0}], 60)
+    dense = _row(
+        "dense",
+        0,
+        {"new": 4.0, "base": 5.0},
+        [{"step": 5, "train_time_s": 50, "new": 4.5, "base": 5.0}, {"step": 10, "train_time_s": 100, "new": 4.0, "base": 5.0}],
+        100,
+    )
+    sat = _row(
+        "default",
+        0,
+        {"new": 3.9, "base": 6.0},
+        [{"step": 5, "train_time_s": 30, "new": 4.2, "base": 6.0}, {"step": 10, "train_time_s": 60, "new": 3.9, "base": 6.0}],
+        60,
+    )
     stale = _row("default", 0, {"new": 9.0, "base": 9.0}, [], 1)
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in (stale, sat, dense)))
@@ -39,7 +57,11 @@ def test_quality_table_compares_the_first_configured_eval_set_and_time_to_dense_
     assert list(results) == ["dense", "default"] and results["default"][0]["held_out_loss"]["new"] == 3.9  # latest row wins
     longer = tmp_path / "long.jsonl"  # a second file, another protocol: --min-steps picks it out
     longer.write_text(json.dumps({**dense, "variant": "dense,training.learning_rate=1e-4", "steps": 200}) + "\n")
-    assert list(quality.saved_results([str(path), str(longer)], "c.yaml")) == ["dense", "default", "dense,training.learning_rate=1e-4"]
+    assert list(quality.saved_results([str(path), str(longer)], "c.yaml")) == [
+        "dense",
+        "default",
+        "dense,training.learning_rate=1e-4",
+    ]
     assert list(quality.saved_results([str(path), str(longer)], "c.yaml", min_steps=200)) == ["dense,training.learning_rate=1e-4"]
     line = quality.table(results).splitlines()[-1]
     # "new" (listed first in the config) is compared, not the alphabetically first "base"
@@ -59,7 +81,9 @@ def test_quality_variant_names_become_overrides():
     with pytest.raises(SystemExit, match="only dotted overrides"):
         quality.variant_overrides("dense,omission_rate=0.5")  # a sat setting on a dense run means nothing
     assert quality.variant_overrides("targets=[mlp,attention],metric=uniform") == (
-        False, ["sat.targets=[mlp,attention]", "sat.metric=uniform"])
+        False,
+        ["sat.targets=[mlp,attention]", "sat.metric=uniform"],
+    )
 
 
 def test_sparse_loss_gradient_error_of_backward_only_omission():
@@ -99,8 +123,13 @@ def test_retime_rebuilds_curves_from_quiet_step_times(tmp_path):
     times = quality.step_times(str(bench))
     assert list(times) == ["backward"] and times["backward"].dense_s == 2.0 and times["backward"].sat_s == {0.0: 2.0, 0.5: 1.5}
     sat = {"omission_rate": 0.5, "omit_in": "backward", "schedule": "constant", "dense_warmup_fraction": 0.0}
-    row = _row("omit_in=backward", 0, {"new": 4.0}, [{"step": 0, "train_time_s": 9.0, "new": 5.0},
-                                                     {"step": 4, "train_time_s": 99.0, "new": 4.0}], 99.0)
+    row = _row(
+        "omit_in=backward",
+        0,
+        {"new": 4.0},
+        [{"step": 0, "train_time_s": 9.0, "new": 5.0}, {"step": 4, "train_time_s": 99.0, "new": 4.0}],
+        99.0,
+    )
     row = quality.retime(row | {"sat": sat, "steps": 4}, times)
     # constant 0.5 until the last step, which every schedule ends at its final value (dense for the ladder; here 0.5)
     assert row["evals"][0]["train_time_s"] == 0.0 and row["train_time_s"] == pytest.approx(4 * 1.5)
@@ -117,7 +146,9 @@ def test_equal_time_from_step_times_uses_the_medians_not_the_runs_clock(tmp_path
     bench = tmp_path / "b.jsonl"
     bench.write_text(json.dumps({"rate": 0.5, "omit_in": "backward", "dense_s": 2.0, "sat_s": 1.0}) + "\n")
     dense = _row("dense", 0, {"new": 4.0}, [], 100.0)
-    sat = _row("omit_in=backward", 0, {"new": 4.1}, [], 500.0) | {"sat": {"omission_rate": 0.5, "omit_in": "backward", "schedule": "constant", "dense_warmup_fraction": 0.0}}
+    sat = _row("omit_in=backward", 0, {"new": 4.1}, [], 500.0) | {
+        "sat": {"omission_rate": 0.5, "omit_in": "backward", "schedule": "constant", "dense_warmup_fraction": 0.0}
+    }
     # dense's 10 steps are 20 s at the medians; SAT at a constant 0.5 takes 1 s a step: 20 of them fit
     assert quality.equal_time_steps_of(argparse.Namespace(step_times=str(bench)), dense, sat) == 20
     assert quality.equal_time_steps_of(argparse.Namespace(step_times=None), dense, sat) == 2  # 100 s at the run's 50 s a step
@@ -132,8 +163,11 @@ def test_quality_table_pairs_each_variant_with_dense_of_its_own_seed():
     results = {
         "dense": [_row("dense", 0, {"new": 4.0}, evals(100, 4.0), 100), _row("dense", 1, {"new": 2.0}, evals(50, 2.0), 50)],
         # seed 1 first: pairing by list order would set it against seed 0's dense
-        "default": [_row("default", 1, {"new": 2.2}, evals(50, 2.2), 50), _row("default", 0, {"new": 4.4}, evals(100, 4.4), 100),
-                    _row("default", 2, {"new": 9.0}, evals(10, 9.0), 10)],  # no dense run for seed 2: left out of the comparison
+        "default": [
+            _row("default", 1, {"new": 2.2}, evals(50, 2.2), 50),
+            _row("default", 0, {"new": 4.4}, evals(100, 4.4), 100),
+            _row("default", 2, {"new": 9.0}, evals(10, 9.0), 10),
+        ],  # no dense run for seed 2: left out of the comparison
     }
     line = quality.table(results).splitlines()[-1]
     assert "+10.00% (new)" in line and "| 1.00x | not reached |" in line
@@ -153,13 +187,21 @@ def test_profile_step_shows_what_only_sat_runs_and_refuses_what_has_no_bound():
     """The op table has the three models' columns, and the backward-kept op (SAT only) costs SAT time
     and the pruned model none; flags that time no pruned model are refused."""
     profile_step = _load("profile_step")
-    args = profile_step.parse(["--shape", "tiny", "--targets", "mlp", "--omit-in", "backward", "--warmup", "1", "--profile-steps", "1"])
+    args = profile_step.parse(
+        ["--shape", "tiny", "--targets", "mlp", "--omit-in", "backward", "--warmup", "1", "--profile-steps", "1"]
+    )
     times = profile_step.op_times(args, "mlp", 0.5)
     assert times["sat"]["_BackwardKeptLinear"][0] > 0 and "_BackwardKeptLinear" not in times["pruned"]
     mm = [times[name]["aten::mm"][2] for name in profile_step.MODELS]  # calls per step: the same matmuls, at other sizes
     assert mm[0] == mm[1] == mm[2] > 0
     text = profile_step.table(times, top=5)
     assert text.splitlines()[2].startswith("| **all ops** |") and len(text.splitlines()) == 8
-    for bad in (["--table", "cpu"], ["--no-bound"], ["--dense-layers", "0"], ["--omit-in", "weight_gradient"], ["--profile-steps", "0"]):
+    for bad in (
+        ["--table", "cpu"],
+        ["--no-bound"],
+        ["--dense-layers", "0"],
+        ["--omit-in", "weight_gradient"],
+        ["--profile-steps", "0"],
+    ):
         with pytest.raises(SystemExit):
             profile_step.parse(bad)

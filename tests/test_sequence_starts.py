@@ -30,7 +30,9 @@ def test_the_subsample_always_holds_every_start_and_no_padding(padded):
         mask.view(batch, -1)[:, :5] = 0  # left padding: the first real token is at 5
     starts = importance.sequence_starts(batch, 32, mask if padded else None, None, torch.device("cpu"))
     for seed in range(50):
-        rows = importance.sample_rows(total, 8, torch.Generator().manual_seed(seed), mask if padded else None, torch.device("cpu"), starts)
+        rows = importance.sample_rows(
+            total, 8, torch.Generator().manual_seed(seed), mask if padded else None, torch.device("cpu"), starts
+        )
         assert set(starts.nonzero().squeeze(1).tolist()) <= set(rows.tolist())
         assert mask[rows].all()
 
@@ -49,7 +51,9 @@ def test_stratum_weights_give_every_real_tokens_mean_and_rms(padded):
     hidden[~mask.bool()] = 1e4
     real = hidden[mask.bool()]
     for seed in range(5):
-        rows, weights = importance.stratified_sample(batch * length, 12, torch.Generator().manual_seed(seed), mask, starts, torch.device("cpu"))
+        rows, weights = importance.stratified_sample(
+            batch * length, 12, torch.Generator().manual_seed(seed), mask, starts, torch.device("cpu")
+        )
         sample = hidden.index_select(0, rows)
         assert float(weights.sum()) == pytest.approx(float(mask.sum()))
         torch.testing.assert_close(importance.real_token_mean(sample, weights), real.mean(0))
@@ -88,8 +92,12 @@ def test_a_channel_massive_only_at_the_first_token_is_kept_at_every_draw(scores,
     would then omit the channel (its output is 0 elsewhere) at rate 0.5."""
     channel, batch, length = 7, 4, 32
     model = _sink_model(channel)
-    handle = apply_sat(model, sat_config(targets=["mlp"], activation_tokens=8, activation_token_fraction=0.01,
-                                         activation_scores=scores, selection="topk"))
+    handle = apply_sat(
+        model,
+        sat_config(
+            targets=["mlp"], activation_tokens=8, activation_token_fraction=0.01, activation_scores=scores, selection="topk"
+        ),
+    )
     handle.set_rate(0.5)
     first = torch.tensor([0, 3, 0, 6]) if padded else torch.zeros(batch, dtype=torch.long)
     mask = (torch.arange(length) >= first.unsqueeze(1)).long()  # left padding before each row's first token

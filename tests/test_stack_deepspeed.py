@@ -28,8 +28,13 @@ STAGES = (2, 3)
 
 
 def _launch(args: list[str], env: dict) -> None:
-    proc = subprocess.run([sys.executable, *args], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env},
-                          timeout=300, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, *args],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env},
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         pytest.fail(f"worker exited with {proc.returncode}:\n{proc.stderr[-8000:]}")
 
@@ -38,8 +43,9 @@ def _launch(args: list[str], env: dict) -> None:
 def runs(tmp_path_factory) -> Path:
     """Every DeepSpeed run on 2 ranks, then the unsharded reference; returns their folder."""
     out = tmp_path_factory.mktemp("deepspeed")
-    _launch(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out)],
-            {"DS_ACCELERATOR": "cpu"})
+    _launch(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out)], {"DS_ACCELERATOR": "cpu"}
+    )
     _launch([str(WORKER), str(out), "--single"], {})
     return out
 
@@ -90,8 +96,13 @@ def test_zero_resume_continues_the_same_run(runs, stage):
         assert list(b["kept"]) == ["2", "3"] and b["kept"] == {k: a["kept"][k] for k in ("2", "3")}
         assert b["rows"] == a["rows"][2:]
         torch.testing.assert_close(torch.tensor(b["losses"]), torch.tensor(a["losses"][2:]), atol=1e-6, rtol=1e-6)
-    _assert_close(torch.load(runs / f"zero{stage}-resumed.pt")["final"], torch.load(runs / f"zero{stage}.pt")["final"],
-                  f"ZeRO-{stage} resumed final weight", atol=1e-6, rtol=1e-6)
+    _assert_close(
+        torch.load(runs / f"zero{stage}-resumed.pt")["final"],
+        torch.load(runs / f"zero{stage}.pt")["final"],
+        f"ZeRO-{stage} resumed final weight",
+        atol=1e-6,
+        rtol=1e-6,
+    )
 
 
 def test_zero3_model_init_trains_like_model(runs):

@@ -22,8 +22,13 @@ def _launch(args: list[str], processes: int, env: dict) -> None:
     """Run a worker in `processes` ranks; on failure show its stderr (the traceback of the rank that died)."""
     if processes > 1:  # --standalone: torchrun picks a free rendezvous port itself, no race with other tests
         args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args]
-    proc = subprocess.run([sys.executable, *args], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                                                       **env}, timeout=180, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, *args],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env},
+        timeout=180,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         pytest.fail(f"worker exited with {proc.returncode}:\n{proc.stderr[-6000:]}")
 
@@ -38,8 +43,15 @@ def _kept(out: Path, rank: int) -> dict:
     return data
 
 
-@pytest.mark.parametrize("metric,omit_in", [("wanda", "forward_backward"), ("activation", "forward_backward"),
-                                            ("magnitude", "forward_backward"), ("activation", "backward")])
+@pytest.mark.parametrize(
+    "metric,omit_in",
+    [
+        ("wanda", "forward_backward"),
+        ("activation", "forward_backward"),
+        ("magnitude", "forward_backward"),
+        ("activation", "backward"),
+    ],
+)
 def test_ddp_ranks_agree_and_match_one_process(tmp_path, metric, omit_in):
     """Every rank draws the same sets from the same scores. With a data-dependent metric each rank measures
     its own half of the batch (omit_in backward: inside the forward, from down's input and v's output), so

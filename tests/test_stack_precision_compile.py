@@ -54,11 +54,16 @@ def test_compiled_dense_forward_draws_at_the_output_as_eager_does():
     assert any(not torch.equal(runs[0][0][2][n], runs[0][2][2][n]) for n in runs[0][0][2])  # the kept sets moved
 
 
-@pytest.mark.parametrize("omit_in,scores", [("forward_backward", "subsample"), ("backward", "subsample"), ("backward", "forward")])
+@pytest.mark.parametrize(
+    "omit_in,scores", [("forward_backward", "subsample"), ("backward", "subsample"), ("backward", "forward")]
+)
 def test_compile_recompiles_only_when_k_changes(omit_in, scores):
     torch._dynamo.reset()  # an earlier case's graphs would serve this one's first step (the same code, traced alike)
     model = build("llama")
-    handle = apply_sat(model, sat_config(omission_rate=0.5, ladder_sparse_fraction=0.5, ladder_num_rungs=2, omit_in=omit_in, activation_scores=scores))
+    handle = apply_sat(
+        model,
+        sat_config(omission_rate=0.5, ladder_sparse_fraction=0.5, ladder_num_rungs=2, omit_in=omit_in, activation_scores=scores),
+    )
     compiles = []
 
     def counting_backend(gm, example_inputs):

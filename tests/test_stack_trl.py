@@ -34,10 +34,21 @@ def test_sft_trainer_with_sat(tmp_path):
     sat = sat_config(omission_rate=0.5, ladder_sparse_fraction=0.5, ladder_num_rungs=1)
     sizes = _Sizes()
     args = trl.SFTConfig(
-        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1,
-        report_to=[], use_cpu=True, max_length=48, save_strategy="no", disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        max_length=48,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[SATCallback(sat), sizes])
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[SATCallback(sat), sizes]
+    )
     trainer.train()
     rows = [r for r in trainer.state.log_history if "loss" in r]
     assert [r["sat/omission_rate"] for r in rows] == [omission_rate_at(sat, s, 8) for s in range(8)]

@@ -17,7 +17,9 @@ from sat_trainer.app.run_config import load_run_config
 from sat_trainer.app.step_timing import StepTimes, interleaved, timed_rates
 from sat_trainer.schedule import omission_rate_at
 
-LADDER = SATConfig(omission_rate=0.5, schedule="ladder", ladder_sparse_fraction=0.75, ladder_num_rungs=2, dense_warmup_fraction=0.0)
+LADDER = SATConfig(
+    omission_rate=0.5, schedule="ladder", ladder_sparse_fraction=0.75, ladder_num_rungs=2, dense_warmup_fraction=0.0
+)
 
 
 def test_interleaved_rotates_the_order_and_drops_warmup_rounds():
@@ -28,6 +30,7 @@ def test_interleaved_rotates_the_order_and_drops_warmup_rounds():
         def run():
             calls.append(name)
             return float(next(clock))
+
         return run
 
     times = interleaved({"a": step("a"), "b": step("b"), "c": step("c")}, warmup=1, rounds=3)
@@ -70,8 +73,14 @@ def test_equal_time_run_is_never_shorter_than_one_step():
 
 def _report(steps: int, train_time: float, curve: list[tuple[int, float]]) -> dict:
     evals = [{"step": s, "train_time_s": train_time * s / steps, "new": loss} for s, loss in curve]
-    return {"steps": steps, "wall_time_s": train_time, "train_time_s": train_time, "tokens_per_second": 1.0,
-            "held_out_loss": {"new": curve[-1][1]}, "history": {"held_out": evals}}
+    return {
+        "steps": steps,
+        "wall_time_s": train_time,
+        "train_time_s": train_time,
+        "tokens_per_second": 1.0,
+        "held_out_loss": {"new": curve[-1][1]},
+        "history": {"held_out": evals},
+    }
 
 
 def test_comparison_table_retimes_the_curve_at_the_interleaved_times():
@@ -81,7 +90,9 @@ def test_comparison_table_retimes_the_curve_at_the_interleaved_times():
     times = StepTimes(dense_s=1.0, sat_s={0.0: 1.0, 0.25: 0.8, 0.5: 0.6}, kept_flops={0.0: 1.0, 0.25: 0.75, 0.5: 0.5}, rounds=3)
     table = comparison_table(dense, [("SAT", sat)], times, LADDER)
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()}
-    assert not [line for line in table.splitlines() if line.startswith("|") and "as run" in line]  # the machine's load: no headline
+    assert not [
+        line for line in table.splitlines() if line.startswith("|") and "as run" in line
+    ]  # the machine's load: no headline
     assert rows["speedup per step, interleaved"][-1].strip(" |") == f"{40 / 27:.2f}x"
     assert rows["FLOP ideal, same schedule"][-1].strip(" |") == f"{40 / 23.75:.2f}x"
     # re-timed, step 20 is at 12 s (all at rate 0.5) and step 40 at 27 s; dense's final 3.0 lies 5/6 of the way from
@@ -93,13 +104,19 @@ def test_comparison_table_retimes_the_curve_at_the_interleaved_times():
 def test_measure_times_dense_and_each_rate_on_a_real_model():
     from sat_trainer.patch.model import handle_of
 
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64
+        )
+    )
     args = transformers.TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], gradient_accumulation_steps=2)
     ids = torch.randint(0, 64, (2, 16))
     before = [p.detach().clone() for p in model.parameters()]
     times = step_timing.measure(model, {"input_ids": ids, "labels": ids}, args, LADDER, [0.0, 0.5], rounds=2)
-    assert set(times.sat_s) == {0.0, 0.5} and {k: len(v) for k, v in times.samples.items()} == {"dense": 2, "sat@0.5": 2}  # dense: rate 0
+    assert set(times.sat_s) == {0.0, 0.5} and {k: len(v) for k, v in times.samples.items()} == {
+        "dense": 2,
+        "sat@0.5": 2,
+    }  # dense: rate 0
     assert times.sat_s[0.0] == times.dense_s > 0
     assert times.kept_flops[0.0] == 1.0 and times.kept_flops[0.5] < 1.0
     assert any(not p.equal(b) for p, b in zip(model.parameters(), before))  # it trained: 3 rounds x 2 variants
@@ -121,8 +138,11 @@ def test_measure_times_the_omitted_update_with_the_sat_steps(monkeypatch):
         real(handle, optimizer, decay)
 
     monkeypatch.setattr(omitted_update, "continue_momentum", spy)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64
+        )
+    )
     args = transformers.TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
     ids = torch.randint(0, 64, (2, 16))
     cfg = SATConfig(omission_rate=0.5, schedule="constant", omitted_update="momentum", momentum_decay=0.97)

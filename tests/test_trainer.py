@@ -46,13 +46,22 @@ class _KeptRecorder(transformers.TrainerCallback):
 
 def _trainer(out, model, recorder, **args):
     targs = transformers.TrainingArguments(
-        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=3e-3,
-        logging_steps=1, save_steps=16, save_strategy="steps", report_to=[], use_cpu=True, seed=0,
-        optim="adamw_torch", lr_scheduler_type="constant", disable_tqdm=True, **args,
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_steps=16,
+        save_strategy="steps",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+        **args,
     )
-    return transformers.Trainer(
-        model=model, args=targs, train_dataset=_Stream(), callbacks=[SATCallback(SAT), recorder]
-    )
+    return transformers.Trainer(model=model, args=targs, train_dataset=_Stream(), callbacks=[SATCallback(SAT), recorder])
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +126,7 @@ def test_resume_continues_the_same_schedule_and_draws(full_run, tmp_path, restor
     first = {r["step"]: r for r in trainer.state.log_history if "loss" in r}
     again = {r["step"]: r for r in resumed.state.log_history if "loss" in r and r["step"] > 16}
     assert sorted(again) == list(range(17, STEPS + 1))
-    assert {s: resumed_recorder.kept[s] for s in resumed_recorder.kept} == {
-        s: recorder.kept[s] for s in resumed_recorder.kept
-    }
+    assert {s: resumed_recorder.kept[s] for s in resumed_recorder.kept} == {s: recorder.kept[s] for s in resumed_recorder.kept}
     for step, row in again.items():
         assert row["sat/omission_rate"] == first[step]["sat/omission_rate"]
         assert row["loss"] == pytest.approx(first[step]["loss"], rel=1e-4)
@@ -134,12 +141,18 @@ class _RowWatcher(transformers.TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         layer = model.model.layers[0]
         kept = handle_of(model).kept()
-        self._before = (layer.mlp.gate_proj.weight.detach().clone(), layer.self_attn.o_proj.weight.detach().clone(),
-                        kept["model.layers.0.mlp"], kept["model.layers.0.self_attn"])
+        self._before = (
+            layer.mlp.gate_proj.weight.detach().clone(),
+            layer.self_attn.o_proj.weight.detach().clone(),
+            kept["model.layers.0.mlp"],
+            kept["model.layers.0.self_attn"],
+        )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         layer = model.model.layers[0]
-        self.records.append((*self._before, layer.mlp.gate_proj.weight.detach().clone(), layer.self_attn.o_proj.weight.detach().clone()))
+        self.records.append(
+            (*self._before, layer.mlp.gate_proj.weight.detach().clone(), layer.self_attn.o_proj.weight.detach().clone())
+        )
 
 
 @pytest.mark.parametrize("mode", ["optimizer", "freeze"])
@@ -147,8 +160,16 @@ def test_omitted_update_modes(tmp_path, mode):
     watcher = _RowWatcher()
     sat = sat_config(omission_rate=0.5, schedule="constant", omitted_update=mode)
     targs = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=0.1,
-        report_to=[], use_cpu=True, optim="adamw_torch", disable_tqdm=True, save_strategy="no",
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        report_to=[],
+        use_cpu=True,
+        optim="adamw_torch",
+        disable_tqdm=True,
+        save_strategy="no",
     )
     transformers.Trainer(model=build("llama"), args=targs, train_dataset=_Stream(), callbacks=[SATCallback(sat), watcher]).train()
     for step, (gate0, o0, channels, heads, gate1, o1) in enumerate(watcher.records):
@@ -182,8 +203,15 @@ def test_omitted_update_momentum_continues_the_first_moment(tmp_path, omit_in):
     watcher = _MomentumWatcher()
     sat = sat_config(omission_rate=0.5, schedule="constant", targets=["mlp"], omit_in=omit_in, omitted_update="momentum")
     targs = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-        report_to=[], use_cpu=True, optim="adamw_torch", disable_tqdm=True, save_strategy="no",
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        optim="adamw_torch",
+        disable_tqdm=True,
+        save_strategy="no",
     )
     transformers.Trainer(model=build("llama"), args=targs, train_dataset=_Stream(), callbacks=[SATCallback(sat), watcher]).train()
     (grad0, moment0, _), *later = watcher.records
@@ -222,7 +250,9 @@ def test_momentum_decay_scales_the_omitted_first_moment(decay):
     optimizer.step()
     for (tensor, dim, idx), moment in zip(slices, before):
         assert torch.count_nonzero(moment) > 0
-        torch.testing.assert_close(optimizer.state[tensor]["exp_avg"].index_select(dim, idx), decay * moment, atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(
+            optimizer.state[tensor]["exp_avg"].index_select(dim, idx), decay * moment, atol=1e-7, rtol=1e-6
+        )
 
 
 def test_omitted_update_momentum_refuses_an_optimizer_without_a_first_moment():
@@ -263,7 +293,9 @@ def test_omitted_update_momentum_under_fp16_needs_clipping(max_grad_norm, refuse
 
     callback = SATCallback(sat_config(omitted_update="momentum"))
     args = SimpleNamespace(deepspeed=None, fp16=True, max_grad_norm=max_grad_norm)
-    begin = lambda: callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(), model=build("llama"))
+    begin = lambda: callback.on_train_begin(
+        args, transformers.TrainerState(), transformers.TrainerControl(), model=build("llama")
+    )
     if refused:
         with pytest.raises(SATError, match="under fp16 needs max_grad_norm > 0"):
             begin()

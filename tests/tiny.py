@@ -37,8 +37,15 @@ FAMILY_CONFIGS = {
         vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
     ),
     "opt": lambda: transformers.OPTConfig(
-        vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        ffn_dim=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=64,
+        dropout=0.0,
+        attention_dropout=0.0,
     ),
 }
 LLAMA_STYLE_ATTENTION = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
@@ -50,7 +57,15 @@ def _llama_like(model_type: str, **extra):
 
     def make():
         config = transformers.AutoConfig.for_model(model_type, **{**_LLAMA_LIKE, **extra})
-        for key in ("attention_dropout", "hidden_dropout", "residual_dropout", "embedding_dropout", "mlp_dropout", "resid_pdrop", "embd_pdrop"):
+        for key in (
+            "attention_dropout",
+            "hidden_dropout",
+            "residual_dropout",
+            "embedding_dropout",
+            "mlp_dropout",
+            "resid_pdrop",
+            "embd_pdrop",
+        ):
             if isinstance(getattr(config, key, None), (int, float)):
                 setattr(config, key, 0.0)
         if (getattr(config, "pad_token_id", None) or 0) >= VOCAB:  # e.g. Phi-3's 32000: outside the tiny vocabulary
@@ -170,9 +185,16 @@ def eager_and_compiled_steps(base: nn.Module, config: SATConfig, rate: float, st
 def demo_run_args(task: str, base, out, steps: int = 4, *extra: str) -> list[str]:
     """`sat-train <task>` arguments that run the shipped demo config in seconds on a tiny base."""
     sets = [
-        f"model={base}", f"training.output_dir={out}", f"training.max_steps={steps}", "training.eval_steps=2",
-        "training.logging_steps=1", "training.per_device_train_batch_size=2", "data.max_length=32",
-        "data.max_train_samples=40", "data.max_eval_samples=4", *extra,
+        f"model={base}",
+        f"training.output_dir={out}",
+        f"training.max_steps={steps}",
+        "training.eval_steps=2",
+        "training.logging_steps=1",
+        "training.per_device_train_batch_size=2",
+        "data.max_length=32",
+        "data.max_train_samples=40",
+        "data.max_eval_samples=4",
+        *extra,
     ]
     return [task, "--config", f"configs/demo_{task}.yaml", *(a for s in sets for a in ("--set", s))]
 

@@ -39,11 +39,29 @@ def main(argv: list[str] | None = None) -> int:
     for task, what in (("cpt", "continual pre-training (packed text)"), ("sft", "supervised fine-tuning (chat records)")):
         p = sub.add_parser(task, help=what)
         p.add_argument("--config", required=True, help="scenario YAML (see configs/)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.max_steps=20 or sat.omission_rate=0.3")
-        p.add_argument("--compare-dense", action="store_true", help="also run the same config dense and print a side-by-side table")
-        p.add_argument("--timing-rounds", type=int, default=5, metavar="N", help="--compare-dense: rounds of dense and SAT steps timed "
-                       "in turn in one process (dense's median, SAT's by same-round ratios; they size the equal-time run); 0: use the runs' own times")
-        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder (same ladder, draws, data order)")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override, e.g. training.max_steps=20 or sat.omission_rate=0.3",
+        )
+        p.add_argument(
+            "--compare-dense", action="store_true", help="also run the same config dense and print a side-by-side table"
+        )
+        p.add_argument(
+            "--timing-rounds",
+            type=int,
+            default=5,
+            metavar="N",
+            help="--compare-dense: rounds of dense and SAT steps timed "
+            "in turn in one process (dense's median, SAT's by same-round ratios; they size the equal-time run); 0: use the runs' own times",
+        )
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from the latest checkpoint in the run folder (same ladder, draws, data order)",
+        )
         p.add_argument("--overwrite", action="store_true", help="delete the run folder's checkpoints and start over")
     p = sub.add_parser("pretrain-base", help="build (once) the small pretrained base the demo configs use")
     p.add_argument("--output", help="folder to build into (default: the cache folder the demos read)")
@@ -51,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     missing = [name for name in APP_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        print(f"sat-train: error: {', '.join(missing)} not installed; sat-train needs: pip install \"sat_trainer[cli]\"", file=sys.stderr)
+        print(
+            f'sat-train: error: {", ".join(missing)} not installed; sat-train needs: pip install "sat_trainer[cli]"',
+            file=sys.stderr,
+        )
         return 2
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -80,15 +101,20 @@ def _train(args: argparse.Namespace) -> int:
     if args.compare_dense and cfg.sat is None:
         raise SATConfigError(f"{args.config}: --compare-dense needs a 'sat:' section (with sat: null both runs would be dense)")
     if args.timing_rounds < 0:
-        raise SATConfigError(f"--timing-rounds has invalid value {args.timing_rounds}; allowed: 0 (no interleaved timing) or more rounds")
+        raise SATConfigError(
+            f"--timing-rounds has invalid value {args.timing_rounds}; allowed: 0 (no interleaved timing) or more rounds"
+        )
     if args.compare_dense and explicit is not None:
         raise SATConfigError("training.resume_from_checkpoint names one checkpoint; with --compare-dense use --resume")
     folders = list(compare_folders(cfg).values()) if args.compare_dense else [cfg.output_dir]
     starts = {
-        f: resume_point(f, explicit=explicit, resume=args.resume, overwrite=args.overwrite, required=not args.compare_dense) for f in folders
+        f: resume_point(f, explicit=explicit, resume=args.resume, overwrite=args.overwrite, required=not args.compare_dense)
+        for f in folders
     }
     if args.compare_dense and args.resume and not any(starts.values()):
-        raise SATConfigError(f"nothing to resume: none of {', '.join(str(f) for f in folders)} holds a checkpoint; run without --resume")
+        raise SATConfigError(
+            f"nothing to resume: none of {', '.join(str(f) for f in folders)} holds a checkpoint; run without --resume"
+        )
     if args.overwrite:
         for folder in folders:
             clear_checkpoints(folder)
@@ -114,11 +140,18 @@ def _run(args: argparse.Namespace, cfg: RunConfig, starts: dict[Path, str | None
     runs = [("SAT, equal steps", run(cfg, output_dir=folders["sat"], resume_from=starts[folders["sat"]]))]
     times = None
     if args.timing_rounds > 0:  # the speed side, robust to machine drift between the sequential runs
-        times = time_steps(cfg, dense["steps"], calibration=runs[0][1].get("sat_calibration"), rounds=args.timing_rounds, reuse=args.resume)
+        times = time_steps(
+            cfg, dense["steps"], calibration=runs[0][1].get("sat_calibration"), rounds=args.timing_rounds, reuse=args.resume
+        )
     if "sat_equal_time" in folders:  # CPT: SAT gets the steps that fit in dense's train-step time, its schedule over them
         steps = times.equal_time_steps(cfg.sat, dense["steps"]) if times is not None else equal_time_steps(dense, runs[0][1])
         timed = dataclasses.replace(cfg, training={**cfg.training, "max_steps": steps})
-        runs.append((f"SAT, equal time ({steps} steps)", run(timed, output_dir=folders["sat_equal_time"], resume_from=starts[folders["sat_equal_time"]])))
+        runs.append(
+            (
+                f"SAT, equal time ({steps} steps)",
+                run(timed, output_dir=folders["sat_equal_time"], resume_from=starts[folders["sat_equal_time"]]),
+            )
+        )
     table = write_comparison(cfg.output_dir, dense, runs, times, cfg.sat)
     print("\n" + table)
     print(f"\nrun folders: {', '.join(str(f) for f in folders.values())}; curves: {cfg.output_dir / 'report.png'}")

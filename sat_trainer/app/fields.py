@@ -57,7 +57,9 @@ def _check(key: str, value: Any, hint: Any) -> Any:
         value = _number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and float not in scalars):
         allowed = "an integer" if float not in scalars else "a number"
-        raise SATConfigError(f"key {key!r} has invalid value {value!r}; allowed: {allowed}" + (" or null" if type(None) in options else ""))
+        raise SATConfigError(
+            f"key {key!r} has invalid value {value!r}; allowed: {allowed}" + (" or null" if type(None) in options else "")
+        )
     return value
 
 

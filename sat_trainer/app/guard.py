@@ -82,5 +82,8 @@ class NonFiniteGuard(TrainerCallback):
                 control.should_training_stop = True
             else:
                 logger.warning(
-                    "sat_trainer: step %d: non-finite gradient, update skipped (%d of %d allowed)", step, len(self.skipped), self.max_skipped
+                    "sat_trainer: step %d: non-finite gradient, update skipped (%d of %d allowed)",
+                    step,
+                    len(self.skipped),
+                    self.max_skipped,
                 )

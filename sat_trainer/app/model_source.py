@@ -20,10 +20,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .builtin_models import MODEL_BUILTINS, PREFIX, builtin_shape, is_builtin
 from ..errors import SATConfigError, SATError
-from .model_fit import check_fit
 from ..patch.registry import FAMILIES, supported_model_types
+from .builtin_models import MODEL_BUILTINS, PREFIX, builtin_shape, is_builtin
+from .model_fit import check_fit
 
 if TYPE_CHECKING:
     from ..config import SATConfig
@@ -31,8 +31,11 @@ if TYPE_CHECKING:
 
 def is_local(spec: str) -> bool:
     path = Path(spec).expanduser()
-    return spec.startswith(("./", "../", "/", "~")) or spec in (".", "..") or path.exists() or (
-        path.parent != Path(".") and path.parent.is_dir()
+    return (
+        spec.startswith(("./", "../", "/", "~"))
+        or spec in (".", "..")
+        or path.exists()
+        or (path.parent != Path(".") and path.parent.is_dir())
     )
 
 

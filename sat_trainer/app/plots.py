@@ -73,8 +73,13 @@ def comparison_figure(runs: list[tuple[str, dict[str, Any]]], xlabel: str = TIME
     crosses it is its time to dense's loss."""
     plt = _pyplot()
     names = held_out_names([r for _, r in runs])
-    fig, axes = plt.subplots(len(names) + 2, 1, figsize=(7, 4 + 2.5 * len(names)), sharex=True,
-                             gridspec_kw={"height_ratios": [2.5] * len(names) + [2, 1]})
+    fig, axes = plt.subplots(
+        len(names) + 2,
+        1,
+        figsize=(7, 4 + 2.5 * len(names)),
+        sharex=True,
+        gridspec_kw={"height_ratios": [2.5] * len(names) + [2, 1]},
+    )
     held, train, rate = axes[: len(names)], axes[-2], axes[-1]
     for i, (label, report) in enumerate(runs):
         style, color = LINESTYLES[i % len(LINESTYLES)], f"C{i}"
@@ -82,7 +87,9 @@ def comparison_figure(runs: list[tuple[str, dict[str, Any]]], xlabel: str = TIME
             _held_out(ax, report, name, x="train_time_s", style=style, color=color, label=label)
         _train_loss(train, report, x="train_time_s", style=style, color=color, label=f"{label}: ")
         steps = report["history"]["steps"]
-        rate.step([s["train_time_s"] for s in steps], [s["omission_rate"] for s in steps], style, where="post", label=label, color=color)
+        rate.step(
+            [s["train_time_s"] for s in steps], [s["omission_rate"] for s in steps], style, where="post", label=label, color=color
+        )
         for ax in axes:
             _mark_rungs(ax, steps, x="train_time_s", style=style, label_rates=ax is axes[0])
     dense = next((r for label, r in runs if label == "dense"), None)
@@ -127,8 +134,16 @@ def _mark_rungs(ax, steps: list[dict[str, Any]], *, x: str, style: str, label_ra
     for change in rung_changes(steps):
         ax.axvline(change[x], linestyle=style, color="0.5", linewidth=0.8)
         if label_rates:
-            ax.annotate(f"r={change['omission_rate']:g}", (change[x], 1), xycoords=("data", "axes fraction"),
-                        fontsize=7, color="0.4", ha="left", va="top", rotation=90)
+            ax.annotate(
+                f"r={change['omission_rate']:g}",
+                (change[x], 1),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                color="0.4",
+                ha="left",
+                va="top",
+                rotation=90,
+            )
 
 
 def _finish(fig, axes, title: str) -> None:

@@ -156,8 +156,9 @@ def retimed(report: dict[str, Any], clock: Callable[[int], float]) -> dict[str, 
     return {**report, "history": history, "train_time_s": clock(report["steps"])}
 
 
-def comparison(dense: dict[str, Any], runs: list[tuple[str, dict[str, Any]]], times: StepTimes | None = None,
-               sat: SATConfig | None = None) -> dict[str, Any]:
+def comparison(
+    dense: dict[str, Any], runs: list[tuple[str, dict[str, Any]]], times: StepTimes | None = None, sat: SATConfig | None = None
+) -> dict[str, Any]:
     """The headline numbers of the dense run and SAT runs of one config (``compare.json``), one entry per run, dense first.
 
     With ``times`` (the interleaved step times, :mod:`.step_timing`) and SAT's config ``sat``, every
@@ -185,20 +186,30 @@ def comparison(dense: dict[str, Any], runs: list[tuple[str, dict[str, Any]]], ti
             "train_step_time_s": train_time,
             "speedup_per_step": dense_time / dense["steps"] / (train_time / r["steps"]) if r["steps"] and train_time else None,
             "held_out_loss": r["held_out_loss"],
-            "held_out_vs_dense": {n: r["held_out_loss"][n] / loss - 1 for n, loss in dense["held_out_loss"].items()
-                                  if r["held_out_loss"].get(n) is not None and loss},
+            "held_out_vs_dense": {
+                n: r["held_out_loss"][n] / loss - 1
+                for n, loss in dense["held_out_loss"].items()
+                if r["held_out_loss"].get(n) is not None and loss
+            },
             "time_to_dense_loss": reach / dense_time if reach is not None and dense_time else None,
             "wall_time_as_run_s": r["wall_time_s"],
         }
         if times is not None:
             row["flop_ideal"] = times.schedule_ideal(sat, r["steps"]) if i else 1.0
         rows.append(row)
-    return {"timing": "interleaved" if times is not None else "as run", "target": {"held_out_set": first, "dense_loss": target},
-            "curve_eval_samples": dense.get("curve_eval_samples"), "runs": rows}
+    return {
+        "timing": "interleaved" if times is not None else "as run",
+        "target": {"held_out_set": first, "dense_loss": target},
+        "curve_eval_samples": dense.get("curve_eval_samples"),
+        "runs": rows,
+    }
 
 
 def comparison_table(
-    dense: dict[str, Any], runs: list[tuple[str, dict[str, Any]]], times: StepTimes | None = None, sat: SATConfig | None = None,
+    dense: dict[str, Any],
+    runs: list[tuple[str, dict[str, Any]]],
+    times: StepTimes | None = None,
+    sat: SATConfig | None = None,
 ) -> str:
     """Markdown table of :func:`comparison`, one column per run (dense first), and below it the runs'
     wall times as run, labelled as the machine's load they include.
@@ -224,28 +235,40 @@ def comparison_table(
     for name in dense["held_out_loss"]:  # the config's order: the target domain first
         row(f"held-out loss: {name}", lambda c, n=name: f"{c['held_out_loss'].get(n, float('nan')):.4f}")
     for name in dense["held_out_loss"]:
-        row(f"held-out loss vs dense: {name}",
-            lambda c, n=name: "" if c is cols[0] else f"{100 * c['held_out_vs_dense'][n]:+.2f}%" if n in c["held_out_vs_dense"] else "-")
+        row(
+            f"held-out loss vs dense: {name}",
+            lambda c, n=name: (
+                "" if c is cols[0] else f"{100 * c['held_out_vs_dense'][n]:+.2f}%" if n in c["held_out_vs_dense"] else "-"
+            ),
+        )
     first = numbers["target"]["held_out_set"]
     if first is not None:
         retimed_or_as_run = "re-timed" if times is not None else AS_RUN
-        row(f"train-step time to dense's final {first} loss, {retimed_or_as_run}",
-            lambda c: _times(c["time_to_dense_loss"]) if c["time_to_dense_loss"] is not None else "not reached")
+        row(
+            f"train-step time to dense's final {first} loss, {retimed_or_as_run}",
+            lambda c: _times(c["time_to_dense_loss"]) if c["time_to_dense_loss"] is not None else "not reached",
+        )
     head = "| | " + " | ".join(c["label"] for c in cols) + " |"
     lines = [head, "|---|" + "---|" * len(cols), *[f"| {name} | " + " | ".join(c) + " |" for name, c in cells.items()]]
     lines.append("")
-    lines.append(f"wall time {AS_RUN} (s): " + ", ".join(f"{c['label']} {c['wall_time_as_run_s']:.1f}" for c in cols)
-                 + (" (the runs ran one after the other; speed is compared on the interleaved times above)" if times else ""))
+    lines.append(
+        f"wall time {AS_RUN} (s): "
+        + ", ".join(f"{c['label']} {c['wall_time_as_run_s']:.1f}" for c in cols)
+        + (" (the runs ran one after the other; speed is compared on the interleaved times above)" if times else "")
+    )
     if numbers["curve_eval_samples"]:
-        lines.append(f"held-out curves and the time to dense's loss: {numbers['curve_eval_samples']} blocks or records of each "
-                     "held-out set per point; held-out loss rows: the whole sets")
+        lines.append(
+            f"held-out curves and the time to dense's loss: {numbers['curve_eval_samples']} blocks or records of each "
+            "held-out set per point; held-out loss rows: the whole sets"
+        )
     if times is None:
         lines.append(f"speed rows: each run's own clock, one run after the other ({AS_RUN}; --timing-rounds 0)")
     return "\n".join(lines)
 
 
-def comparison_curves(dense: dict[str, Any], runs: list[tuple[str, dict[str, Any]]], times: StepTimes | None = None,
-                      sat: SATConfig | None = None) -> list[tuple[str, dict[str, Any]]]:
+def comparison_curves(
+    dense: dict[str, Any], runs: list[tuple[str, dict[str, Any]]], times: StepTimes | None = None, sat: SATConfig | None = None
+) -> list[tuple[str, dict[str, Any]]]:
     """The runs as ``report.png`` draws them, dense first: with ``times``, every curve on the re-timed
     clock (:func:`step_clock`), so that a load change between the runs does not move them apart;
     without, on each run's own clock."""
@@ -255,8 +278,13 @@ def comparison_curves(dense: dict[str, Any], runs: list[tuple[str, dict[str, Any
     return [(label, retimed(r, step_clock(r, times, sat, dense=i == 0))) for i, (label, r) in enumerate(everything)]
 
 
-def write_comparison(out_dir: Path, dense: dict[str, Any], runs: list[tuple[str, dict[str, Any]]], times: StepTimes | None = None,
-                     sat: SATConfig | None = None) -> str:
+def write_comparison(
+    out_dir: Path,
+    dense: dict[str, Any],
+    runs: list[tuple[str, dict[str, Any]]],
+    times: StepTimes | None = None,
+    sat: SATConfig | None = None,
+) -> str:
     """``compare.md`` (:func:`comparison_table`), ``compare.json`` (:func:`comparison`) and ``report.png``
     (:func:`comparison_curves`) in ``out_dir``; returns the table."""
     table = comparison_table(dense, runs, times, sat)
@@ -289,4 +317,3 @@ def time_to_reach(evals: list[dict[str, Any]], name: str, target: float) -> floa
             t0, l0 = points[i - 1]
             return t0 + (t - t0) * (l0 - target) / (l0 - loss)
     return None
-

@@ -17,14 +17,14 @@ from typing import Any
 import torch
 import transformers
 
+from ..callback import SATCallback
+from ..errors import SATTrainingError
+from ..patch.model import remove_sat
 from . import data as sat_data
 from . import step_timing
 from .builtin_models import resolve_model_path
-from ..callback import SATCallback
-from ..errors import SATTrainingError
 from .guard import NonFiniteGuard
 from .model_source import check_model
-from ..patch.model import remove_sat
 from .report import FULL_EVAL_PREFIX, ReportCallback, build_report, write_report
 from .run_config import RunConfig
 from .step_timing import StepTimes
@@ -61,7 +61,14 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    logger.info("sat_trainer: %s run (%s) of %s -> %s%s", cfg.task, mode, source, out, f", resumed from {resume_from}" if resume_from else "")
+    logger.info(
+        "sat_trainer: %s run (%s) of %s -> %s%s",
+        cfg.task,
+        mode,
+        source,
+        out,
+        f", resumed from {resume_from}" if resume_from else "",
+    )
     trainer.train(resume_from_checkpoint=resume_from)
     # the Trainer rebuilds stateful callbacks on resume when restore_callback_states_from_checkpoint is set
     record = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ReportCallback))
@@ -75,8 +82,15 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
             trainer.evaluate(eval_dataset=eval_sets, metric_key_prefix=FULL_EVAL_PREFIX)  # the report's held-out losses
         _save_final(trainer.model, tokenizer, out, lora=cfg.lora is not None)
     report = build_report(
-        record, mode=mode, config=_config_record(cfg, model_path), wall_time_s=wall, status="diverged" if diverged else "completed",
-        diverged_at_step=guard.diverged_at, skipped_steps=guard.skipped, resumed_from=resume_from, sat_calibration=calibration,
+        record,
+        mode=mode,
+        config=_config_record(cfg, model_path),
+        wall_time_s=wall,
+        status="diverged" if diverged else "completed",
+        diverged_at_step=guard.diverged_at,
+        skipped_steps=guard.skipped,
+        resumed_from=resume_from,
+        sat_calibration=calibration,
     )
     write_report(report, out)
     if diverged:
@@ -87,7 +101,9 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
     return report
 
 
-def time_steps(cfg: RunConfig, dense_steps: int, *, calibration: dict | None = None, rounds: int = 5, reuse: bool = False) -> StepTimes:
+def time_steps(
+    cfg: RunConfig, dense_steps: int, *, calibration: dict | None = None, rounds: int = 5, reuse: bool = False
+) -> StepTimes:
     """Dense and SAT step times of this scenario, interleaved in one process (:mod:`.step_timing`), on
     the first training batch, at the rates of SAT's schedule over ``dense_steps`` steps; written to
     ``step_times.json`` in the run folder. ``calibration``: the SAT run's ``layer_rates: auto`` table.
@@ -98,9 +114,13 @@ def time_steps(cfg: RunConfig, dense_steps: int, *, calibration: dict | None = N
         return StepTimes.from_dict(json.loads(path.read_text()))
     model_path = resolve_model_path(cfg.model)
     _, model, (train_set, _, collator) = _load(cfg, model_path)
-    args = training_arguments(cfg.training, has_eval=bool(cfg.data.eval), output_dir=str(cfg.output_dir))  # the run's own arguments
+    args = training_arguments(
+        cfg.training, has_eval=bool(cfg.data.eval), output_dir=str(cfg.output_dir)
+    )  # the run's own arguments
     batch = collator([train_set[i] for i in range(min(args.per_device_train_batch_size, len(train_set)))])
-    times = step_timing.measure(model, batch, args, cfg.sat, step_timing.timed_rates(cfg.sat, dense_steps), calibration=calibration, rounds=rounds)
+    times = step_timing.measure(
+        model, batch, args, cfg.sat, step_timing.timed_rates(cfg.sat, dense_steps), calibration=calibration, rounds=rounds
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(times.to_dict(), indent=2))
     return times
@@ -120,8 +140,10 @@ def curve_subsets(eval_sets: dict[str, Any], samples: int | None) -> dict[str, A
     """
     if samples is None:
         return eval_sets
-    return {name: ds.select([i * len(ds) // samples for i in range(samples)]) if samples < len(ds) else ds
-            for name, ds in eval_sets.items()}
+    return {
+        name: ds.select([i * len(ds) // samples for i in range(samples)]) if samples < len(ds) else ds
+        for name, ds in eval_sets.items()
+    }
 
 
 def _load(cfg: RunConfig, source: str) -> tuple[Any, torch.nn.Module, tuple]:
@@ -142,7 +164,9 @@ def _save_final(model: torch.nn.Module, tokenizer, out: Path, *, lora: bool) -> 
     remove_sat(model)
     broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if broken:
-        raise SATTrainingError(f"final/ not saved: {len(broken)} weight tensors are not finite (first: {broken[0]}); lower training.learning_rate")
+        raise SATTrainingError(
+            f"final/ not saved: {len(broken)} weight tensors are not finite (first: {broken[0]}); lower training.learning_rate"
+        )
     final = out / "final"
     if lora:
         model.save_pretrained(out / "adapter")

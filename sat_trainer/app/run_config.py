@@ -29,15 +29,19 @@ from typing import Any
 
 from ..config import SATConfig
 from ..errors import SATConfigError, SATError
+from ..yaml_io import load_yaml_file, parse_value
 from .model_fit import check_fit
 from .model_source import check_model_spec
 from .ranges import LORA, check_section, ints
-from ..yaml_io import load_yaml_file, parse_value
 
 TASKS = ("cpt", "sft")
 SECTIONS = ("model", "data", "training", "sat", "lora", "max_skipped_steps")
-DATA_RANGES = {"max_length": ints(8), "max_train_samples": ints(1, nullable=True), "max_eval_samples": ints(1, nullable=True),
-               "curve_eval_samples": ints(1, nullable=True)}
+DATA_RANGES = {
+    "max_length": ints(8),
+    "max_train_samples": ints(1, nullable=True),
+    "max_eval_samples": ints(1, nullable=True),
+    "curve_eval_samples": ints(1, nullable=True),
+}
 
 
 @dataclass
@@ -49,12 +53,18 @@ class DataConfig:
     )
     max_length: int = field(default=256, metadata={"help": "CPT: packed block length. SFT: truncation length."})
     text_field: str = field(default="text", metadata={"help": "Column holding raw text (CPT, local/hub data)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training blocks (CPT) or records (SFT); None: all."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on blocks (CPT) or records (SFT) per held-out set."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Cap on training blocks (CPT) or records (SFT); None: all."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Cap on blocks (CPT) or records (SFT) per held-out set."}
+    )
     curve_eval_samples: int | None = field(
         default=None,
-        metadata={"help": "Blocks or records per held-out set at each point of the curves (evenly spaced over the set); "
-                          "the run's final held-out losses use the whole set. None: every point uses the whole set."},
+        metadata={
+            "help": "Blocks or records per held-out set at each point of the curves (evenly spaced over the set); "
+            "the run's final held-out losses use the whole set. None: every point uses the whole set."
+        },
     )
 
 

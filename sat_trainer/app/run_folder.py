@@ -26,7 +26,9 @@ def checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resume_point(folder: Path, *, explicit: str | bool | None, resume: bool, overwrite: bool, required: bool = True) -> str | None:
+def resume_point(
+    folder: Path, *, explicit: str | bool | None, resume: bool, overwrite: bool, required: bool = True
+) -> str | None:
     """The checkpoint this run continues from, or None to start at step 0.
 
     ``explicit`` is ``training.resume_from_checkpoint`` (a checkpoint folder, or true for the
@@ -45,7 +47,9 @@ def resume_point(folder: Path, *, explicit: str | bool | None, resume: bool, ove
             )
         return str(Path(explicit).expanduser())
     if explicit not in (None, False, True):
-        raise SATConfigError(f"key 'training.resume_from_checkpoint' has invalid value {explicit!r}; allowed: a checkpoint folder or true")
+        raise SATConfigError(
+            f"key 'training.resume_from_checkpoint' has invalid value {explicit!r}; allowed: a checkpoint folder or true"
+        )
     existing = checkpoints(folder)
     if resume or explicit is True:
         if not existing and required:

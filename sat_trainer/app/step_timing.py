@@ -106,13 +106,23 @@ class StepTimes:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``step_times.json``); rates become string keys."""
-        return {"rounds": self.rounds, "dense_s": self.dense_s, "sat_s": {str(r): t for r, t in self.sat_s.items()},
-                "kept_flops": {str(r): f for r, f in self.kept_flops.items()}, "samples": self.samples}
+        return {
+            "rounds": self.rounds,
+            "dense_s": self.dense_s,
+            "sat_s": {str(r): t for r, t in self.sat_s.items()},
+            "kept_flops": {str(r): f for r, f in self.kept_flops.items()},
+            "samples": self.samples,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepTimes:
-        return cls(dense_s=data["dense_s"], sat_s={float(r): t for r, t in data["sat_s"].items()},
-                   kept_flops={float(r): f for r, f in data["kept_flops"].items()}, rounds=data["rounds"], samples=data["samples"])
+        return cls(
+            dense_s=data["dense_s"],
+            sat_s={float(r): t for r, t in data["sat_s"].items()},
+            kept_flops={float(r): f for r, f in data["kept_flops"].items()},
+            rounds=data["rounds"],
+            samples=data["samples"],
+        )
 
 
 def _interpolate(points: dict[float, float], rate: float) -> float:
@@ -128,8 +138,15 @@ def _interpolate(points: dict[float, float], rate: float) -> float:
 
 
 def measure(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], args, cfg: SATConfig, rates: list[float], *,
-    calibration: dict | None = None, warmup: int = 1, rounds: int = 5,
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    args,
+    cfg: SATConfig,
+    rates: list[float],
+    *,
+    calibration: dict | None = None,
+    warmup: int = 1,
+    rounds: int = 5,
 ) -> StepTimes:
     """Time dense and SAT training steps on ``batch``, interleaved (see the module docstring).
 
@@ -145,7 +162,9 @@ def measure(
     from ..step_driver import StepDriver
 
     if args.torch_compile:
-        logger.warning("sat_trainer: the interleaved step timing runs the model uncompiled (training.torch_compile is not applied to it)")
+        logger.warning(
+            "sat_trainer: the interleaved step timing runs the model uncompiled (training.torch_compile is not applied to it)"
+        )
     device = args.device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     model = model.to(device).train()
@@ -164,20 +183,29 @@ def measure(
             elapsed = train_step()
             kept[rate] = handle.kept_flops_fraction()
             return elapsed
+
         return step
 
     sparse = [r for r in rates if r > 0]
     steps = {"dense": at_rate(0.0), **{f"sat@{r:g}": at_rate(r) for r in sparse}}
-    logger.info("sat_trainer: timing dense and SAT at rates %s interleaved, %d rounds of %d steps (+%d warm-up)",
-                ", ".join(f"{r:g}" for r in sparse), rounds, len(steps), warmup)
+    logger.info(
+        "sat_trainer: timing dense and SAT at rates %s interleaved, %d rounds of %d steps (+%d warm-up)",
+        ", ".join(f"{r:g}" for r in sparse),
+        rounds,
+        len(steps),
+        warmup,
+    )
     try:
         times = interleaved(steps, warmup, rounds)
     finally:
         remove_sat(model)
     dense_s = statistics.median(times["dense"])
     return StepTimes(
-        dense_s=dense_s, sat_s={0.0: dense_s, **{r: dense_s * paired_ratio(times[f"sat@{r:g}"], times["dense"]) for r in sparse}},
-        kept_flops=kept, rounds=rounds, samples=times,
+        dense_s=dense_s,
+        sat_s={0.0: dense_s, **{r: dense_s * paired_ratio(times[f"sat@{r:g}"], times["dense"]) for r in sparse}},
+        kept_flops=kept,
+        rounds=rounds,
+        samples=times,
     )
 
 

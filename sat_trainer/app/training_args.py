@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 def check_training(raw: Any, *, has_eval: bool) -> dict[str, Any]:
     """The section with numeric strings coerced; raises :class:`SATConfigError` on any bad value
-(wrong type, out of range, or held-out evaluation asked for without held-out sets)."""
+    (wrong type, out of range, or held-out evaluation asked for without held-out sets)."""
     from transformers import TrainingArguments
 
     if not isinstance(raw, dict):

@@ -78,8 +78,14 @@ def _splitting(inner: Callable) -> Callable:
     return attention
 
 
-def _heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-           q_heads: torch.Tensor, kv_heads: torch.Tensor) -> tuple:
+def _heads(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    q_heads: torch.Tensor,
+    kv_heads: torch.Tensor,
+) -> tuple:
     """(q, k, v, mask) of the query heads ``q_heads`` and the KV heads ``kv_heads`` they read; a
     mask shared by all heads as it is."""
     if mask is not None and mask.dim() == 4 and mask.shape[1] > 1:

@@ -48,13 +48,17 @@ class HeadAttributes:
         segments = self.shape.fused
         if not self.paths:  # equal shares ([gate | up])
             if features % len(segments):
-                raise SATError(f"{self.name}: fused {self.shape.inputs[0]} has {features} output features, not {len(segments)} equal parts")
+                raise SATError(
+                    f"{self.name}: fused {self.shape.inputs[0]} has {features} output features, not {len(segments)} equal parts"
+                )
             return [features // len(segments)] * len(segments)
         dim = head_dim(self.name, self.block)
         sizes = [self.dense[s.heads] * dim for s in segments]
         if sum(sizes) != features:
             described = " + ".join(f"{s.name}: {s.heads}={self.dense[s.heads]} x head_dim {dim}" for s in segments)
-            raise SATError(f"{self.name}: fused {self.shape.inputs[0]} has {features} output features, but its segments ({described}) sum to {sum(sizes)}")
+            raise SATError(
+                f"{self.name}: fused {self.shape.inputs[0]} has {features} output features, but its segments ({described}) sum to {sum(sizes)}"
+            )
         return sizes
 
     def set_sliced(self, query_heads_per_group: int, kept_rows: list[int]) -> None:

@@ -71,7 +71,9 @@ class BlockLayout:
             for member, input_side in self.members_with_side():
                 for part in self.member_parts(member, input_side)[1]:
                     if part.sliced and part.size % self.n:
-                        raise SATError(f"{name}: projection {type(member).__name__} has {part.size} features, not a multiple of {self.n} units")
+                        raise SATError(
+                            f"{name}: projection {type(member).__name__} has {part.size} features, not a multiple of {self.n} units"
+                        )
 
     def members(self) -> list[nn.Module]:
         return self.in_members + self.out_members
@@ -90,7 +92,9 @@ class BlockLayout:
 
     def member_indices(self, kept: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
         """{member: the feature indices of the ``kept`` units along its sliced dim}."""
-        return {member: feature_index(kept, self.member_parts(member, side)[1], self.n) for member, side in self.members_with_side()}
+        return {
+            member: feature_index(kept, self.member_parts(member, side)[1], self.n) for member, side in self.members_with_side()
+        }
 
     def kept_rows(self, k: int) -> list[int]:
         """Rows of each fused segment the sliced forward computes with ``k`` units kept."""

@@ -157,10 +157,7 @@ class SATHandle:
             {block name: kept MLP channel indices or kept query-head indices}; blocks running dense
             (rate 0, eval) report everything kept.
         """
-        return {
-            u.name: u.kept_query_or_channels() if u.is_sparse() else torch.arange(u.n * u.heads_per_unit)
-            for u in self.units
-        }
+        return {u.name: u.kept_query_or_channels() if u.is_sparse() else torch.arange(u.n * u.heads_per_unit) for u in self.units}
 
     def kept_flops_fraction(self) -> float:
         """Matmul FLOPs of a training step at the current rate, over the dense model's.
@@ -353,10 +350,14 @@ def _dense_layer_set(model: nn.Module, dense_layers: list[int]) -> set[int]:
     """``dense_layers`` with negative indices resolved; raises for an index outside the model."""
     n = _num_layers(model)
     if dense_layers and n <= 0:
-        raise SATError(f"SAT config key 'dense_layers' = {dense_layers}: {type(model).__name__}'s config has no num_hidden_layers")
+        raise SATError(
+            f"SAT config key 'dense_layers' = {dense_layers}: {type(model).__name__}'s config has no num_hidden_layers"
+        )
     bad = [i for i in dense_layers if not -n <= i < n]
     if bad:
-        raise SATError(f"SAT config key 'dense_layers' has invalid value {bad}: {type(model).__name__} has {n} layers; allowed: {-n}..{n - 1}")
+        raise SATError(
+            f"SAT config key 'dense_layers' has invalid value {bad}: {type(model).__name__} has {n} layers; allowed: {-n}..{n - 1}"
+        )
     return {i % n for i in dense_layers}
 
 

@@ -57,10 +57,14 @@ class BlockShape:
 
 GATED_MLP = BlockShape("mlp", ("gate_proj", "up_proj"), "down_proj", "act_fn")
 UP_MLP = BlockShape("mlp", ("up_proj",), "down_proj", "act_fn")  # ungated act(up(x)): Nemotron's relu2, Apertus' xIELU
-FUSED_GATED_MLP = BlockShape("mlp", ("gate_up_proj",), "down_proj", "activation_fn", fused=(Segment("gate"), Segment("up")))  # Phi-3, GLM
+FUSED_GATED_MLP = BlockShape(
+    "mlp", ("gate_up_proj",), "down_proj", "activation_fn", fused=(Segment("gate"), Segment("up"))
+)  # Phi-3, GLM
 # Phi-3: qkv_proj's rows are [q | k | v], split at config.num_attention_heads * head_dim and num_key_value_heads * head_dim
 FUSED_QKV_ATTENTION = BlockShape(
-    "attention", ("qkv_proj",), "o_proj",
+    "attention",
+    ("qkv_proj",),
+    "o_proj",
     fused=(Segment("q", "config.num_attention_heads"), Segment("k", "num_key_value_heads"), Segment("v", "num_key_value_heads")),
 )
 LLAMA_ATTENTION = BlockShape("attention", ("q_proj", "k_proj", "v_proj"), "o_proj")
@@ -114,7 +118,9 @@ FAMILIES: dict[str, tuple[BlockShape, ...]] = {
     "vaultgemma": _LLAMA_LIKE,
 }
 
-_FULL_WIDTH_QK_NORM = "its q_norm/k_norm normalise over all heads' features at once, so a kept-heads-only q/k would be normalised differently"
+_FULL_WIDTH_QK_NORM = (
+    "its q_norm/k_norm normalise over all heads' features at once, so a kept-heads-only q/k would be normalised differently"
+)
 
 # Why a supported family has no head omission: said in the one-time log line.
 NO_ATTENTION_REASON = {

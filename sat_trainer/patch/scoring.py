@@ -114,7 +114,9 @@ class BlockScorer:
             return importance.wanda(x, in_weights, layout.n)
         kv_groups = layout.groups if self.query_heads else layout.n
         if hidden:  # this dense forward's own values, every real token (read_values)
-            return importance.value_scores(x.reshape(-1, x.shape[-1]), out_major_weight(layout.output), kv_groups, self.query_heads)
+            return importance.value_scores(
+                x.reshape(-1, x.shape[-1]), out_major_weight(layout.output), kv_groups, self.query_heads
+            )
         starts = self.context.sequence_starts_for(x)
         if cfg.metric == "maxip":
             return importance.maxip(x, in_weights[0], layout.n, cfg.maxip_tokens, generator, mask, starts)
@@ -285,7 +287,9 @@ class BlockScorer:
         self.window, self.scored_at = int(state["window"]), int(state["scored_at"])
         for key, attr in _STATE_TENSORS.items():
             encoded = state.get(key)
-            value = None if encoded is None else torch.from_numpy(np.frombuffer(base64.b64decode(encoded), dtype=np.float32).copy())
+            value = (
+                None if encoded is None else torch.from_numpy(np.frombuffer(base64.b64decode(encoded), dtype=np.float32).copy())
+            )
             setattr(self, attr, None if value is None else value.to(device))
 
 
@@ -310,7 +314,12 @@ class SampleOutputs:
     def measured(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is the (unchanged) micro-batch these outputs were measured on."""
         source = self.source
-        return x.data_ptr() == source.data_ptr() and x.shape == source.shape and x.stride() == source.stride() and x._version == self.version
+        return (
+            x.data_ptr() == source.data_ptr()
+            and x.shape == source.shape
+            and x.stride() == source.stride()
+            and x._version == self.version
+        )
 
 
 def _activation(block: nn.Module, attr: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -322,7 +331,9 @@ def _activation(block: nn.Module, attr: str) -> Callable[[torch.Tensor], torch.T
     config = getattr(block, "config", None)
     name = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
     if name is None:
-        raise SATError(f"{type(block).__name__} has no {attr!r} and no config.hidden_act: metric 'activation' cannot score it; use metric wanda")
+        raise SATError(
+            f"{type(block).__name__} has no {attr!r} and no config.hidden_act: metric 'activation' cannot score it; use metric wanda"
+        )
     from transformers.activations import ACT2FN
 
     return ACT2FN[name]

@@ -202,12 +202,20 @@ class BlockUnit:
         attention block's core may run its backward for the kept heads only
         (:mod:`sat_trainer.patch.attention_core`): a dense forward whose input gradient goes through the
         kept units alone (``omit_in: backward``), KV-group units, sparse and drawn; else None."""
-        if not (self.kind == "attention" and self.backward_only and not self.full_input_grad and not self.query_heads and self.is_sparse()):
+        if not (
+            self.kind == "attention"
+            and self.backward_only
+            and not self.full_input_grad
+            and not self.query_heads
+            and self.is_sparse()
+        ):
             return None
         if self._drawn_for != (self.context.draw_id, self.k()):
             return None
         if self._split_heads is None:
-            self._split_heads = tuple((expand(units, self.heads_per_unit), units) for units in (self.kept_units, self._omitted_units()))
+            self._split_heads = tuple(
+                (expand(units, self.heads_per_unit), units) for units in (self.kept_units, self._omitted_units())
+            )
         return self._split_heads
 
     def _omitted_units(self) -> torch.Tensor:

@@ -40,7 +40,9 @@ def build_datasets(task: str, data_cfg: Any, tokenizer: PreTrainedTokenizerBase)
         return ready.select(range(min(cap, len(ready)))) if cap else ready
 
     train = prepare("data.train", data_cfg.train, "train", data_cfg.max_train_samples)
-    evals = {name: prepare(f"data.eval.{name}", spec, "validation", data_cfg.max_eval_samples) for name, spec in data_cfg.eval.items()}
+    evals = {
+        name: prepare(f"data.eval.{name}", spec, "validation", data_cfg.max_eval_samples) for name, spec in data_cfg.eval.items()
+    }
     if task == "cpt":
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     else:

@@ -8,14 +8,18 @@ from transformers import PreTrainedTokenizerBase
 from ...errors import SATError
 
 
-def pack(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int, text_field: str = "text") -> datasets.Dataset:
+def pack(
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int, text_field: str = "text"
+) -> datasets.Dataset:
     """Blocks of ``block_size`` tokens (``input_ids`` = ``labels``) from the concatenated documents.
 
     Each document is followed by EOS so the model sees document boundaries; the tail shorter
     than a block is dropped (at most ``block_size - 1`` tokens of the whole set).
     """
     if text_field not in dataset.column_names:
-        raise SATError(f"text column {text_field!r} (data.text_field) is not among the columns {dataset.column_names}; set data.text_field")
+        raise SATError(
+            f"text column {text_field!r} (data.text_field) is not among the columns {dataset.column_names}; set data.text_field"
+        )
     eos = tokenizer.eos_token_id
 
     def tokenize(batch):
@@ -29,8 +33,12 @@ def pack(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, block_si
 
     tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
     # One packing batch over the whole set: little text in the demos, and no tokens lost between batches.
-    packed = tokenized.map(group, batched=True, batch_size=None, remove_columns=["ids"], desc=f"packing into {block_size}-token blocks")
+    packed = tokenized.map(
+        group, batched=True, batch_size=None, remove_columns=["ids"], desc=f"packing into {block_size}-token blocks"
+    )
     if not len(packed):
         tokens = sum(len(ids) for ids in tokenized["ids"])  # small: less than one block
-        raise SATError(f"{tokens} tokens, fewer than one block of data.max_length={block_size}; lower data.max_length or add text")
+        raise SATError(
+            f"{tokens} tokens, fewer than one block of data.max_length={block_size}; lower data.max_length or add text"
+        )
     return packed

@@ -89,7 +89,9 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, json.loads(text)
             except json.JSONDecodeError as err:
-                raise SATError(f"{path}:{number}:{err.colno}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+                raise SATError(
+                    f"{path}:{number}:{err.colno}: not valid JSON ({err.msg}); each line must be one JSON object"
+                ) from None
 
 
 def _csv_header(path: Path) -> list[str]:

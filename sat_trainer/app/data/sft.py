@@ -56,7 +56,10 @@ def tokenize(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_
         )
     if dropped:
         logger.warning(
-            "sat_trainer: dropped %d of %d records with no response token left within max_length=%d", dropped, len(encoded), max_length
+            "sat_trainer: dropped %d of %d records with no response token left within max_length=%d",
+            dropped,
+            len(encoded),
+            max_length,
         )
     return kept
 
