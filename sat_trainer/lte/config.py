@@ -1,0 +1,238 @@
+"""`LTEConfig`: every LTE setting in one validated dataclass, in :class:`~sat_trainer.config.SATConfig`'s style.
+
+Each field describes itself in its ``metadata``: ``help``, ``group`` (one of `GROUPS`) and, where the annotation
+alone does not say what is allowed, a ``range`` (a :class:`~sat_trainer.value_range.Range`) or an ``allowed`` text
+with a ``check``. The checks are derived from the annotations (``Literal`` for the choices) and that metadata, so
+a bad value fails when the config is built, before any model is touched, with one message naming the key, the
+value and what is allowed. Settings that depend on the model (an ``expert_size`` that must divide the MLP width,
+``dense_layers`` inside the model) are checked by :func:`~sat_trainer.lte.model.apply_lte` before it changes anything.
+
+Where the paper leaves a value open (the loss weights, the stage split, the router's initialisation), the default
+is a reasonable starting point that no measurement has tuned yet, and its help says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NoReturn, get_args, get_origin
+
+from ..value_range import ints, numbers
+from ..yaml_io import load_yaml_file
+from .errors import LTEConfigError
+
+RouterInit = Literal["normal", "zeros"]
+Stage = Literal["soft", "hard"]
+
+EXPERTS = "Experts"
+ROUTER = "Router"
+LOSSES = "Losses"
+STAGES = "Stages"
+
+GROUPS = {
+    EXPERTS: "How each gated MLP's neurons (a row of gate and up, a column of down) are grouped into equal-size experts.",
+    ROUTER: "The per-MLP router: one sigmoid score per expert per token, from the MLP's input.",
+    LOSSES: "The terms stage 1 adds to the training loss (the model's own loss is left as it is).",
+    STAGES: "Stage 1 (soft) trains model and routers with each expert's output weighted by its score; stage 2 (hard) "
+    "freezes the routers and runs only the experts whose score exceeds the threshold.",
+}
+
+
+def _layer_indices(value: Any) -> list[int]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise ValueError
+    return list(value)
+
+
+@dataclass
+class LTEConfig:
+    """Settings of LTE training and sparse inference; every field is optional and validated when the config is built.
+
+    Args:
+        **settings: any field by name, e.g. ``LTEConfig(expert_size=32, threshold=0.5)``; a YAML file's ``lte:``
+            block (or its top level) uses the same names.
+
+    Raises:
+        LTEConfigError: an unknown key, a value of the wrong type or out of its range; the message names the key,
+            the value and what is allowed.
+    """
+
+    expert_size: int = field(
+        default=32,
+        metadata={
+            "group": EXPERTS,
+            "range": ints(1),
+            "help": "Neurons per expert (the paper's: 32). Must divide every routed MLP's width. Smaller experts "
+            "select more finely and cost a larger router.",
+        },
+    )
+    kmeans_iterations: int = field(
+        default=20,
+        metadata={
+            "group": EXPERTS,
+            "range": ints(1),
+            "help": "Rounds of balanced k-means grouping the neurons by their gate and up weight rows (not tuned yet).",
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={
+            "group": EXPERTS,
+            "help": "Seed of the k-means start and the router initialisation (the same seed gives the same experts).",
+        },
+    )
+    dense_layers: list[int] = field(
+        default_factory=list,
+        metadata={
+            "group": EXPERTS,
+            "check": _layer_indices,
+            "allowed": "a list of layer indices (integers; negative counts from the last layer)",
+            "help": "Decoder layers whose MLP gets no router and always runs every neuron, e.g. [0, -1].",
+        },
+    )
+    router_init: RouterInit = field(
+        default="normal",
+        metadata={
+            "group": ROUTER,
+            "help": "The router's initial weights: normal (std 1/sqrt(hidden size), so scores start spread around "
+            "0.5) or zeros (every score starts at exactly 0.5). The paper does not fix it; not tuned yet.",
+        },
+    )
+    threshold: float = field(
+        default=0.5,
+        metadata={
+            "group": ROUTER,
+            "range": numbers(0, 1, low_open=True, high_open=True),
+            "help": "An expert runs for a token in stage 2 (and at inference) when its score exceeds this; the "
+            "separability loss pushes scores away from it in stage 1.",
+        },
+    )
+    efficiency_weight: float = field(
+        default=0.1,
+        metadata={
+            "group": LOSSES,
+            "range": numbers(0),
+            "help": "Weight of the efficiency loss (the mean router score: lower scores, fewer experts). The paper "
+            "varies it per task to trade quality for sparsity; this default is not tuned yet.",
+        },
+    )
+    separability_weight: float = field(
+        default=0.001,
+        metadata={
+            "group": LOSSES,
+            "range": numbers(0),
+            "help": "Weight of the separability loss (mean of 1 / (score - threshold)^2: scores away from the "
+            "threshold, so stage 2's hard choice changes the network less). Not tuned yet.",
+        },
+    )
+    soft_fraction: float = field(
+        default=0.5,
+        metadata={
+            "group": STAGES,
+            "range": numbers(0, 1),
+            "help": "Fraction of the training steps in stage 1 (soft); the rest is stage 2 (hard). 1 never "
+            "switches, 0 starts hard (routers as loaded or initialised). Not tuned yet.",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked(f, getattr(self, f.name)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LTEConfig:
+        """Build from a mapping, rejecting unknown keys by name."""
+        if not isinstance(data, Mapping):
+            raise LTEConfigError(f"LTE config must be a mapping of keys to values, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LTEConfigError(
+                f"unknown LTE config key {unknown[0]!r} (value {data[unknown[0]]!r}); allowed keys: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> LTEConfig:
+        """Load from a YAML (or JSON) file whose LTE settings are at top level or under an ``lte:`` key."""
+        data = load_yaml_file(path) or {}
+        if isinstance(data, dict) and "lte" in data:
+            data = data["lte"] or {}
+        try:
+            return cls.from_dict(data)
+        except LTEConfigError as err:
+            raise LTEConfigError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name (lists copied), as ``from_dict`` takes it back."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def to_lte_config(config: Any) -> LTEConfig:
+    """What ``LTECallback`` and ``apply_lte`` accept: an LTEConfig, a mapping of its keys, a YAML path, or None (defaults)."""
+    if config is None:
+        return LTEConfig()
+    if isinstance(config, LTEConfig):
+        return config
+    if isinstance(config, Mapping):
+        return LTEConfig.from_dict(config)
+    if isinstance(config, (str, Path)):
+        return LTEConfig.from_yaml(config)
+    raise LTEConfigError(
+        f"LTE config must be an LTEConfig, a mapping of its keys (e.g. {{'expert_size': 32}}), a YAML path or None; "
+        f"got {type(config).__name__} {config!r:.60}"
+    )
+
+
+def field_help() -> dict[str, str]:
+    """Help text per key, for docs and listings."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(LTEConfig)}
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(LTEConfig)
+
+
+def _fail(key: str, value: Any, allowed: str) -> NoReturn:
+    raise LTEConfigError(f"LTE config key {key!r} has invalid value {value!r}; allowed: {allowed}")
+
+
+def _allowed(f: dataclasses.Field) -> str:
+    """What ``f`` allows, in the words its error message uses."""
+    hint, spec = _hints()[f.name], f.metadata
+    if "allowed" in spec:
+        return spec["allowed"]
+    if get_origin(hint) is Literal:
+        return ", ".join(get_args(hint))
+    if "range" in spec:
+        return spec["range"].describe()
+    return {int: "an integer", float: "a number"}[hint]
+
+
+def _checked(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` as the field keeps it, checked against the field's annotation and metadata."""
+    hint, spec = _hints()[f.name], f.metadata
+    if "check" in spec:
+        try:
+            return spec["check"](value)
+        except (TypeError, ValueError):
+            _fail(f.name, value, _allowed(f))
+    if get_origin(hint) is Literal:
+        if isinstance(value, str) and value in get_args(hint):
+            return value
+        _fail(f.name, value, _allowed(f))
+    types = (int,) if hint is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, types):
+        _fail(f.name, value, f"a value of type {' or '.join(t.__name__ for t in types)}")
+    if "range" in spec and not spec["range"].allows(value):
+        _fail(f.name, value, spec["range"].describe())
+    return float(value) if hint is float else value

@@ -1,0 +1,155 @@
+"""The per-MLP router and the routed forward of a gated MLP, found through the registry's `BlockShape`.
+
+A gated MLP computes ``down(act(gate(x)) * up(x))`` (Llama-style: ``gate_proj``/``up_proj``; fused: Phi-3's and
+GLM's ``gate_up_proj`` split in two halves). Its router scores each expert per token, ``G(x) = sigmoid(x W_g)``
+(one row of ``W_g`` per expert, no bias, as in the paper). The routed forward multiplies each neuron's activation
+``h_j = act(gate_j) * up_j`` by a per-token weight before ``down``:
+
+* ``soft`` (stage 1): the score of the neuron's expert, so the output is the score-weighted sum of the experts'
+  outputs, and the router gets the task loss's gradient;
+* ``hard`` (stage 2, inference): 1 when its expert's score exceeds the threshold, else 0 (the router runs without
+  gradient). With every expert over the threshold this is the dense MLP exactly.
+
+The projections are called as modules, so PEFT LoRA wrappers and biases behave as without LTE. Every neuron is
+still computed and masked: this is the exact reference a faster kernel must match, not the fast path.
+
+The router is a submodule of the MLP (``lte_router``), so it moves with the model (``.to``, device placement),
+is found by ``model.parameters()`` (the Trainer's optimizer, gradient clipping and DDP see it without extra
+wiring), and is gathered with its MLP under FSDP or ZeRO-3; a state-dict hook leaves it out of
+``model.state_dict()``, so ``save_pretrained`` writes a plain model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..patch.registry import BlockShape
+
+ROUTER_ATTR = "lte_router"
+
+
+def is_gated(shape: BlockShape) -> bool:
+    """Whether ``shape`` is a gated MLP (a gate and an up projection, or one fused gate_up), which LTE routes."""
+    if shape.kind != "mlp" or shape.activation is None:
+        return False
+    if shape.fused:
+        return [s.name for s in shape.fused] == ["gate", "up"]
+    return len(shape.inputs) == 2
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight of a projection, or of the base layer of a PEFT LoRA wrapper."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return base.weight
+
+
+def neuron_features(block: nn.Module, shape: BlockShape) -> torch.Tensor:
+    """(n, 2 * hidden): each neuron's gate row and up row side by side (what the experts are grouped by)."""
+    if shape.fused:
+        gate, up = base_weight(getattr(block, shape.inputs[0])).chunk(2, dim=0)
+    else:
+        gate, up = (base_weight(getattr(block, a)) for a in shape.inputs)
+    return torch.cat([gate, up], dim=1).detach()
+
+
+def gated_activation(block: nn.Module, shape: BlockShape, x: torch.Tensor) -> torch.Tensor:
+    """``act(gate(x)) * up(x)``: the (..., n) input of ``down``."""
+    if shape.fused:
+        gate, up = getattr(block, shape.inputs[0])(x).chunk(2, dim=-1)
+    else:
+        gate, up = getattr(block, shape.inputs[0])(x), getattr(block, shape.inputs[1])(x)
+    return getattr(block, shape.activation)(gate) * up
+
+
+class Router(nn.Module):
+    """``G(x) = sigmoid(x W_g)``: one score in (0, 1) per expert per token, in float32."""
+
+    def __init__(self, hidden: int, experts: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(experts, hidden, device=device, dtype=dtype))
+
+    def reset(self, init: str, generator: torch.Generator) -> None:
+        """``normal``: std 1/sqrt(hidden), drawn on the CPU from ``generator`` (the same on every device); ``zeros``."""
+        with torch.no_grad():
+            if init == "zeros":
+                self.weight.zero_()
+            else:
+                std = 1.0 / math.sqrt(self.weight.shape[1])
+                self.weight.copy_(torch.randn(self.weight.shape, generator=generator) * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(F.linear(x, self.weight).float())
+
+
+class RoutedMLP:
+    """One routed MLP: its block, shape, router, expert of each neuron, and the bound forward.
+
+    ``context`` is read at every forward: ``stage`` ("soft" or "hard"), ``threshold``, and ``record(index,
+    scores)`` which receives this MLP's scores (for the losses and the logged active fraction).
+    """
+
+    def __init__(self, index: int, name: str, shape: BlockShape, block: nn.Module, router: Router, expert_of: torch.Tensor):
+        self.index, self.name, self.shape, self.block = index, name, shape, block
+        self.router = router
+        self.expert_of = expert_of.to(router.weight.device)
+        self.context = None
+        self._hooks: list = []
+
+    @property
+    def width(self) -> int:
+        return self.expert_of.numel()
+
+    def patch(self, context) -> None:
+        """Bind the routed forward onto the block instance and register the router as its submodule."""
+        self.context = context
+        setattr(self.block, ROUTER_ATTR, self.router)
+        self._hooks = [
+            self.router.register_state_dict_post_hook(_drop_own_keys),
+            self.router.register_load_state_dict_post_hook(_forgive_missing_router_keys),
+        ]
+        routed = self
+
+        def forward(block_self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            return routed.forward(x)
+
+        self.block.forward = forward.__get__(self.block)
+
+    def unpatch(self) -> None:
+        """Put back the class's forward and drop the router submodule and its hooks."""
+        self.block.__dict__.pop("forward", None)
+        if getattr(self.block, ROUTER_ATTR, None) is self.router:
+            delattr(self.block, ROUTER_ATTR)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = gated_activation(self.block, self.shape, x)
+        if self.expert_of.device != h.device:  # the model moved since apply_lte
+            self.expert_of = self.expert_of.to(h.device)
+        expert_of = self.expert_of
+        if self.context.stage == "soft":
+            scores = self.router(x)
+            weights = scores.index_select(-1, expert_of).to(h.dtype)
+        else:
+            with torch.no_grad():
+                scores = self.router(x)
+            weights = (scores > self.context.threshold).index_select(-1, expert_of).to(h.dtype)
+        self.context.record(self.index, scores)
+        return getattr(self.block, self.shape.output)(h * weights)
+
+
+def _drop_own_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook of a router: its entries leave the model's state dict (the saved model stays plain)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+
+
+def _forgive_missing_router_keys(module: nn.Module, incompatible_keys) -> None:
+    """Load post-hook: a plain checkpoint has no router entries, which is not a missing key (strict loads pass)."""
+    own = f".{ROUTER_ATTR}."
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if own not in f".{k}"]
