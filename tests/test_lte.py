@@ -1,0 +1,375 @@
+"""LTE (sat_trainer.lte): exactness of the routed forward against the dense model and a masked dense reference,
+balanced expert grouping, the stage-1 losses, save/load, the Trainer callback's two stages, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+from tiny import ALL_FAMILY_CONFIGS, batch, build
+
+from sat_trainer import LTECallback, LTEConfig, LTEConfigError, LTEError, apply_lte, load_lte
+from sat_trainer.lte.experts import ExpertGroups, balanced_assign, balanced_kmeans, group_neurons
+from sat_trainer.lte.losses import SEPARABILITY_FLOOR, efficiency_loss, separability_loss
+from sat_trainer.lte.model import CONFIG_NAME, WEIGHTS_NAME, gated_model_types
+from sat_trainer.lte.router import ROUTER_ATTR
+
+NO_LOSSES = {"efficiency_weight": 0.0, "separability_weight": 0.0}
+GATED_TINY = [f for f in gated_model_types() if f in ALL_FAMILY_CONFIGS]
+
+
+def _dense_and_routed(family: str = "llama", **cfg):
+    model = build(family)
+    reference = copy.deepcopy(model)
+    handle = apply_lte(model, {"expert_size": 16, **cfg})
+    return reference, model, handle
+
+
+# ---- exactness -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", GATED_TINY)
+def test_every_expert_active_equals_the_dense_model(family):
+    """Routers at zero score 0.5 everywhere, over a threshold of 0.4: stage hard runs every expert, bit for bit dense."""
+    reference, model, handle = _dense_and_routed(family, router_init="zeros", threshold=0.4, **NO_LOSSES)
+    handle.set_stage("hard")
+    ids = batch()
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        getattr(reference, mode)()
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def _masked_reference(reference: torch.nn.Module, handle, stage: str):
+    """Hooks on an unrouted copy: each MLP's down projection input times the per-neuron weight computed from the
+    MLP's input by a copy of its router (soft: the expert's score; hard: score > threshold). Returns the router
+    copies (leaf tensors) and the hooks."""
+    modules = dict(reference.named_modules())
+    routers, hooks = [], []
+    for block in handle.blocks:
+        mlp = modules[block.name]
+        weight = block.router.weight.detach().clone().requires_grad_(stage == "soft")
+        routers.append(weight)
+        seen = {}
+        hooks.append(mlp.register_forward_pre_hook(lambda m, args, seen=seen: seen.__setitem__("x", args[0])))
+
+        def scale(m, args, seen=seen, weight=weight, expert_of=block.expert_of):
+            scores = torch.sigmoid(seen["x"] @ weight.t())
+            per_expert = scores if stage == "soft" else (scores > handle.config.threshold).to(scores.dtype)
+            return (args[0] * per_expert[..., expert_of],)
+
+        hooks.append(getattr(mlp, block.shape.output).register_forward_pre_hook(scale))
+    return routers, hooks
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma"])
+@pytest.mark.parametrize("stage", ["soft", "hard"])
+def test_routed_forward_and_gradients_equal_the_masked_dense_reference(family, stage):
+    reference, model, handle = _dense_and_routed(family, **NO_LOSSES)
+    handle.set_stage(stage)
+    routers, hooks = _masked_reference(reference, handle, stage)
+    model.train()
+    reference.train()
+    ids = batch()
+    out, ref = model(ids, labels=ids), reference(ids, labels=ids)
+    out.loss.backward()
+    ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters() if ROUTER_ATTR not in n}
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for block, router in zip(handle.blocks, routers):
+        if stage == "soft":
+            assert block.router.weight.grad is not None and block.router.weight.grad.abs().sum() > 0
+            torch.testing.assert_close(block.router.weight.grad, router.grad, rtol=1e-4, atol=1e-6)
+        else:
+            assert block.router.weight.grad is None and not block.router.weight.requires_grad
+    fractions = handle.active_fractions()
+    assert set(fractions) == {b.name for b in handle.blocks}
+    if stage == "hard":  # a real selection: some experts off, some on
+        assert all(0 < f < 1 for f in fractions.values()), fractions
+    for hook in hooks:
+        hook.remove()
+
+
+def test_remove_restores_the_dense_model():
+    reference, model, handle = _dense_and_routed()
+    handle.remove()
+    ids = batch()
+    assert not any(hasattr(b.block, ROUTER_ATTR) or "forward" in b.block.__dict__ for b in handle.blocks)
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+    apply_lte(model, {"expert_size": 16})  # routable again
+
+
+# ---- experts ---------------------------------------------------------------------------------------------------
+
+
+def test_balanced_kmeans_gives_equal_groups_covering_every_neuron_once():
+    features = torch.randn(96, 10)
+    assignment = balanced_kmeans(features, 16, iterations=10, seed=3)
+    assert torch.equal(torch.bincount(assignment, minlength=6), torch.full((6,), 16))
+    groups = ExpertGroups.from_assignment(assignment, 16)
+    assert torch.equal(torch.sort(groups.order).values, torch.arange(96))
+    assert torch.equal(groups.expert_of, assignment)
+    assert torch.equal(balanced_kmeans(features, 16, iterations=10, seed=3), assignment)  # deterministic
+
+
+def test_balanced_kmeans_recovers_separated_groups():
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    features = centers.repeat_interleave(8, dim=0) + 0.1 * torch.randn(32, 2)
+    perm = torch.randperm(32)
+    assignment = balanced_kmeans(features[perm], 8, seed=1)
+    truth = torch.arange(4).repeat_interleave(8)[perm]
+    for cluster in range(4):  # each cluster is exactly one blob
+        assert truth[assignment == cluster].unique().numel() == 1
+
+
+def test_balanced_assign_respects_capacity_nearest_first():
+    # every row prefers column 0; column 0 takes its two nearest rows, the rest go to column 1
+    distance = torch.tensor([[0.1, 5.0], [0.3, 5.0], [0.2, 5.0], [0.4, 5.0]])
+    assert balanced_assign(distance, 2).tolist() == [0, 1, 0, 1]
+
+
+def test_experts_group_gate_and_up_rows_of_the_model():
+    model = build("llama")
+    handle = apply_lte(model, {"expert_size": 32, "seed": 5})
+    mlp = model.model.layers[0].mlp
+    features = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=1)
+    expected = group_neurons(features, 32, 20, seed=5 + 0)
+    assert torch.equal(handle.blocks[0].expert_of, expected.expert_of)
+    assert handle.blocks[0].router.weight.shape == (3, 64)
+
+
+# ---- losses ----------------------------------------------------------------------------------------------------
+
+
+def test_losses_on_a_hand_made_case():
+    a = torch.tensor([[0.2, 0.9]], requires_grad=True)
+    b = torch.tensor([[0.6, 0.5, 0.1, 0.7]], requires_grad=True)
+    efficiency = efficiency_loss([a, b])
+    assert efficiency.item() == pytest.approx((0.55 + 0.475) / 2)
+    efficiency.backward()
+    torch.testing.assert_close(a.grad, torch.full_like(a, 1 / (2 * 2)))
+    torch.testing.assert_close(b.grad, torch.full_like(b, 1 / (2 * 4)))
+
+    a.grad, b.grad = None, None
+    separability = separability_loss([a, b], threshold=0.5)
+    per_a = [1 / 0.3**2, 1 / 0.4**2]
+    per_b = [1 / 0.1**2, 1 / SEPARABILITY_FLOOR**2, 1 / 0.4**2, 1 / 0.2**2]  # 0.5 sits on the threshold: the floor
+    assert separability.item() == pytest.approx((sum(per_a) / 2 + sum(per_b) / 4) / 2, rel=1e-5)
+    separability.backward()
+    # d/ds |s - t|^-2 = -2 sign(s - t) |s - t|^-3, times 1 / (layers * scores of that layer); zero under the floor
+    expect_a = torch.tensor([[2 / 0.3**3, -2 / 0.4**3]]) / 4
+    expect_b = torch.tensor([[-2 / 0.1**3, 0.0, 2 / 0.4**3, -2 / 0.2**3]]) / 8
+    torch.testing.assert_close(a.grad, expect_a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b.grad, expect_b, rtol=1e-4, atol=1e-4)
+
+
+def test_stage1_losses_enter_the_model_loss_with_labels_only_in_soft_training():
+    cfg = {"efficiency_weight": 0.3, "separability_weight": 0.002, "threshold": 0.45}
+    _, model, handle = _dense_and_routed(**cfg)
+    ids = batch()
+    model.train()
+    scores = []
+    for block in handle.blocks:
+        block.block.register_forward_hook(lambda m, args, out, r=block.router: scores.append(r(args[0]).detach()))
+    task = copy.deepcopy(handle.config)
+    out = model(ids, labels=ids)
+    handle.config = LTEConfig(**{**task.to_dict(), **NO_LOSSES})
+    plain = model(ids, labels=ids).loss
+    handle.config = task
+    added = 0.3 * efficiency_loss(scores[:2]) + 0.002 * separability_loss(scores[:2], 0.45)
+    torch.testing.assert_close(out.loss.detach(), (plain + added).detach(), rtol=1e-5, atol=1e-6)
+    assert set(handle.stage1_losses()) == {"efficiency_loss", "separability_loss"}
+
+    # the Trainer's num_items_in_batch path: the model's loss is not divided by the accumulation steps again
+    handle.accumulation_scale = 0.5
+    halved = model(ids, labels=ids, num_items_in_batch=ids[:, 1:].numel()).loss
+    torch.testing.assert_close(halved.detach(), (plain + 0.5 * added).detach(), rtol=1e-5, atol=1e-6)
+
+    assert model(ids).loss is None  # no labels: nothing added, nothing fails
+    handle.stage1_losses()
+    handle.set_stage("hard")
+    model(ids, labels=ids)
+    model.eval()
+    handle.set_stage("soft")
+    model(ids, labels=ids)
+    assert handle.stage1_losses() == {}  # hard stage, eval: the model's own loss only
+
+
+# ---- save and load ---------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path):
+    _, model, handle = _dense_and_routed()
+    handle.set_stage("hard")
+    model.eval()
+    ids = batch()
+    sparse_logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    handle.save(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if ROUTER_ATTR in k]
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert [b["layer"] for b in meta["blocks"]] == [0, 1] and meta["config"]["expert_size"] == 16
+
+    # a plain transformers load: every key present, none extra, and the model runs dense
+    plain, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    handle.remove()
+    torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert not torch.allclose(plain(ids).logits, sparse_logits)
+
+    loaded = load_lte(plain, tmp_path)
+    assert loaded.stage == "hard" and not any(p.requires_grad for p in loaded.router_parameters())
+    torch.testing.assert_close(plain(ids).logits, sparse_logits, rtol=0, atol=0)
+
+
+def test_a_plain_checkpoint_loads_strictly_into_a_routed_model():
+    reference, model, _ = _dense_and_routed()
+    result = model.load_state_dict(reference.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert [k for k in model.state_dict()] == [k for k in reference.state_dict()]
+
+
+# ---- the Trainer callback --------------------------------------------------------------------------------------
+
+
+class _Watch(transformers.TrainerCallback):
+    """Router weights and requires_grad, and one MLP weight, after every optimizer step."""
+
+    def __init__(self, model):
+        self.model, self.steps = model, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        routers = [m.lte_router.weight for m in (layer.mlp for layer in self.model.model.layers)]
+        self.steps.append(
+            (
+                [r.detach().clone() for r in routers],
+                [r.requires_grad for r in routers],
+                self.model.model.layers[0].mlp.up_proj.weight.detach().clone(),
+            )
+        )
+
+
+def test_trainer_runs_stage_one_then_stage_two(tmp_path):
+    model = build("llama")
+    data = [{"input_ids": ids, "labels": ids} for ids in batch(seed=3, size=8, length=16)]
+    args = transformers.TrainingArguments(
+        str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_steps=4,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    lte = LTECallback({"expert_size": 16, "soft_fraction": 0.5})
+    watch = _Watch(model)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[lte, watch])
+    initial = [b.router.weight.detach().clone() for b in lte.handle.blocks]
+    trainer.train()
+
+    assert lte.switch_step == 2 and lte.handle.stage == "hard"
+    routers, requires, up = zip(*watch.steps)
+    assert all(requires[0]) and all(requires[1]) and not any(requires[2]) and not any(requires[3])
+    assert all(not torch.equal(a, b) for a, b in zip(initial, routers[1]))  # stage 1: the routers trained
+    assert all(torch.equal(a, b) for a, b in zip(routers[1], routers[3]))  # stage 2: frozen
+    assert not torch.equal(up[1], up[3])  # while the model still trains
+
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    assert [r["lte/hard"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
+    assert all(0 <= r["lte/active_fraction"] <= 1 and "lte/active_fraction/layer_1" in r for r in rows)
+    assert all("lte/efficiency_loss" in r for r in rows[:2]) and not any("lte/efficiency_loss" in r for r in rows[2:])
+
+    checkpoint = tmp_path / "checkpoint-4"
+    assert (checkpoint / WEIGHTS_NAME).is_file() and (checkpoint / CONFIG_NAME).is_file()
+    plain = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager")
+    load_lte(plain, checkpoint)
+    model.eval()
+    ids = batch()
+    torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(LTEConfigError, match=r"unknown LTE config key 'expert_sise' \(value 16\); allowed keys: .*expert_size"):
+        LTECallback({"expert_sise": 16})
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 1.5, -0.1, "half", True])
+def test_threshold_out_of_range_is_refused(value):
+    with pytest.raises(LTEConfigError, match=rf"LTE config key 'threshold' has invalid value {value!r}; allowed: "):
+        LTEConfig(threshold=value)
+
+
+def test_expert_size_that_does_not_divide_the_mlp_is_refused_before_anything_changes():
+    model = build("llama")  # MLP width 96
+    with pytest.raises(
+        LTEConfigError,
+        match=r"'expert_size' has invalid value 36: model.layers.0.mlp has 96 neurons, not a multiple of 36; allowed: a divisor of 96 \(1, 2, 3,",
+    ):
+        apply_lte(model, {"expert_size": 36})
+    mlp = model.model.layers[0].mlp
+    assert not hasattr(mlp, ROUTER_ATTR) and "forward" not in mlp.__dict__
+    apply_lte(model, {"expert_size": 32})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "nemotron"])
+def test_a_model_without_a_gated_mlp_is_refused(family):
+    with pytest.raises(
+        LTEError, match=rf"model_type '{family}' .* cannot use LTE: its MLP .* is not gated; LTE routes gated MLPs"
+    ):
+        apply_lte(build(family), {"expert_size": 16})
+
+
+def test_an_unregistered_architecture_and_a_second_apply_are_refused():
+    model = build("llama")
+    model.config.model_type = "mamba"
+    with pytest.raises(LTEError, match=r"model_type 'mamba' \(LlamaForCausalLM\) is not supported by LTE; supported: .*llama"):
+        apply_lte(model)
+    model = build("llama")
+    apply_lte(model, {"expert_size": 16})
+    with pytest.raises(LTEError, match="already routed by LTE"):
+        apply_lte(model, {"expert_size": 16})
+
+
+def test_dense_layers_outside_the_model_are_refused():
+    with pytest.raises(
+        LTEConfigError, match=r"'dense_layers' has invalid value \[2\]: LlamaForCausalLM has 2 layers; allowed: -2..1"
+    ):
+        apply_lte(build("llama"), {"expert_size": 16, "dense_layers": [2]})
+    handle = apply_lte(build("llama"), {"expert_size": 16, "dense_layers": [-1]})
+    assert [b.name for b in handle.blocks] == ["model.layers.0.mlp"]
+
+
+def test_load_lte_checks_its_files_before_touching_the_model(tmp_path):
+    model = build("llama")
+    with pytest.raises(LTEError, match=f"{CONFIG_NAME} not found"):
+        load_lte(model, tmp_path)
+    _, routed, handle = _dense_and_routed()
+    handle.save(tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    meta["config"]["threshold"] = 2
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(
+        LTEConfigError, match=r"lte_config.json: LTE config key 'threshold' has invalid value 2; allowed: a number in \(0, 1\)"
+    ):
+        load_lte(model, tmp_path)
+    meta["config"]["threshold"] = 0.5
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    wider = build("llama", intermediate_size=128)
+    with pytest.raises(LTEError, match="does not fit model.layers.0.mlp"):
+        load_lte(wider, tmp_path)
+    assert not hasattr(model.model.layers[0].mlp, ROUTER_ATTR) and not hasattr(wider.model.layers[0].mlp, ROUTER_ATTR)
