@@ -95,6 +95,26 @@ def test_routed_forward_and_gradients_equal_the_masked_dense_reference(family, s
         hook.remove()
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_records_once():
+    runs = []
+    for checkpointing in (False, True):
+        model = build("llama")
+        handle = apply_lte(model, {"expert_size": 16})
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = batch()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        grads = [handle.blocks[0].router.weight.grad.clone(), model.model.layers[0].mlp.up_proj.weight.grad.clone()]
+        runs.append((out.loss.detach(), grads, handle.active_fractions(), handle._scores))
+    (loss, grads, fractions, _), (loss_gc, grads_gc, fractions_gc, left) = runs
+    torch.testing.assert_close(loss, loss_gc)
+    for a, b in zip(grads, grads_gc):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert fractions == fractions_gc and left == []  # the recompute in backward records nothing
+
+
 def test_remove_restores_the_dense_model():
     reference, model, handle = _dense_and_routed()
     handle.remove()
@@ -373,3 +393,19 @@ def test_load_lte_checks_its_files_before_touching_the_model(tmp_path):
     with pytest.raises(LTEError, match="does not fit model.layers.0.mlp"):
         load_lte(wider, tmp_path)
     assert not hasattr(model.model.layers[0].mlp, ROUTER_ATTR) and not hasattr(wider.model.layers[0].mlp, ROUTER_ATTR)
+
+
+def test_lora_wrapped_model_routes_and_trains_its_routers(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build("llama"), peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    handle = apply_lte(model, {"expert_size": 16})
+    model.train()
+    ids = batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(b.router.weight.grad is not None for b in handle.blocks)
+    assert model.base_model.model.model.layers[0].mlp.gate_proj.lora_B.default.weight.grad is not None
+    model.save_pretrained(tmp_path)  # the adapter only: no router inside
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if ROUTER_ATTR in k]
