@@ -7,7 +7,9 @@ With ``G_l(x)_i`` the score of expert i of routed MLP l for token x (N_l experts
   that stage 2's hard choice (score > tau) changes the network less.
 
 The paper writes both as averages over layers and experts (``1/(L N) sum_l sum_i``); averaging per MLP first lets
-MLPs with different expert counts weigh the same, and equals the paper's form when every MLP has N experts. The
+MLPs with different expert counts weigh the same, and equals the paper's form when every MLP has N experts. Not yet
+checked against the paper's PDF: whether its efficiency term squares the scores (a secondary summary renders it as
+``G_l(x)_i^2``) and the exact separability form; until then these are this package's reading. The
 separability term is unbounded at the threshold: a score closer than ``SEPARABILITY_FLOOR`` counts as that far
 (value and gradient capped), so one score that lands on tau cannot make the loss infinite. Every token of the
 forward counts, padding included. Computed in float32.
