@@ -3,7 +3,8 @@
 Each field describes itself in its ``metadata`` (PEFT/TRL style): ``help`` (what it does, what is
 allowed, when to change it), ``group`` (one of `GROUPS`) and, where its annotation alone does not
 say what is allowed, a ``range`` (a `Range`) or an ``allowed`` text with a ``check``. The type and
-range checks are derived from the annotations (``Literal`` types for the enums) and that metadata,
+range checks are derived from the annotations (``Literal`` types for the enums) and that metadata
+(:class:`~sat_trainer.settings.Settings`, shared with ``LTEConfig``),
 and docs/configuration.md is generated from the same place (``scripts/config_reference.py``), so
 the error messages, the reference and the code cannot drift apart. Validation happens in
 ``__post_init__``: a bad value fails when the config is built, before any model is touched, with
@@ -12,18 +13,14 @@ one message naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import itertools
-import typing
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, NamedTuple, NoReturn, get_args, get_origin
+from typing import Any, Literal, get_args
 
+from . import settings
 from .errors import SATConfigError
+from .settings import LAYER_INDICES, FieldDoc, Settings, layer_indices
 from .value_range import ints, numbers
-from .yaml_io import load_yaml_file
 
 Metric = Literal["uniform", "magnitude", "wanda", "maxip", "activation"]
 Selection = Literal["topk", "sampling"]
@@ -73,12 +70,6 @@ GROUPS = {
 }
 
 
-def _layer_indices(value: Any) -> list[int]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-        raise ValueError
-    return list(value)
-
-
 def _ascending_rates(value: Any) -> list[float]:
     inside = numbers(0, 1, low_open=True, high_open=True)
     if not isinstance(value, (list, tuple)) or not value or not all(inside.allows(r) for r in value):
@@ -101,7 +92,7 @@ def _ladder_rungs(value: Any) -> list[list[float]]:
 
 
 @dataclass
-class SATConfig:
+class SATConfig(Settings):
     """Settings of Sparsity-Accelerated Training; every field is optional and validated when the config is built.
 
     Args:
@@ -369,8 +360,8 @@ class SATConfig:
         default_factory=list,
         metadata={
             "group": OMITTED,
-            "check": _layer_indices,
-            "allowed": "a list of layer indices (integers; negative counts from the last layer)",
+            "check": layer_indices,
+            "allowed": LAYER_INDICES,
             "help": "Decoder layers whose blocks never omit units, e.g. [0, 1, 2, -1] (SparseLoRA keeps the first "
             "three and the last layer dense).",
         },
@@ -385,38 +376,14 @@ class SATConfig:
         },
     )
 
+    KIND = "SAT"
+    SECTION = "sat"
+    ERROR = SATConfigError
+    EXAMPLE = "{'omission_rate': 0.5}"
+
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _checked(f, getattr(self, f.name)))
+        super().__post_init__()
         _check_combinations(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SATConfig:
-        """Build from a mapping, rejecting unknown keys by name."""
-        if not isinstance(data, dict):
-            raise SATConfigError(f"SAT config must be a mapping of keys to values, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SATConfigError(
-                f"unknown SAT config key {unknown[0]!r} (value {data[unknown[0]]!r}); allowed keys: {', '.join(sorted(known))}"
-            )
-        return cls(**data)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> SATConfig:
-        """Load from a YAML file whose SAT settings are at top level or under a ``sat:`` key."""
-        data = load_yaml_file(path) or {}
-        if isinstance(data, dict) and "sat" in data:
-            data = data["sat"] or {}
-        try:
-            return cls.from_dict(data)
-        except SATConfigError as err:
-            raise SATConfigError(f"{path}: {err}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field by name (lists copied), as ``from_dict`` takes it back."""
-        return dataclasses.asdict(self)
 
     def scores_from_forward(self) -> bool:
         """Whether activation MLP scores come from the training forward (activation_scores, auto resolved)."""
@@ -428,139 +395,50 @@ class SATConfig:
 def to_config(config: Any) -> SATConfig:
     """What ``SATCallback`` and ``apply_sat`` accept: a SATConfig, a mapping of its keys, a YAML
     path, or None (defaults); anything else raises one line saying so."""
-    if config is None:
-        return SATConfig()
-    if isinstance(config, SATConfig):
-        return config
-    if isinstance(config, Mapping):
-        return SATConfig.from_dict(dict(config))
-    if isinstance(config, (str, Path)):
-        return SATConfig.from_yaml(config)
-    raise SATConfigError(
-        f"SAT config must be a SATConfig, a mapping of its keys (e.g. {{'omission_rate': 0.5}}), a YAML path or None; "
-        f"got {type(config).__name__} {config!r:.60}"
-    )
+    return SATConfig.coerce(config)
 
 
 def field_help() -> dict[str, str]:
     """Help text per key, for docs and CLI listings."""
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(SATConfig)}
-
-
-class FieldDoc(NamedTuple):
-    """One row of the reference: a field's key, group, allowed values (``choices`` for an enum), default and help."""
-
-    name: str
-    group: str
-    allowed: str
-    choices: tuple[str, ...] | None
-    default: Any
-    help: str
+    return settings.field_help(SATConfig)
 
 
 def field_docs() -> list[FieldDoc]:
     """Every field of `SATConfig` in declaration order, as docs/configuration.md lists it."""
-    defaults = SATConfig().to_dict()
-    return [
-        FieldDoc(f.name, f.metadata["group"], _allowed(f), _choices(_hints()[f.name]), defaults[f.name], f.metadata["help"])
-        for f in dataclasses.fields(SATConfig)
-    ]
-
-
-@functools.cache
-def _hints() -> dict[str, Any]:
-    """The fields' annotations, resolved (``from __future__ import annotations`` leaves them strings)."""
-    return typing.get_type_hints(SATConfig)
-
-
-def _fail(key: str, value: Any, allowed: str) -> NoReturn:
-    raise SATConfigError(f"SAT config key {key!r} has invalid value {value!r}; allowed: {allowed}")
-
-
-def _choices(hint: Any) -> tuple[str, ...] | None:
-    """The values of a ``Literal`` annotation, else None."""
-    return get_args(hint) if get_origin(hint) is Literal else None
-
-
-def _allowed(f: dataclasses.Field) -> str:
-    """What ``f`` allows, in the words its error message and the reference use."""
-    hint, spec = _hints()[f.name], f.metadata
-    if "allowed" in spec:
-        return ("null, or " if _nullable(hint) else "") + spec["allowed"]
-    if _choices(hint):
-        return ", ".join(_choices(hint))
-    if get_origin(hint) is list and _choices(get_args(hint)[0]):
-        return f"a non-empty list without repeats drawn from {list(_choices(get_args(hint)[0]))}"
-    if "range" in spec:
-        return spec["range"].describe()
-    return {int: "an integer", float: "a number"}[hint]
-
-
-def _nullable(hint: Any) -> bool:
-    return type(None) in get_args(hint)
-
-
-def _checked(f: dataclasses.Field, value: Any) -> Any:
-    """``value`` as the field keeps it, checked against the field's annotation and metadata."""
-    hint, spec = _hints()[f.name], f.metadata
-    if value is None and _nullable(hint):
-        return None
-    if "check" in spec:
-        check: Callable[[Any], Any] = spec["check"]
-        try:
-            return check(value)
-        except (TypeError, ValueError):
-            _fail(f.name, value, _allowed(f))
-    if _choices(hint):
-        if isinstance(value, str) and value in _choices(hint):
-            return value
-        _fail(f.name, value, _allowed(f))
-    if get_origin(hint) is list:  # a list of Literal values (targets); one name alone is a list of one
-        items, choices = [value] if isinstance(value, str) else value, _choices(get_args(hint)[0])
-        if not isinstance(items, (list, tuple)) or not items or any(i not in choices for i in items):
-            _fail(f.name, value, _allowed(f))
-        if len(set(items)) != len(items):
-            _fail(f.name, value, _allowed(f))
-        return list(items)
-    types = (int,) if hint is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, types):
-        _fail(f.name, value, f"a value of type {' or '.join(t.__name__ for t in types)}")
-    if "range" in spec and not spec["range"].allows(value):
-        _fail(f.name, value, spec["range"].describe())
-    return value
+    return settings.field_docs(SATConfig)
 
 
 def _check_combinations(cfg: SATConfig) -> None:
     """The combinations of individually valid values that are refused, each with the reason."""
     if cfg.compensation == "mean" and (cfg.omit_in != "forward_backward" or cfg.metric != "activation"):
-        _fail(
+        SATConfig.fail(
             "compensation",
             cfg.compensation,
             "none, or mean with omit_in forward_backward (a dense forward has nothing to "
             "compensate) and metric activation (the mean is taken over the channel outputs that metric computes)",
         )
     if cfg.sparse_tokens == "context" and (cfg.targets != ["mlp"] or cfg.compensation != "none"):
-        _fail(
+        SATConfig.fail(
             "sparse_tokens",
             cfg.sparse_tokens,
             "all, or context with targets [mlp] (attention mixes tokens: a head "
             "cannot be omitted for some tokens only) and compensation none",
         )
     if cfg.sparse_tokens == "context" and cfg.omitted_update != "optimizer":
-        _fail(
+        SATConfig.fail(
             "omitted_update",
             cfg.omitted_update,
             "optimizer with sparse_tokens context: the loss tokens run every channel, so "
             "the omitted channels' gradients are real (those tokens' share), and freeze or momentum would discard them",
         )
     if cfg.layer_rates == "auto" and cfg.omission_rate == 0:
-        _fail(
+        SATConfig.fail(
             "layer_rates",
             cfg.layer_rates,
             "uniform, or auto with omission_rate > 0 (the schedule scales each block's peak rate by rate(t) / omission_rate)",
         )
     if cfg.momentum_decay != 1.0 and cfg.omitted_update != "momentum":
-        _fail(
+        SATConfig.fail(
             "momentum_decay",
             cfg.momentum_decay,
             "1 unless omitted_update is momentum (it scales that mode's continued first moment)",

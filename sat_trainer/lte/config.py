@@ -2,7 +2,8 @@
 
 Each field describes itself in its ``metadata``: ``help``, ``group`` (one of `GROUPS`) and, where the annotation
 alone does not say what is allowed, a ``range`` (a :class:`~sat_trainer.value_range.Range`) or an ``allowed`` text
-with a ``check``. The checks are derived from the annotations (``Literal`` for the choices) and that metadata, so
+with a ``check``. The checks are derived from the annotations (``Literal`` for the choices) and that metadata
+(:class:`~sat_trainer.settings.Settings`, shared with ``SATConfig``), so
 a bad value fails when the config is built, before any model is touched, with one message naming the key, the
 value and what is allowed. Settings that depend on the model (an ``expert_size`` that must divide the MLP width,
 ``dense_layers`` inside the model) are checked by :func:`~sat_trainer.lte.model.apply_lte` before it changes anything.
@@ -13,17 +14,11 @@ is a reasonable starting point that no measurement has tuned yet, and its help s
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, NoReturn, get_args, get_origin
+from typing import Any, Literal
 
+from ..settings import LAYER_INDICES, Settings, layer_indices
 from ..value_range import ints, numbers
-from ..yaml_io import load_yaml_file
 from .errors import LTEConfigError
 
 RouterInit = Literal["normal", "zeros"]
@@ -43,14 +38,8 @@ GROUPS = {
 }
 
 
-def _layer_indices(value: Any) -> list[int]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-        raise ValueError
-    return list(value)
-
-
 @dataclass
-class LTEConfig:
+class LTEConfig(Settings):
     """Settings of LTE training and sparse inference; every field is optional and validated when the config is built.
 
     Args:
@@ -90,8 +79,8 @@ class LTEConfig:
         default_factory=list,
         metadata={
             "group": EXPERTS,
-            "check": _layer_indices,
-            "allowed": "a list of layer indices (integers; negative counts from the last layer)",
+            "check": layer_indices,
+            "allowed": LAYER_INDICES,
             "help": "Decoder layers whose MLP gets no router and always runs every neuron, e.g. [0, -1].",
         },
     )
@@ -140,99 +129,12 @@ class LTEConfig:
         },
     )
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _checked(f, getattr(self, f.name)))
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LTEConfig:
-        """Build from a mapping, rejecting unknown keys by name."""
-        if not isinstance(data, Mapping):
-            raise LTEConfigError(f"LTE config must be a mapping of keys to values, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LTEConfigError(
-                f"unknown LTE config key {unknown[0]!r} (value {data[unknown[0]]!r}); allowed keys: {', '.join(sorted(known))}"
-            )
-        return cls(**data)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> LTEConfig:
-        """Load from a YAML (or JSON) file whose LTE settings are at top level or under an ``lte:`` key."""
-        data = load_yaml_file(path) or {}
-        if isinstance(data, dict) and "lte" in data:
-            data = data["lte"] or {}
-        try:
-            return cls.from_dict(data)
-        except LTEConfigError as err:
-            raise LTEConfigError(f"{path}: {err}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field by name (lists copied), as ``from_dict`` takes it back."""
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+    KIND = "LTE"
+    SECTION = "lte"
+    ERROR = LTEConfigError
+    EXAMPLE = "{'expert_size': 32}"
 
 
 def to_lte_config(config: Any) -> LTEConfig:
     """What ``LTECallback`` and ``apply_lte`` accept: an LTEConfig, a mapping of its keys, a YAML path, or None (defaults)."""
-    if config is None:
-        return LTEConfig()
-    if isinstance(config, LTEConfig):
-        return config
-    if isinstance(config, Mapping):
-        return LTEConfig.from_dict(config)
-    if isinstance(config, (str, Path)):
-        return LTEConfig.from_yaml(config)
-    raise LTEConfigError(
-        f"LTE config must be an LTEConfig, a mapping of its keys (e.g. {{'expert_size': 32}}), a YAML path or None; "
-        f"got {type(config).__name__} {config!r:.60}"
-    )
-
-
-def field_help() -> dict[str, str]:
-    """Help text per key, for docs and listings."""
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(LTEConfig)}
-
-
-@functools.cache
-def _hints() -> dict[str, Any]:
-    return typing.get_type_hints(LTEConfig)
-
-
-def _fail(key: str, value: Any, allowed: str) -> NoReturn:
-    raise LTEConfigError(f"LTE config key {key!r} has invalid value {value!r}; allowed: {allowed}")
-
-
-def _allowed(f: dataclasses.Field) -> str:
-    """What ``f`` allows, in the words its error message uses."""
-    hint, spec = _hints()[f.name], f.metadata
-    if "allowed" in spec:
-        return spec["allowed"]
-    if get_origin(hint) is Literal:
-        return ", ".join(get_args(hint))
-    if "range" in spec:
-        return spec["range"].describe()
-    return {int: "an integer", float: "a number"}[hint]
-
-
-def _checked(f: dataclasses.Field, value: Any) -> Any:
-    """``value`` as the field keeps it, checked against the field's annotation and metadata."""
-    hint, spec = _hints()[f.name], f.metadata
-    if "check" in spec:
-        try:
-            return spec["check"](value)
-        except (TypeError, ValueError):
-            _fail(f.name, value, _allowed(f))
-    if get_origin(hint) is Literal:
-        if isinstance(value, str) and value in get_args(hint):
-            return value
-        _fail(f.name, value, _allowed(f))
-    types = (int,) if hint is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, types):
-        _fail(f.name, value, f"a value of type {' or '.join(t.__name__ for t in types)}")
-    if "range" in spec and not spec["range"].allows(value):
-        _fail(f.name, value, spec["range"].describe())
-    return float(value) if hint is float else value
+    return LTEConfig.coerce(config)
