@@ -1,12 +1,13 @@
-"""Generate docs/configuration.md, the reference of every `SATConfig` setting, from the dataclass itself.
+"""Generate docs/configuration.md (every `SATConfig` setting) and docs/lte_configuration.md (every `LTEConfig`
+setting) from the dataclasses themselves.
 
-Each field's help, group, allowed values and default come from ``sat_trainer/config.py`` (annotations and field
-metadata), so the reference cannot drift from the code: ``tests/test_config_reference.py`` fails when the file
-differs from ``render()``.
+Each field's help, group, allowed values and default come from the annotations and field metadata
+(``sat_trainer/config.py``, ``sat_trainer/lte/config.py``), so the references cannot drift from the code:
+``tests/test_config_reference.py`` fails when a file differs from ``render()`` / ``render_lte()``.
 
-    python scripts/config_reference.py            # print the reference
-    python scripts/config_reference.py --write    # rewrite docs/configuration.md
-    python scripts/config_reference.py --check    # exit 1 if docs/configuration.md is out of date
+    python scripts/config_reference.py            # print the SAT reference
+    python scripts/config_reference.py --write    # rewrite both files
+    python scripts/config_reference.py --check    # exit 1 if either file is out of date
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from sat_trainer.config import GROUPS, FieldDoc, field_docs
+from sat_trainer.lte import config as lte_config
+from sat_trainer.settings import field_docs as settings_field_docs
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+LTE_DOC = DOC.with_name("lte_configuration.md")
 COMMAND = "python scripts/config_reference.py --write"
 
 INTRO = f"""# SAT settings
@@ -48,11 +52,30 @@ config is built and before any model is touched.
 """
 
 
+LTE_INTRO = f"""# LTE settings
+
+<!-- Generated from sat_trainer/lte/config.py by `{COMMAND}`: edit the field metadata there, not this file. -->
+
+Every setting of LTE (Learn To be Efficient; [the guide](guide/lte.md)) is a field of `sat_trainer.LTEConfig`. All
+are optional. A wrong key, or a value of the wrong type or out of its range, raises one `LTEConfigError` naming the
+key, the value and what is allowed. `LTECallback` and `apply_lte` take an `LTEConfig`, a dict of its keys, a YAML
+path (settings at the top level or under `lte:`), or `None` (all defaults).
+"""
+
+
 def render() -> str:
     """The whole of docs/configuration.md: how to set the fields, then one table per group of `GROUPS`."""
-    docs = field_docs()
-    parts = [INTRO, "## Groups\n", *(f"- [{group}](#{_anchor(group)})" for group in GROUPS), ""]
-    for group, description in GROUPS.items():
+    return _render(INTRO, GROUPS, field_docs())
+
+
+def render_lte() -> str:
+    """The whole of docs/lte_configuration.md, laid out as the SAT reference."""
+    return _render(LTE_INTRO, lte_config.GROUPS, settings_field_docs(lte_config.LTEConfig))
+
+
+def _render(intro: str, groups: dict[str, str], docs: list[FieldDoc]) -> str:
+    parts = [intro, "## Groups\n", *(f"- [{group}](#{_anchor(group)})" for group in groups), ""]
+    for group, description in groups.items():
         parts += [f"## {group}\n", f"{description}\n", "| key | allowed | default | what it does |", "|---|---|---|---|"]
         parts += [_row(doc) for doc in docs if doc.group == group]
         parts.append("")
@@ -85,18 +108,22 @@ def _anchor(heading: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help=f"rewrite {DOC.relative_to(DOC.parents[1])}")
-    mode.add_argument("--check", action="store_true", help="exit 1 if the file differs from what the code generates")
+    mode.add_argument("--write", action="store_true", help="rewrite docs/configuration.md and docs/lte_configuration.md")
+    mode.add_argument("--check", action="store_true", help="exit 1 if a file differs from what the code generates")
     args = p.parse_args(argv)
-    text = render()
+    files = {DOC: (render(), "SATConfig"), LTE_DOC: (render_lte(), "LTEConfig")}
     if args.write:
-        DOC.write_text(text, encoding="utf-8")
+        for path, (text, _) in files.items():
+            path.write_text(text, encoding="utf-8")
     elif args.check:
-        if not DOC.is_file() or DOC.read_text(encoding="utf-8") != text:
-            print(f"{DOC} is out of date with SATConfig; regenerate it: {COMMAND}", file=sys.stderr)
-            return 1
+        stale = [
+            (path, cls) for path, (text, cls) in files.items() if not path.is_file() or path.read_text(encoding="utf-8") != text
+        ]
+        for path, cls in stale:
+            print(f"{path} is out of date with {cls}; regenerate it: {COMMAND}", file=sys.stderr)
+        return 1 if stale else 0
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(files[DOC][0])
     return 0
 
 

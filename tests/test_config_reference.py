@@ -62,3 +62,23 @@ def test_check_fails_with_the_command_when_the_file_drifts(tmp_path, monkeypatch
     monkeypatch.setattr(reference, "DOC", stale)
     assert reference.main(["--check"]) == 1
     assert reference.COMMAND in capsys.readouterr().err
+
+
+def test_docs_lte_configuration_md_is_generated_from_lte_config_and_drift_fails(tmp_path, monkeypatch, capsys):
+    from sat_trainer.lte.config import GROUPS as LTE_GROUPS
+    from sat_trainer.lte.config import LTEConfig
+    from sat_trainer.settings import field_docs as settings_field_docs
+
+    reference = _reference()
+    assert reference.LTE_DOC.read_text(encoding="utf-8") == reference.render_lte(), (
+        f"docs/lte_configuration.md differs from LTEConfig's field metadata; regenerate it: {reference.COMMAND}"
+    )
+    docs = settings_field_docs(LTEConfig)
+    assert {doc.group for doc in docs} == set(LTE_GROUPS)
+    text = reference.render_lte()
+    assert all(len(re.findall(rf"^\| `{doc.name}` \|.*$", text, flags=re.M)) == 1 for doc in docs)
+    stale = tmp_path / "lte_configuration.md"
+    stale.write_text(text.replace("| `32` |", "| `64` |"), encoding="utf-8")
+    monkeypatch.setattr(reference, "LTE_DOC", stale)
+    assert reference.main(["--check"]) == 1
+    assert "LTEConfig" in capsys.readouterr().err
