@@ -84,6 +84,18 @@ def test_headline_rows_are_interleaved_and_the_as_run_times_are_labelled_as_load
     ]
 
 
+def test_a_speedup_above_the_flop_ideal_is_flagged_as_noise_not_shown_as_a_result():
+    dense, runs = _runs()
+    assert "FLOP ideal" not in "".join(
+        line for line in comparison_table(dense, runs, TIMES, LADDER).splitlines() if line.startswith("note")
+    )
+    noisy = StepTimes(dense_s=1.0, sat_s={0.0: 1.0, 0.25: 0.5, 0.5: 0.3}, kept_flops=TIMES.kept_flops, rounds=3)
+    numbers = comparison(dense, runs, noisy, LADDER)["runs"][1]
+    assert numbers["speedup_per_step"] > 1.05 * numbers["flop_ideal"]  # 30 steps at 0.3 s: faster than half the FLOPs allow
+    notes = [line for line in comparison_table(dense, runs, noisy, LADDER).splitlines() if line.startswith("note")]
+    assert len(notes) == 1 and "SAT, equal steps" in notes[0] and "above its FLOP ideal" in notes[0]
+
+
 def test_without_interleaved_times_the_speed_rows_say_they_are_as_run():
     dense, runs = _runs()
     numbers = comparison(dense, runs)

@@ -156,6 +156,10 @@ def retimed(report: dict[str, Any], clock: Callable[[int], float]) -> dict[str, 
     return {**report, "history": history, "train_time_s": clock(report["steps"])}
 
 
+# An interleaved speedup this far above the FLOP ideal is not SAT's: the rounds' load changed.
+NOISE_OVER_IDEAL = 1.05
+
+
 def comparison(
     dense: dict[str, Any], runs: list[tuple[str, dict[str, Any]]], times: StepTimes | None = None, sat: SATConfig | None = None
 ) -> dict[str, Any]:
@@ -256,6 +260,13 @@ def comparison_table(
         + ", ".join(f"{c['label']} {c['wall_time_as_run_s']:.1f}" for c in cols)
         + (" (the runs ran one after the other; speed is compared on the interleaved times above)" if times else "")
     )
+    for c in cols[1:] if times is not None else []:
+        if c["speedup_per_step"] and c["flop_ideal"] and c["speedup_per_step"] > NOISE_OVER_IDEAL * c["flop_ideal"]:
+            lines.append(
+                f"note: {c['label']} ran {_times(c['speedup_per_step'])} per step, above its FLOP ideal "
+                f"{_times(c['flop_ideal'])}: the interleaved rounds were noisy (the machine's load changed within them); "
+                "rerun on a quiet machine or with more --timing-rounds before trusting the speed rows"
+            )
     if numbers["curve_eval_samples"]:
         lines.append(
             f"held-out curves and the time to dense's loss: {numbers['curve_eval_samples']} blocks or records of each "
