@@ -34,7 +34,7 @@ Compensation = Literal["none", "mean"]
 SparseTokens = Literal["all", "context"]
 LayerRates = Literal["uniform", "auto"]
 RateBudget = Literal["flops", "loss"]
-ActivationScores = Literal["auto", "forward", "subsample"]
+ActivationScores = Literal["auto", "training_forward", "subsample"]
 
 METRICS = get_args(Metric)
 SELECTIONS = get_args(Selection)
@@ -333,9 +333,9 @@ class SATConfig(Settings):
         metadata={
             "group": SCORING,
             "help": "metric activation: subsample measures every unit on a token subsample of the micro-batch about "
-            "to run; forward reads the training forward's own outputs (this step's when the forward is "
+            "to run; training_forward reads the training forward's own outputs (this step's when the forward is "
             "dense, else the previous one's, re-measuring 1/remeasure_every of the channels per draw). auto: "
-            "forward when omit_in keeps the forward dense, else subsample.",
+            "training_forward when omit_in keeps the forward dense, else subsample.",
         },
     )
     remeasure_every: int = field(
@@ -343,7 +343,7 @@ class SATConfig(Settings):
         metadata={
             "group": SCORING,
             "range": ints(1),
-            "help": "activation_scores forward with a sparse forward: every channel is re-measured on the subsample "
+            "help": "activation_scores training_forward with a sparse forward: every channel is re-measured on the subsample "
             "at least every this many draws (1: all of them each draw, as subsample does).",
         },
     )
@@ -389,7 +389,7 @@ class SATConfig(Settings):
         """Whether activation MLP scores come from the training forward (activation_scores, auto resolved)."""
         if self.activation_scores == "auto":
             return self.omit_in != "forward_backward"
-        return self.activation_scores == "forward"
+        return self.activation_scores == "training_forward"
 
 
 def to_config(config: Any) -> SATConfig:

@@ -30,7 +30,7 @@ Definitions (x: the block's input, all tokens of the micro-batch that draws; W: 
   a pretrained LLM). Where the channel outputs come from is the caller's choice
   (:class:`sat_trainer.patch.scoring.BlockScorer`): a random token
   subsample (:func:`subsample_size`) pushed through gate/up, or the outputs the training forward
-  computed anyway (``activation_scores: forward``), which costs no matmul.
+  computed anyway (``activation_scores: training_forward``), which costs no matmul.
 
 All scores are computed without autograd, returned in float32, and are >= 0. They read the
 weights in their own dtype (bf16 on a GPU) with float32 accumulation, never through a float32
@@ -222,7 +222,7 @@ def channel_rms(hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Ten
     None: every row once), float32.
 
     The root *mean* square, not the norm, so that measurements over different numbers of tokens
-    compare: ``activation_scores: forward`` mixes the sparse forward's own measurement of the
+    compare: ``activation_scores: training_forward`` mixes the sparse forward's own measurement of the
     kept channels with re-measurements of the others on the scoring subsample, and a dense
     forward's measurement over all tokens with a subsample's."""
     if weights is None:

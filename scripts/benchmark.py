@@ -443,7 +443,7 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="any other SATConfig setting, e.g. "
-        "score_every=1000 or activation_scores=forward (values parsed as YAML; repeatable)",
+        "score_every=1000 or activation_scores=training_forward (values parsed as YAML; repeatable)",
     )
     p.add_argument(
         "--precision",

@@ -157,7 +157,7 @@ def test_activation_subsample_is_a_fraction_of_the_batch_above_the_floor():
 
 
 def test_forward_scores_refresh_the_kept_channels_and_remeasure_a_window(monkeypatch):
-    """activation_scores forward: after the first draw (every channel on the subsample), a draw
+    """activation_scores training_forward: after the first draw (every channel on the subsample), a draw
     pushes only a window of ceil(n / remeasure_every) contiguous channels through gate/up; the
     kept channels' RMS is the previous sparse forward's own (all its tokens); the windows come
     round to the start after remeasure_every draws."""
@@ -165,7 +165,9 @@ def test_forward_scores_refresh_the_kept_channels_and_remeasure_a_window(monkeyp
     real = importance.mlp_hidden
     monkeypatch.setattr(importance, "mlp_hidden", lambda t, w, *a: rows.append(w[0].shape[0]) or real(t, w, *a))
     model = build("llama")  # 96 MLP channels, 2 layers
-    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_scores="forward", remeasure_every=4))
+    handle = apply_sat(
+        model, sat_config(metric="activation", targets=["mlp"], activation_scores="training_forward", remeasure_every=4)
+    )
     model.train()
     handle.set_rate(0.5)
     unit = handle.units[0]
@@ -189,7 +191,7 @@ def test_forward_scores_are_what_the_next_draw_keeps():
     (here on all tokens), and stored for the rest."""
     model = build("llama")
     handle = apply_sat(
-        model, sat_config(metric="activation", targets=["mlp"], activation_scores="forward", activation_tokens=1000)
+        model, sat_config(metric="activation", targets=["mlp"], activation_scores="training_forward", activation_tokens=1000)
     )
     model.train()
     handle.set_rate(0.5)
@@ -305,14 +307,16 @@ def _padded_draws(model, handle, block: str) -> tuple[torch.Tensor, list[torch.T
 
 
 def test_backward_only_scores_come_from_the_dense_forward(monkeypatch):
-    """omit_in backward + activation_scores forward: no subsample ever goes through gate/up; each
+    """omit_in backward + activation_scores training_forward: no subsample ever goes through gate/up; each
     draw keeps the top channels of that same forward's own outputs (all real tokens, pads
     zeroed), ||h_j|| * ||W_down[:, j]||, drawn at the down projection, before any backward."""
     subsamples = []
     real = importance.mlp_hidden
     monkeypatch.setattr(importance, "mlp_hidden", lambda t, *a: subsamples.append(t.shape[0]) or real(t, *a))
     model = build("llama")
-    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], omit_in="backward", activation_scores="forward"))
+    handle = apply_sat(
+        model, sat_config(metric="activation", targets=["mlp"], omit_in="backward", activation_scores="training_forward")
+    )
     model.train()
     handle.set_rate(0.5)
     mlp = model.model.layers[0].mlp
@@ -360,7 +364,7 @@ def test_backward_after_a_later_draw_is_refused():
     """A kept set drawn at the output projection is read in backward: if a later draw replaced it
     first (a forward after new_step), that backward cannot know its kept set and says so."""
     model = build("llama")
-    handle = sparse(model, targets=["mlp"], omit_in="backward", activation_scores="forward")
+    handle = sparse(model, targets=["mlp"], omit_in="backward", activation_scores="training_forward")
     loss = model(batch(), labels=batch()).loss
     handle.new_step()
     model(batch(seed=2))
@@ -426,7 +430,9 @@ def test_score_state_survives_a_checkpoint_round_trip():
     import json
 
     model = build("llama")
-    handle = apply_sat(model, sat_config(metric="activation", targets=["mlp"], activation_scores="forward", remeasure_every=3))
+    handle = apply_sat(
+        model, sat_config(metric="activation", targets=["mlp"], activation_scores="training_forward", remeasure_every=3)
+    )
     model.train()
     handle.set_rate(0.5)
     with torch.no_grad():

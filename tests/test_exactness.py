@@ -61,13 +61,13 @@ def test_backward_only_forward_is_dense_and_gradients_are_cut(family, attn, atte
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "qwen3"])
 @pytest.mark.parametrize("omit_in", ["backward", "weight_gradient"])
 def test_dense_forward_draws_at_the_output_projection_and_stays_exact(family, omit_in):
-    """activation_scores forward with a dense forward: the MLP's kept set is drawn at its down
+    """activation_scores training_forward with a dense forward: the MLP's kept set is drawn at its down
     projection from that forward's own outputs, after gate/up ran (they read it in backward), and
     attention's at its value projection from its values (phi3: the v rows of the fused qkv).
     Exact against the masked reference for that kept set."""
     model = build(family)
     draws = []
-    handle = _assert_matches_masked_reference(model, metric="activation", omit_in=omit_in, activation_scores="forward")
+    handle = _assert_matches_masked_reference(model, metric="activation", omit_in=omit_in, activation_scores="training_forward")
     for unit in handle.units:
         original = unit._draw
         unit._draw = lambda x, key, hidden=False, u=unit, f=original: (
@@ -254,8 +254,8 @@ SPLIT_CASES = [
     ("gpt2", "forward_backward", "subsample"),
     ("gpt2", "backward", "subsample"),
     ("qwen3", "backward", "subsample"),
-    ("llama", "backward", "forward"),
-    ("gpt2", "backward", "forward"),
+    ("llama", "backward", "training_forward"),
+    ("gpt2", "backward", "training_forward"),
 ]
 
 
@@ -263,7 +263,7 @@ SPLIT_CASES = [
 def test_context_tokens_sparse_and_loss_tokens_dense(family, omit_in, scores):
     """sparse_tokens context: the loss tokens (label, or the next token's label, not -100) run
     every channel, the context tokens only the kept ones; exact against the reference masked on
-    the context rows only (with activation_scores forward the kept set is drawn at the down
+    the context rows only (with activation_scores training_forward the kept set is drawn at the down
     projection, after gate/up ran)."""
     model = build(family)
     reference = copy.deepcopy(model).train()

@@ -56,11 +56,11 @@ def test_lora_exact_against_masked_dense(targets, omit_in):
     "family,targets", [("llama", SUBSETS[0]), ("phi3", ["gate_up_proj", "down_proj"])], ids=["llama", "phi3"]
 )
 def test_lora_under_a_dense_forward_drawn_at_the_output_is_exact(family, targets):
-    """omit_in backward with activation_scores forward: the kept set is drawn at the base down
+    """omit_in backward with activation_scores training_forward: the kept set is drawn at the base down
     projection (before its lora_A runs); lora_B rows of gate/up read it in backward."""
     model = _lora(build(family), targets)
     reference = copy.deepcopy(model)
-    handle = sparse(model, targets=["mlp"], omit_in="backward", activation_scores="forward")
+    handle = sparse(model, targets=["mlp"], omit_in="backward", activation_scores="training_forward")
     grads = _assert_exact(model, reference, handle, batch())
     unit = handle.units[0]
     omitted = torch.ones(96, dtype=torch.bool)

@@ -116,8 +116,8 @@ def test_set_rate_changes_k_at_next_forward():
         ("activation", False, "backward", "llama", "subsample"),
         ("activation", True, "backward", "llama", "subsample"),
         ("activation", True, "forward_backward", "phi3", "subsample"),
-        ("activation", False, "backward", "llama", "forward"),
-        ("activation", True, "backward", "phi3", "forward"),
+        ("activation", False, "backward", "llama", "training_forward"),
+        ("activation", True, "backward", "phi3", "training_forward"),
     ],
 )
 def test_gradient_checkpointing_reuses_the_kept_set(metric, reentrant, omit_in, family, scores):

@@ -128,7 +128,7 @@ def test_modes_that_do_not_score_a_subsample_reuse_nothing(given_calls):
     for cfg in (
         dict(metric="wanda"),
         dict(metric="activation", omit_in="backward"),
-        dict(metric="activation", activation_scores="forward"),
+        dict(metric="activation", activation_scores="training_forward"),
     ):
         handle = apply_sat(model, dict(targets=["mlp"], omission_rate=0.5, **cfg))
         model.train()

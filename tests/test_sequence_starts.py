@@ -85,7 +85,7 @@ def _sink_embeddings(seed: int, batch: int, length: int, first: torch.Tensor) ->
     return embeds
 
 
-@pytest.mark.parametrize("scores", ["subsample", "forward"])
+@pytest.mark.parametrize("scores", ["subsample", "training_forward"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_a_channel_massive_only_at_the_first_token_is_kept_at_every_draw(scores, padded):
     """8 of 128 tokens scored: a uniform subsample holds none of the 4 starts ~77% of the time and

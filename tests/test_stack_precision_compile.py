@@ -41,10 +41,10 @@ def test_bf16_weights_train_with_finite_loss_and_grads():
 
 
 def test_compiled_dense_forward_draws_at_the_output_as_eager_does():
-    """omit_in backward + activation_scores forward under torch.compile: the MLP's kept set, drawn
+    """omit_in backward + activation_scores training_forward under torch.compile: the MLP's kept set, drawn
     at the down projection (outside the graph) and read in backward, is eager's, and so are the
     loss and every gradient, draw after draw."""
-    config = sat_config(omission_rate=0.5, omit_in="backward", activation_scores="forward", targets=["mlp"])
+    config = sat_config(omission_rate=0.5, omit_in="backward", activation_scores="training_forward", targets=["mlp"])
     runs = eager_and_compiled_steps(build("llama"), config, 0.5)
     for (loss_e, grads_e, kept_e), (loss_c, grads_c, kept_c) in zip(*runs):
         torch.testing.assert_close(loss_c, loss_e, atol=0, rtol=0)
@@ -55,7 +55,7 @@ def test_compiled_dense_forward_draws_at_the_output_as_eager_does():
 
 
 @pytest.mark.parametrize(
-    "omit_in,scores", [("forward_backward", "subsample"), ("backward", "subsample"), ("backward", "forward")]
+    "omit_in,scores", [("forward_backward", "subsample"), ("backward", "subsample"), ("backward", "training_forward")]
 )
 def test_compile_recompiles_only_when_k_changes(omit_in, scores):
     torch._dynamo.reset()  # an earlier case's graphs would serve this one's first step (the same code, traced alike)

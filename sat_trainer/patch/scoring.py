@@ -2,7 +2,7 @@
 
 Metric ``activation`` on MLP blocks keeps statistics between draws: each channel's output RMS
 and its down column's norm (the score is their product), and with ``compensation: mean`` each
-channel's mean output. With ``activation_scores: forward`` the training forward refreshes the
+channel's mean output. With ``activation_scores: training_forward`` the training forward refreshes the
 channels it computes (:meth:`BlockScorer.observe`: the kept ones, or all of them when the forward
 is dense) and each draw re-measures a rotating window of the channels on a token subsample.
 When the forward is dense too (``omit_in: backward``/``weight_gradient``), the block *draws in

@@ -174,7 +174,7 @@ class BlockUnit:
         if self._drawn_for != key:
             raise SATError(
                 f"{self.name}: backward ran for a draw its forward never made or that a later draw replaced; with omit_in "
-                "backward and activation_scores forward SAT draws at the block's output projection (MLP) or value projection (attention)"
+                "backward and activation_scores training_forward SAT draws at the block's output projection (MLP) or value projection (attention)"
             )
         return self._index[member]
 
