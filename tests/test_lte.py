@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -318,6 +319,141 @@ def test_trainer_runs_stage_one_then_stage_two(tmp_path):
     model.eval()
     ids = batch()
     torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def _lte_trainer(output_dir, steps: int = 6, lte=None, **args):
+    """A tiny llama under LTECallback: stage 1 for half the steps, a checkpoint every 2 steps."""
+    model = build("llama")
+    data = [{"input_ids": ids, "labels": ids} for ids in batch(seed=3, size=12, length=16)]
+    args = transformers.TrainingArguments(
+        str(output_dir),
+        **{
+            "max_steps": steps,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "report_to": [],
+            "use_cpu": True,
+            "disable_tqdm": True,
+            **args,
+        },
+    )
+    callback = LTECallback(lte or {"expert_size": 16, "soft_fraction": 0.5})
+    return model, callback, transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+
+
+def _routers(handle):
+    return [b.router.weight.detach().clone() for b in handle.blocks], [b.expert_of.clone() for b in handle.blocks]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """6 steps (stage 2 from step 3), checkpoints at 2, 4 and 6: the final routers, logits and per-step losses."""
+    out = tmp_path_factory.mktemp("lte_full")
+    model, lte, trainer = _lte_trainer(out)
+    trainer.train()
+    model.eval()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return out, _routers(lte.handle), model(batch()).logits.detach(), losses
+
+
+@pytest.mark.parametrize("step", [2, 4])  # resumed in stage 1 (routers still training), and in stage 2
+def test_a_resumed_run_continues_with_the_checkpoints_routers(uninterrupted, tmp_path, step):
+    """Resumed from a copy of a checkpoint into another folder: the routers, logits and losses of the
+    uninterrupted run (a re-initialised router would differ from the first resumed step on)."""
+    full, (routers, orders), logits, losses = uninterrupted
+    checkpoint = shutil.copytree(full / f"checkpoint-{step}", tmp_path / "saved" / f"checkpoint-{step}")
+    model, lte, trainer = _lte_trainer(tmp_path / "out")
+    fresh = _routers(lte.handle)[0]
+    optimizer_params = []
+    trainer.add_callback(_OptimizerParams(optimizer_params))
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+
+    assert not all(torch.equal(a, b) for a, b in zip(fresh, routers))  # the check below could fail
+    got_routers, got_orders = _routers(lte.handle)
+    assert all(torch.equal(a, b) for a, b in zip(got_orders, orders))
+    for got, want in zip(got_routers, routers):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    router_ids = {id(b.router.weight) for b in lte.handle.blocks}
+    assert router_ids <= set(optimizer_params)  # the optimizer (and its loaded state) holds these very routers
+    assert lte.resumed_from == str(checkpoint)
+    assert lte.handle.stage == "hard" and not any(b.router.weight.requires_grad for b in lte.handle.blocks)
+    model.eval()
+    torch.testing.assert_close(model(batch()).logits, logits, rtol=1e-5, atol=1e-6)
+    resumed = [r["loss"] for r in trainer.state.log_history if "loss" in r]  # the checkpoint's rows, then the new ones
+    assert len(resumed) == len(losses) == 6 and resumed[step:] == pytest.approx(losses[step:], rel=1e-5)
+
+
+def test_resume_with_callback_states_restored_by_the_trainer(uninterrupted, tmp_path):
+    """``restore_callback_states_from_checkpoint`` rebuilds the callback from its saved state: the new one adopts the
+    routed model and restores the routers as well."""
+    full, (routers, _), _, _ = uninterrupted
+    model, lte, trainer = _lte_trainer(full, restore_callback_states_from_checkpoint=True, save_strategy="no")
+    trainer.train(resume_from_checkpoint=True)  # the latest: checkpoint-6, nothing left to train
+    rebuilt = next(c for c in trainer.callback_handler.callbacks if isinstance(c, LTECallback))
+    assert rebuilt is not lte and rebuilt.handle is lte.handle and rebuilt.resumed_from == str(full / "checkpoint-6")
+    assert all(torch.equal(b.router.weight, w) for b, w in zip(lte.handle.blocks, routers))
+
+
+class _OptimizerParams(transformers.TrainerCallback):
+    def __init__(self, out: list):
+        self.out = out
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.out.extend(id(p) for group in optimizer.param_groups for p in group["params"])
+
+
+def test_resume_with_other_lte_settings_is_refused(uninterrupted, tmp_path):
+    full = uninterrupted[0]
+    _, _, trainer = _lte_trainer(tmp_path, lte={"expert_size": 8, "soft_fraction": 0.5})
+    with pytest.raises(LTEConfigError, match=r"expert_size 8 here, 16 in the checkpoint") as err:
+        trainer.train(resume_from_checkpoint=str(full / "checkpoint-2"))
+    assert "lte_config.json" in str(err.value) and "soft_fraction" not in str(err.value)
+
+
+def test_resume_from_a_checkpoint_without_routers_is_refused(uninterrupted, tmp_path):
+    checkpoint = shutil.copytree(uninterrupted[0] / "checkpoint-2", tmp_path / "checkpoint-2")
+    (checkpoint / WEIGHTS_NAME).unlink()
+    _, _, trainer = _lte_trainer(tmp_path / "out")
+    with pytest.raises(LTEError, match=r"cannot resume at step 2: no lte.safetensors .* would restart from new ones"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+class _Args:
+    def __init__(self, world_size, find_unused, checkpointing=False):
+        self.world_size, self.ddp_find_unused_parameters = world_size, find_unused
+        self.gradient_checkpointing = self.activation_checkpointing = checkpointing
+        self.gradient_accumulation_steps, self.output_dir, self.resume_from_checkpoint = 1, "unused", None
+
+
+class _State:
+    global_step, max_steps, stateful_callbacks = 0, 10, {}
+
+
+@pytest.mark.parametrize(
+    ("world_size", "find_unused", "checkpointing", "soft_fraction", "refused"),
+    [
+        (2, False, False, 0.5, True),
+        (2, None, True, 0.5, True),  # the Trainer's default under activation checkpointing is False
+        (2, None, False, 0.5, False),  # ... and True without it
+        (2, True, True, 0.5, False),
+        (2, False, False, 1.0, False),  # never reaches stage 2
+        (1, False, False, 0.5, False),
+    ],
+)
+def test_ddp_reaching_stage_two_without_find_unused_parameters_is_refused(
+    world_size, find_unused, checkpointing, soft_fraction, refused
+):
+    model = build("llama")
+    lte = LTECallback({"expert_size": 16, "soft_fraction": soft_fraction})
+    begin = lambda: lte.on_train_begin(_Args(world_size, find_unused, checkpointing), _State(), None, model=model)  # noqa: E731
+    if refused:
+        with pytest.raises(LTEError, match=r"2-process run needs ddp_find_unused_parameters=True: the routers are frozen"):
+            begin()
+    else:
+        begin()
+        assert lte.handle is not None
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------

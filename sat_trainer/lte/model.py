@@ -14,6 +14,7 @@ the user's loss code and the Trainer's ``compute_loss`` stay unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import weakref
@@ -143,6 +144,47 @@ class LTEHandle:
         for block in self.blocks:
             block.unpatch()
 
+    def restore(self, folder: str | Path) -> None:
+        """Copy the routers and expert orders saved in ``folder`` by :meth:`save` into this handle's routed MLPs,
+        in place (the router parameters stay the same objects, so an optimizer built on them keeps its state);
+        what a resumed run needs. The stage is left as it is.
+
+        Raises:
+            LTEConfigError: the saved config differs from this handle's (each differing key with both values).
+            LTEError: a missing or malformed file, or files saved for other routed MLPs or shapes.
+        """
+        folder = Path(folder)
+        meta, config, tensors = _read_saved(folder, "resume")
+        mine, theirs = self.config.to_dict(), config.to_dict()
+        diff = [
+            f"{k} {mine.get(k)!r} here, {theirs.get(k)!r} in the checkpoint" for k in sorted(mine) if mine.get(k) != theirs.get(k)
+        ]
+        if diff:
+            raise LTEConfigError(
+                f"LTE settings differ from those saved in {folder / CONFIG_NAME}: {'; '.join(diff)}; a resumed run must "
+                "use the checkpoint's LTE settings"
+            )
+        saved_layers = sorted(int(b["layer"]) for b in meta.get("blocks", []))
+        layers = sorted(_layer_index(b.name) for b in self.blocks)
+        if saved_layers != layers:
+            raise LTEError(f"resume: {folder} routes the MLPs of layers {saved_layers}, this model routes layers {layers}")
+        loaded = []
+        for block in self.blocks:
+            weight, order = _saved_block(folder, tensors, block.name, block.width, block.router.weight.shape[1], config)
+            loaded.append((block, weight, ExpertGroups(order, config.expert_size).expert_of))
+        with torch.no_grad():
+            for block, weight, expert_of in loaded:
+                block.router.weight.copy_(weight)
+                block.expert_of = expert_of.to(block.router.weight.device)
+
+    def digest(self) -> str:
+        """A SHA-256 of the routers and expert orders (what :meth:`save` writes): tells a checkpoint's files apart."""
+        sha = hashlib.sha256()
+        for block in self.blocks:
+            sha.update(block.router.weight.detach().float().cpu().contiguous().numpy().tobytes())
+            sha.update(block.expert_of.cpu().contiguous().numpy().tobytes())
+        return sha.hexdigest()
+
     def save(self, folder: str | Path) -> None:
         """Write ``lte.safetensors`` (each routed MLP's router weight and expert order, by layer) and
         ``lte_config.json`` (the config and the routed MLPs) into ``folder`` (created if needed), beside a
@@ -243,28 +285,11 @@ def load_lte(model: nn.Module, folder: str | Path) -> LTEHandle:
         LTEConfigError: the saved config has an unknown key or a bad value.
         LTEError: a missing or malformed file, or files saved for another architecture or shape.
     """
-    from safetensors.torch import load_file
-
     folder = Path(folder)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            raise LTEError(
-                f"load_lte: {folder / name} not found; a folder written by LTEHandle.save holds {CONFIG_NAME} and {WEIGHTS_NAME}"
-            )
-    try:
-        meta = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise LTEError(f"load_lte: {folder / CONFIG_NAME} is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LTEError(f"load_lte: {folder / CONFIG_NAME} is not an LTE file of format {FORMAT!r}")
-    try:
-        config = LTEConfig.from_dict(meta.get("config") or {})
-    except LTEConfigError as err:
-        raise LTEConfigError(f"{folder / CONFIG_NAME}: {err}") from None
+    meta, config, tensors = _read_saved(folder, "load_lte")
     if meta.get("model_type") != _model_type(model):
         raise LTEError(f"load_lte: {folder} was saved for model_type {meta.get('model_type')!r}, not {_model_type(model)!r}")
     found = _routable_blocks(model, config)
-    tensors = load_file(str(folder / WEIGHTS_NAME))
     saved_layers = sorted(int(b["layer"]) for b in meta.get("blocks", []))
     layers = sorted(_layer_index(name) for name, _, _ in found)
     if saved_layers != layers:
@@ -273,24 +298,13 @@ def load_lte(model: nn.Module, folder: str | Path) -> LTEHandle:
         )
     specs = []
     for name, shape, block in found:
-        layer = _layer_index(name)
-        weight, order = tensors.get(f"{layer}.router"), tensors.get(f"{layer}.order")
         width, hidden = _width(block, shape), base_weight(getattr(block, shape.inputs[0])).shape[1]
+        weight, order = _saved_block(folder, tensors, name, width, hidden, config)
         experts = width // config.expert_size
-        if weight is None or order is None or tuple(weight.shape) != (experts, hidden) or tuple(order.shape) != (width,):
-            raise LTEError(
-                f"load_lte: {folder / WEIGHTS_NAME} does not fit {name} ({width} neurons, hidden size {hidden}, "
-                f"{experts} experts of {config.expert_size}): router {None if weight is None else tuple(weight.shape)}, "
-                f"order {None if order is None else tuple(order.shape)}"
-            )
-        if not torch.equal(torch.sort(order.long()).values, torch.arange(width)):
-            raise LTEError(
-                f"load_lte: {folder / WEIGHTS_NAME}: the expert order of layer {layer} is not a permutation of {width} neurons"
-            )
         router = _new_router(block, shape, experts)
         with torch.no_grad():
             router.weight.copy_(weight)
-        specs.append((name, shape, block, router, ExpertGroups(order.long(), config.expert_size)))
+        specs.append((name, shape, block, router, ExpertGroups(order, config.expert_size)))
     handle = _install(model, config, specs)
     handle.set_stage("hard")
     return handle
@@ -348,6 +362,49 @@ def _routable_blocks(model: nn.Module, config: LTEConfig) -> list[tuple[str, Blo
             f"no routable gated MLP found in {type(model).__name__} (model_type {model_type!r}, dense_layers {config.dense_layers})"
         )
     return found
+
+
+def _read_saved(folder: Path, who: str) -> tuple[dict, LTEConfig, dict[str, torch.Tensor]]:
+    """The metadata, config and tensors that :meth:`LTEHandle.save` wrote into ``folder``, checked for form."""
+    from safetensors.torch import load_file
+
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise LTEError(
+                f"{who}: {folder / name} not found; a folder written by LTEHandle.save holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+            )
+    try:
+        meta = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise LTEError(f"{who}: {folder / CONFIG_NAME} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise LTEError(f"{who}: {folder / CONFIG_NAME} is not an LTE file of format {FORMAT!r}")
+    try:
+        config = LTEConfig.from_dict(meta.get("config") or {})
+    except LTEConfigError as err:
+        raise LTEConfigError(f"{folder / CONFIG_NAME}: {err}") from None
+    return meta, config, load_file(str(folder / WEIGHTS_NAME))
+
+
+def _saved_block(
+    folder: Path, tensors: dict[str, torch.Tensor], name: str, width: int, hidden: int, config: LTEConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The saved router weight and expert order of the routed MLP ``name``, checked against its shape."""
+    layer = _layer_index(name)
+    weight, order = tensors.get(f"{layer}.router"), tensors.get(f"{layer}.order")
+    experts = width // config.expert_size
+    if weight is None or order is None or tuple(weight.shape) != (experts, hidden) or tuple(order.shape) != (width,):
+        raise LTEError(
+            f"load_lte: {folder / WEIGHTS_NAME} does not fit {name} ({width} neurons, hidden size {hidden}, "
+            f"{experts} experts of {config.expert_size}): router {None if weight is None else tuple(weight.shape)}, "
+            f"order {None if order is None else tuple(order.shape)}"
+        )
+    order = order.long()
+    if not torch.equal(torch.sort(order).values, torch.arange(width)):
+        raise LTEError(
+            f"load_lte: {folder / WEIGHTS_NAME}: the expert order of layer {layer} is not a permutation of {width} neurons"
+        )
+    return weight, order
 
 
 def _check_expert_size(found: list, size: int) -> None:
