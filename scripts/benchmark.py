@@ -4,7 +4,12 @@ For each configuration it builds one Llama-shaped model from a config, copies it
 copy with SAT, and builds a third, *pruned* dense model whose MLP (and, with attention targets,
 KV groups) has the kept size built in: what perfect slicing would give (with ``--omit-in
 backward``, where SAT's forward runs dense, the bound is the dense model's median forward time
-plus the pruned model's median backward-and-optimizer time, both from the same loop). It alternates timed
+plus the pruned model's median backward-and-optimizer time, both from the same loop). With the SFT token
+split (``--sat sparse_tokens=context``), where SAT's MLP runs the loss rows dense and the context rows at
+the kept width, the bound is :func:`build_split`'s model instead: the dense model whose MLP blocks send the
+same dense rows through the whole projections and the sparse rows through their first ``k`` channels
+(views of the same weights, so the optimizer steps over the full-size parameters, as SAT's does), with
+the same ``omit_in`` combination. It alternates timed
 training steps (forward, backward, fused AdamW step) between the three, so drift in machine
 load hits all alike (the order rotating each round), and reports medians, SAT's speedup, the bound's speedup, SAT's fraction of
 the bound and the ideal speedup from the matmul FLOP count (LM head included). With
@@ -40,6 +45,7 @@ import transformers
 from sat_trainer import SATConfig, apply_sat
 from sat_trainer.app.cpu_memory import keep_freed_memory
 from sat_trainer.app.step_timing import interleaved
+from sat_trainer.patch.forward_context import _loss_token_split
 from sat_trainer.schedule import kept_count, omission_rate_at
 from sat_trainer.yaml_io import parse_value
 
@@ -180,6 +186,80 @@ def build_pruned(args, targets: str, rate: float) -> torch.nn.Module:
     return build(args, **over)
 
 
+class _SplitLinear(torch.autograd.Function):
+    """One weight, two row sets: the dense rows ``x_d`` through all of ``w``, the sparse rows ``x_s`` through
+    its kept part, the first ``k`` output rows of ``w`` (``dim`` 0, gate and up) or its first ``k`` input
+    columns (``dim`` 1, down). Only matmuls: the kept part is a view (BLAS reads it with ``w``'s leading
+    dimension), and in backward its weight gradient is added in place into the slice of the dense rows'
+    (no gather, no zero-filled full-size gradient), so the FLOPs are exactly those of the split: a
+    perfect implementation of the channel slicing. Under autocast the matmuls run in its dtype."""
+
+    @staticmethod
+    def forward(ctx, x_d, x_s, w, k, dim):
+        device = x_d.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_d.dtype
+        ctx.k, ctx.dim, ctx.dtypes = k, dim, (x_d.dtype, x_s.dtype, w.dtype)
+        with torch.autocast(device, enabled=False):
+            x_d, x_s, w = x_d.to(dtype), x_s.to(dtype), w.to(dtype)
+            ctx.save_for_backward(x_d, x_s, w)
+            return x_d @ w.t(), x_s @ _kept(w, k, dim).t()
+
+    @staticmethod
+    def backward(ctx, g_d, g_s):
+        x_d, x_s, w = ctx.saved_tensors
+        g_d, g_s = g_d.to(w.dtype), g_s.to(w.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            grad_w = g_d.t() @ x_d
+            _kept(grad_w, ctx.k, ctx.dim).addmm_(g_s.t(), x_s)
+            grad_w = grad_w.to(ctx.dtypes[2])
+        grad_d = (g_d @ w).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        grad_s = (g_s @ _kept(w, ctx.k, ctx.dim)).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return grad_d, grad_s, grad_w, None, None
+
+
+def _kept(w: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    return w[:k] if dim == 0 else w[:, :k]
+
+
+def split_rows(args) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense rows, sparse rows) of a step's flattened tokens under ``sparse_tokens: context``: SAT's own
+    rule (``_loss_token_split``: a row is dense if its label or the next token's is not -100) applied to
+    :func:`make_step`'s labels, whose pattern depends on the shape only."""
+    labels = torch.zeros(args.batch, args.seq, dtype=torch.long)
+    labels[:, : round(args.context_fraction * args.seq)] = -100
+    return tuple(rows.to(args.device) for rows in _loss_token_split(labels, True))
+
+
+def build_split(args, rate: float) -> torch.nn.Module:
+    """The bound of the token split (``sparse_tokens: context``, MLP targets only): the dense model, each MLP
+    block running the dense rows of :func:`split_rows` through the whole block and the sparse rows through
+    its first ``k`` channels (``k = kept_count``, as SAT keeps), attention dense over every token as SAT's.
+    A dense model for the dense rows and a pruned one for the sparse rows, sharing the weights: the
+    optimizer steps once over the full-size parameters, as SAT's does (two separate models would also
+    split attention, which mixes the two row sets). The rows are found once, from the labels' pattern
+    (SAT finds them each forward); each block gathers its input's two row sets and scatters its output's."""
+    model = build(args)
+    dense_rows, sparse_rows = split_rows(args)
+    k = kept_count(SHAPES[args.shape]["intermediate_size"], rate)
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        assert all(getattr(mlp, name).bias is None for name in ("gate_proj", "up_proj", "down_proj"))
+
+        def forward(x, mlp=mlp):
+            flat = x.reshape(-1, x.shape[-1])
+            x_d, x_s = flat.index_select(0, dense_rows), flat.index_select(0, sparse_rows)
+            gate = _SplitLinear.apply(x_d, x_s, mlp.gate_proj.weight, k, 0)
+            up = _SplitLinear.apply(x_d, x_s, mlp.up_proj.weight, k, 0)
+            h_d, h_s = (mlp.act_fn(g) * u for g, u in zip(gate, up))
+            o_d, o_s = _SplitLinear.apply(h_d, h_s, mlp.down_proj.weight, k, 1)
+            out = o_d.new_empty(flat.shape[0], o_d.shape[1]).index_copy(0, dense_rows, o_d).index_copy(0, sparse_rows, o_s)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+
+        mlp.forward = forward
+    return model
+
+
 def sat_config(args, targets: str, rate: float) -> SATConfig:
     """The SAT settings every measurement of one configuration uses: timing, ladder and memory alike; the
     schedule is the paper's ladder without a dense start (``--ladder-steps`` times it; ``--sat`` changes it)."""
@@ -240,10 +320,16 @@ def sync(device: str) -> None:
 
 
 def has_bound(args, config: SATConfig) -> bool:
-    """Whether a pruned model is timed: none matches a dense input gradient, layers of different widths,
-    or tokens of different widths."""
-    split = config.sparse_tokens == "context" and args.context_fraction > 0
-    return args.bound and args.omit_in != "weight_gradient" and not args.dense_layers and not split
+    """Whether a pruned model is timed: none matches a dense input gradient or layers of different widths;
+    the token split's (:func:`build_split`) is built for the bare Hugging Face Llama MLP only (not LoRA's
+    adapters, not Liger's fused SwiGLU)."""
+    split_unbuilt = is_split(config) and (args.lora or args.kernels != "hf")
+    return args.bound and args.omit_in != "weight_gradient" and not args.dense_layers and not split_unbuilt
+
+
+def is_split(config: SATConfig) -> bool:
+    """SAT's MLP splits the token rows (``sparse_tokens: context``): the bound is :func:`build_split`'s."""
+    return config.sparse_tokens == "context"
 
 
 def training_steps(args, targets: str, rate: float):
@@ -255,7 +341,8 @@ def training_steps(args, targets: str, rate: float):
     handle.set_rate(rate)
     steps = {"dense": make_step(dense, args), "sat": make_step(sat, args)}
     if has_bound(args, handle.config):
-        steps["pruned"] = make_step(build_pruned(args, targets, rate), args)
+        bound = build_split(args, rate) if is_split(handle.config) else build_pruned(args, targets, rate)
+        steps["pruned"] = make_step(bound, args)
     sat_step = steps["sat"]
     steps["sat"] = lambda: (handle.new_step(), sat_step())[1]
     return handle, steps
@@ -470,7 +557,8 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="label the first this fraction of each sequence -100, as an SFT prompt (with --sat sparse_tokens=context "
-        "those tokens run sparse and the rest dense; no bound is timed then)",
+        "those tokens run sparse and the rest dense; the bound is then a dense model for the dense rows and a pruned one "
+        "for the sparse rows, sharing the weights)",
     )
     p.add_argument("--no-bound", dest="bound", action="store_false", help="skip the pruned-dense model")
     p.add_argument("--device", default="cpu")

@@ -8,6 +8,7 @@ step for the three, sorted by what SAT spends beyond the pruned model. Ops only 
 scatters, the draw, the autograd functions' Python) and ops SAT runs larger (zero-filled full-size
 weight gradients, AdamW over every parameter) come first. Under ``--omit-in backward`` SAT's forward
 is dense's: an op of the forward compares with the dense column, one of the backward with the pruned one.
+With ``--sat sparse_tokens=context`` the pruned column is the token split's bound (``benchmark.build_split``).
 
 Self times are host times: on a GPU they show launch and Python overhead; the device's own time
 per op is the last three columns there (zero on the CPU). The profiler's own overhead inflates
@@ -104,7 +105,7 @@ def parse(argv: list[str] | None = None):
     if not benchmark.has_bound(args, benchmark.sat_config(args, args.targets[0], args.rates[0])):
         p.error(
             "no pruned model matches this comparison (--no-bound, --omit-in weight_gradient, --dense-layers, "
-            "or --sat sparse_tokens=context with --context-fraction)"
+            "or --sat sparse_tokens=context with --lora or --kernels liger)"
         )
     if args.profile_steps < 1:
         p.error("--profile-steps must be at least 1")

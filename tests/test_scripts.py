@@ -202,6 +202,78 @@ def test_profile_step_shows_what_only_sat_runs_and_refuses_what_has_no_bound():
         ["--dense-layers", "0"],
         ["--omit-in", "weight_gradient"],
         ["--profile-steps", "0"],
+        ["--targets", "mlp", "--sat", "sparse_tokens=context", "--context-fraction", "0.5", "--lora"],
     ):
         with pytest.raises(SystemExit):
             profile_step.parse(bad)
+
+
+SPLIT = ["--shape", "tiny", "--targets", "mlp", "--sat", "sparse_tokens=context", "--context-fraction", "0.5", "--seq", "32"]
+
+
+def _split_args(benchmark, *more: str):
+    return benchmark.parser().parse_args([*SPLIT, *more])
+
+
+def test_benchmark_split_bound_runs_sats_flop_accounting_exactly():
+    """The token split's bound (sparse_tokens context): the dense rows through every MLP channel, the sparse
+    rows (SAT's own split of the labels) through the kept ones; its step's matmul FLOPs fall short of the
+    dense step's by exactly what SAT's ``kept_flops_fraction`` saves."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sat_trainer.patch.model import _attention_core_flops
+
+    benchmark = _load("benchmark")
+    args = _split_args(benchmark)
+    handle, steps = benchmark.training_steps(args, "mlp", 0.5)
+    assert set(steps) == {"dense", "sat", "pruned"}
+    steps["sat"]()  # the handle reads the split of this forward's labels
+    dense_rows, sparse_rows = benchmark.split_rows(args)
+    assert torch.equal(dense_rows, handle.token_split[0]) and torch.equal(sparse_rows, handle.token_split[1])
+    assert len(sparse_rows) == 2 * 15  # 16 context labels a sequence; the 16th token predicts a label: dense
+
+    def addmm_flop(bias, a, b, out_shape=None, **kwargs):  # shapes; addmm_ (the kept weight gradient) is not in its table
+        return 2 * a[0] * a[1] * b[1]
+
+    flops = {}
+    for name in ("dense", "pruned"):
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flop}) as counter:
+            steps[name]()
+        flops[name] = counter.get_total_flops()
+    shape, k = benchmark.SHAPES["tiny"], benchmark.kept_count(176, 0.5)
+    mlp_saved = 6 * len(sparse_rows) * shape["num_hidden_layers"] * 3 * shape["hidden_size"] * (176 - k)  # fwd + 2 bwd
+    assert flops["dense"] - flops["pruned"] == mlp_saved
+    # the handle counts attention's score/value products too, which the counter does not see on the CPU
+    tokens = args.batch * args.seq
+    with_core = flops["dense"] + 6 * tokens * _attention_core_flops(handle._model_ref(), args.seq)
+    assert mlp_saved == pytest.approx((1 - handle.kept_flops_fraction()) * with_core, rel=1e-9)
+
+
+def test_benchmark_split_bound_is_the_dense_model_at_rate_zero_and_is_timed(tmp_path):
+    """At rate 0 the split model computes the dense model's loss and gradients; a benchmark run with the
+    split on reports a bound for each omit_in that has one, and none under LoRA (not built for its adapters)."""
+    import torch
+
+    benchmark = _load("benchmark")
+    args = _split_args(benchmark)
+    dense, split = benchmark.build(args), benchmark.build_split(args, 0.0)
+    ids = torch.randint(0, 256, (args.batch, args.seq))
+    labels = ids.clone()
+    labels[:, :16] = -100
+    losses = [model(input_ids=ids, labels=labels).loss for model in (dense, split)]
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
+    for loss in losses:
+        loss.backward()
+    for a, b in zip(dense.parameters(), split.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    half = benchmark.build_split(args, 0.5)
+    assert half(input_ids=ids, labels=labels).loss.item() != pytest.approx(losses[0].item(), rel=1e-5)
+
+    out = tmp_path / "rows.jsonl"
+    for omit_in in ("forward_backward", "backward"):
+        benchmark.main([*SPLIT, "--omit-in", omit_in, "--warmup", "1", "--steps", "1", "--json", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["omit_in"] for r in rows] == ["forward_backward", "backward"]
+    assert all(r["pruned_s"] > 0 and r["bound"] > 0 and r["of_bound"] > 0 for r in rows)
+    assert not benchmark.has_bound(_split_args(benchmark, "--lora"), benchmark.sat_config(args, "mlp", 0.5))
