@@ -37,9 +37,10 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..patch.blocks import layer_index
 from .config import LTEConfig, to_lte_config
 from .errors import LTEError
-from .model import CONFIG_NAME, WEIGHTS_NAME, LTEHandle, _layer_index, apply_lte, lte_handle_of
+from .model import CONFIG_NAME, WEIGHTS_NAME, LTEHandle, apply_lte, lte_handle_of
 
 logger = logging.getLogger("sat_trainer")
 
@@ -97,7 +98,7 @@ class LTECallback(TrainerCallback, ExportableState):
         if fractions:
             extra["lte/active_fraction"] = round(sum(fractions.values()) / len(fractions), 6)
             for name, fraction in fractions.items():
-                extra[f"lte/active_fraction/layer_{_layer_index(name)}"] = round(fraction, 6)
+                extra[f"lte/active_fraction/layer_{layer_index(name)}"] = round(fraction, 6)
         extra.update({f"lte/{k}": round(v, 6) for k, v in self.handle.stage1_losses().items()})
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..patch.model import _has_projections, _layer_index, handle_of
+from ..patch.blocks import dense_layer_set, find_blocks, layer_index
+from ..patch.model import handle_of
 from ..patch.registry import FAMILIES, BlockShape
 from .config import LTEConfig, to_lte_config
 from .errors import LTEConfigError, LTEError
@@ -165,7 +166,7 @@ class LTEHandle:
                 "use the checkpoint's LTE settings"
             )
         saved_layers = sorted(int(b["layer"]) for b in meta.get("blocks", []))
-        layers = sorted(_layer_index(b.name) for b in self.blocks)
+        layers = sorted(layer_index(b.name) for b in self.blocks)
         if saved_layers != layers:
             raise LTEError(f"resume: {folder} routes the MLPs of layers {saved_layers}, this model routes layers {layers}")
         loaded = []
@@ -195,7 +196,7 @@ class LTEHandle:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for block in self.blocks:
-            layer = _layer_index(block.name)
+            layer = layer_index(block.name)
             tensors[f"{layer}.router"] = block.router.weight.detach().float().cpu().contiguous()
             tensors[f"{layer}.order"] = torch.argsort(block.expert_of.cpu(), stable=True).contiguous()
         save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
@@ -204,7 +205,7 @@ class LTEHandle:
             "model_type": _model_type(self._model_ref()),
             "config": self.config.to_dict(),
             "blocks": [
-                {"layer": _layer_index(b.name), "name": b.name, "width": b.width, "experts": b.router.weight.shape[0]}
+                {"layer": layer_index(b.name), "name": b.name, "width": b.width, "experts": b.router.weight.shape[0]}
                 for b in self.blocks
             ],
         }
@@ -260,7 +261,7 @@ def apply_lte(model: nn.Module, config: LTEConfig | Mapping[str, Any] | str | Pa
     specs = []
     for name, shape, block in found:
         groups = group_neurons(
-            neuron_features(block, shape), config.expert_size, config.kmeans_iterations, config.seed + _layer_index(name)
+            neuron_features(block, shape), config.expert_size, config.kmeans_iterations, config.seed + layer_index(name)
         )
         router = _new_router(block, shape, groups.num_experts)
         router.reset(config.router_init, generator)
@@ -291,7 +292,7 @@ def load_lte(model: nn.Module, folder: str | Path) -> LTEHandle:
         raise LTEError(f"load_lte: {folder} was saved for model_type {meta.get('model_type')!r}, not {_model_type(model)!r}")
     found = _routable_blocks(model, config)
     saved_layers = sorted(int(b["layer"]) for b in meta.get("blocks", []))
-    layers = sorted(_layer_index(name) for name, _, _ in found)
+    layers = sorted(layer_index(name) for name, _, _ in found)
     if saved_layers != layers:
         raise LTEError(
             f"load_lte: {folder} routes the MLPs of layers {saved_layers}, this model has routable MLPs in layers {layers}"
@@ -351,12 +352,8 @@ def _routable_blocks(model: nn.Module, config: LTEConfig) -> list[tuple[str, Blo
             f"model_type {model_type!r} ({type(model).__name__}) cannot use LTE: {what}; LTE routes gated MLPs "
             f"(act(gate(x)) * up(x) -> down); supported: {', '.join(gated_model_types())}"
         )
-    dense = _dense_layers(model, config.dense_layers)
-    found = []
-    for name, module in model.named_modules():
-        for shape in shapes:
-            if _has_projections(module, shape) and _layer_index(name) is not None and _layer_index(name) not in dense:
-                found.append((name, shape, module))
+    dense = dense_layer_set(model, config.dense_layers, "LTE", LTEConfigError)
+    found = [block for block in find_blocks(model, shapes, dense) if layer_index(block[0]) is not None]
     if not found:
         raise LTEError(
             f"no routable gated MLP found in {type(model).__name__} (model_type {model_type!r}, dense_layers {config.dense_layers})"
@@ -390,7 +387,7 @@ def _saved_block(
     folder: Path, tensors: dict[str, torch.Tensor], name: str, width: int, hidden: int, config: LTEConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The saved router weight and expert order of the routed MLP ``name``, checked against its shape."""
-    layer = _layer_index(name)
+    layer = layer_index(name)
     weight, order = tensors.get(f"{layer}.router"), tensors.get(f"{layer}.order")
     experts = width // config.expert_size
     if weight is None or order is None or tuple(weight.shape) != (experts, hidden) or tuple(order.shape) != (width,):
@@ -428,16 +425,6 @@ def _new_router(block: nn.Module, shape: BlockShape, experts: int) -> Router:
     if not weight.is_floating_point():
         raise LTEError(f"{type(block).__name__}: LTE needs floating-point MLP weights, got {weight.dtype} (a quantised base)")
     return Router(weight.shape[1], experts, device=weight.device, dtype=weight.dtype)
-
-
-def _dense_layers(model: nn.Module, indices: list[int]) -> set[int]:
-    n = int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0)
-    bad = [i for i in indices if not -n <= i < n]
-    if bad:
-        raise LTEConfigError(
-            f"LTE config key 'dense_layers' has invalid value {bad}: {type(model).__name__} has {n} layers; allowed: {-n}..{n - 1}"
-        )
-    return {i % n for i in indices}
 
 
 def _model_type(model: nn.Module | None) -> str | None:

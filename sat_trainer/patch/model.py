@@ -19,8 +19,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..config import SATConfig, to_config
 from ..errors import SATError
 from ..ops import SLICEABLE, weight_numel
+from .blocks import dense_layer_set, find_blocks, num_layers
 from .forward_context import ForwardContext
-from .registry import FAMILIES, BlockShape, no_attention_reason, supported_model_types
+from .registry import FAMILIES, no_attention_reason, supported_model_types
 from .units import BlockUnit
 
 logger = logging.getLogger("sat_trainer")
@@ -183,7 +184,7 @@ class SATHandle:
             raise SATError("the model this handle patched no longer exists")
         dense = sum(weight_numel(m) for m in model.modules() if isinstance(m, SLICEABLE))
         attention_core = _attention_core_flops(model, self.seq_len)
-        per_layer_core = attention_core / max(_num_layers(model), 1)
+        per_layer_core = attention_core / max(num_layers(model), 1)
         saved = 0.0
         # sparse_tokens context: only the context rows of the latest forward omit (a host read: logging only)
         split = self.token_split
@@ -260,18 +261,15 @@ def _sliceable_units(model: nn.Module, context: ForwardContext) -> list[BlockUni
             model_type,
             dense_attention,
         )
-    dense_layers = _dense_layer_set(model, config.dense_layers)
+    dense_layers = dense_layer_set(model, config.dense_layers, "SAT", SATError)
     units: list[BlockUnit] = []
     dense_fallbacks = []
-    for name, module in model.named_modules():
-        for shape in shapes:
-            if not _has_projections(module, shape) or _layer_index(name) in dense_layers:
-                continue
-            unit = BlockUnit(name, shape, module, len(units), context)
-            if unit.fallback is not None:
-                dense_fallbacks.append(f"{name} ({unit.fallback})")
-            else:
-                units.append(unit)
+    for name, shape, module in find_blocks(model, shapes, dense_layers):
+        unit = BlockUnit(name, shape, module, len(units), context)
+        if unit.fallback is not None:
+            dense_fallbacks.append(f"{name} ({unit.fallback})")
+        else:
+            units.append(unit)
     if dense_fallbacks:
         logger.warning(
             "sat_trainer: %d block(s) have projections SAT cannot slice and run dense: %s",
@@ -335,39 +333,9 @@ def _clear_slices_after_every_optimizer_step(handle_ref: weakref.ref) -> torch.u
     return register_optimizer_step_post_hook(clear)
 
 
-def _has_projections(module: nn.Module, shape: BlockShape) -> bool:
-    return all(isinstance(getattr(module, a, None), nn.Module) for a in (*shape.inputs, shape.output))
-
-
-def _layer_index(name: str) -> int | None:
-    """The decoder layer a block belongs to: the last integer in its module path
-    (``model.layers.3.mlp`` -> 3, ``transformer.h.3.mlp`` -> 3)."""
-    numbers = [int(part) for part in name.split(".") if part.isdigit()]
-    return numbers[-1] if numbers else None
-
-
-def _dense_layer_set(model: nn.Module, dense_layers: list[int]) -> set[int]:
-    """``dense_layers`` with negative indices resolved; raises for an index outside the model."""
-    n = _num_layers(model)
-    if dense_layers and n <= 0:
-        raise SATError(
-            f"SAT config key 'dense_layers' = {dense_layers}: {type(model).__name__}'s config has no num_hidden_layers"
-        )
-    bad = [i for i in dense_layers if not -n <= i < n]
-    if bad:
-        raise SATError(
-            f"SAT config key 'dense_layers' has invalid value {bad}: {type(model).__name__} has {n} layers; allowed: {-n}..{n - 1}"
-        )
-    return {i % n for i in dense_layers}
-
-
-def _num_layers(model: nn.Module) -> int:
-    return int(getattr(model.config, "num_hidden_layers", 0) or 0)
-
-
 def _attention_core_flops(model: nn.Module, seq_len: int) -> float:
     """Per-token FLOPs of QK^T and AV over all layers (full, not causally halved) at ``seq_len``."""
     cfg = model.config
     heads = getattr(cfg, "num_attention_heads", 0) or 0
     head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)
-    return 2.0 * seq_len * heads * head_dim * _num_layers(model)
+    return 2.0 * seq_len * heads * head_dim * num_layers(model)
