@@ -45,7 +45,7 @@ import transformers
 from sat_trainer import SATConfig, apply_sat
 from sat_trainer.app.cpu_memory import keep_freed_memory
 from sat_trainer.app.step_timing import interleaved
-from sat_trainer.patch.forward_context import _loss_token_split
+from sat_trainer.patch.forward_context import loss_token_split
 from sat_trainer.schedule import kept_count, omission_rate_at
 from sat_trainer.yaml_io import parse_value
 
@@ -224,11 +224,11 @@ def _kept(w: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 
 def split_rows(args) -> tuple[torch.Tensor, torch.Tensor]:
     """(dense rows, sparse rows) of a step's flattened tokens under ``sparse_tokens: context``: SAT's own
-    rule (``_loss_token_split``: a row is dense if its label or the next token's is not -100) applied to
+    rule (``loss_token_split``: a row is dense if its label or the next token's is not -100) applied to
     :func:`make_step`'s labels, whose pattern depends on the shape only."""
     labels = torch.zeros(args.batch, args.seq, dtype=torch.long)
     labels[:, : round(args.context_fraction * args.seq)] = -100
-    return tuple(rows.to(args.device) for rows in _loss_token_split(labels, True))
+    return tuple(rows.to(args.device) for rows in loss_token_split(labels, True))
 
 
 def build_split(args, rate: float) -> torch.nn.Module:

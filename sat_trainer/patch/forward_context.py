@@ -47,7 +47,7 @@ class ForwardContext:
         self.position_ids = positions if isinstance(positions, torch.Tensor) and positions.dim() == 2 else None
         self._starts = None
         if self.config.sparse_tokens == "context":
-            self.token_split = _loss_token_split(kwargs.get("labels"), training)
+            self.token_split = loss_token_split(kwargs.get("labels"), training)
 
     def note_sequence_length(self, x: torch.Tensor) -> None:
         """A block's input ``x`` (``(..., tokens, features)``) sets the sequence length the FLOP count uses."""
@@ -89,7 +89,7 @@ class ForwardContext:
         return scores
 
 
-def _loss_token_split(labels: object, training: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+def loss_token_split(labels: object, training: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Flattened token rows that carry the loss (their label, or the next token's, which they predict, is
     not -100) and the others. Finding them is the one host sync of the split, once per forward."""
     if not training or not isinstance(labels, torch.Tensor) or labels.dim() != 2:
