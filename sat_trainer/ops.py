@@ -40,8 +40,7 @@ could not tell a stale slice).
 forward runs with the full weight (the loss is the dense model's) and the backward computes only
 the kept slices' weight gradients, with the input gradient through the kept features only
 (``backward``: omitted units' backward paths are cut) or dense (``weight_gradient``).
-:func:`split_rows_linear` runs some token rows dense and the others through either op
-(``sparse_tokens: context``).
+:func:`split_rows_linear` splits the backward of a dense forward's token rows (``sparse_tokens: context``).
 """
 
 from __future__ import annotations
@@ -391,39 +390,14 @@ def _saved_kept_index(ctx, saved: list[torch.Tensor]) -> torch.Tensor:
 
 
 def split_rows_linear(
-    module: nn.Module,
-    dense_forward,
-    x: torch.Tensor,
-    rows: tuple[torch.Tensor, torch.Tensor],
-    idx: KeptIndex,
-    dim: int,
-    backward_only: bool,
-    cache: SliceCache | None,
-    full_input_grad: bool = False,
+    module: nn.Module, x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], idx: KeptIndex, dim: int, full_input_grad: bool
 ) -> torch.Tensor:
-    """``sparse_tokens: context``: the flattened token rows ``rows[0]`` through the whole projection
-    (``dense_forward``, the module's own forward), the rows ``rows[1]`` through the kept slice only,
-    as one output of the projection's full width.
-
-    Input projections (``KEEP_OUTPUTS``) return every output feature, zero on the omitted ones of
-    the sparse rows (the MLP's elementwise activation keeps them zero); the output projection
-    (``KEEP_INPUTS``) reads all features of the dense rows and the kept ones of the sparse rows.
-    With ``backward_only`` the forward is one dense matmul over every row (no gathers, no scatter:
-    it is the dense forward) and only the backward splits the rows, see :class:`_SplitBackwardLinear`.
-    """
-    if backward_only:
-        return _SplitBackwardLinear.apply(*_dense_operands(module, x), rows, idx, dim, full_input_grad)
-    flat = x.reshape(-1, x.shape[-1])
-    dense_rows, sparse_rows = rows
-    full = dense_forward(flat.index_select(0, dense_rows))
-    part = flat.index_select(0, sparse_rows)
-    if dim == KEEP_OUTPUTS:
-        kept = kept_linear(module, part, idx, dim, cache)
-        sparse = kept.new_zeros(kept.shape[0], full.shape[1]).index_copy(1, idx, kept)
-    else:
-        sparse = kept_linear(module, part.index_select(1, idx), idx, dim, cache)
-    out = full.new_zeros(flat.shape[0], full.shape[1]).index_copy(0, dense_rows, full)
-    return out.index_copy(0, sparse_rows, sparse.to(full.dtype)).reshape(*x.shape[:-1], full.shape[1])
+    """``sparse_tokens: context`` with a dense forward (``omit_in: backward`` or ``weight_gradient``): one dense
+    matmul over every row (no gathers, no scatter: it is the dense forward); only the backward splits the rows,
+    the flattened token rows ``rows[0]`` passing their whole gradient and ``rows[1]`` their kept slice's, see
+    :class:`_SplitBackwardLinear`. (With a sliced forward the split is the MLP block's, not a projection's:
+    :mod:`sat_trainer.patch.units`.)"""
+    return _SplitBackwardLinear.apply(*_dense_operands(module, x), rows, idx, dim, full_input_grad)
 
 
 class _SplitBackwardLinear(torch.autograd.Function):
@@ -432,10 +406,8 @@ class _SplitBackwardLinear(torch.autograd.Function):
     ``weight_gradient`` under ``sparse_tokens: context``).
 
     The rows are gathered once each in backward, where the kept-size matmuls save FLOPs; the
-    forward is the dense one. Before, each projection gathered both row sets, ran two matmuls and
-    scattered both into a zero-filled output in forward, and autograd did the reverse in backward,
-    which can cost more than the omitted FLOPs save (docs/journal/ has the record). The
-    input is saved whole, as the dense layer saves it (the dense rows need all of it).
+    forward is the dense one. The input is saved whole, as the dense layer saves it (the dense
+    rows need all of it).
     """
 
     @staticmethod

@@ -1,6 +1,7 @@
 """A tiny SAT Trainer run, launched once plainly and once under torch.distributed (2 ranks, gloo).
 
-Usage: python ddp_worker.py OUT_DIR METRIC PER_DEVICE_BATCH STEPS [OMIT_IN]
+Usage: python ddp_worker.py OUT_DIR METRIC PER_DEVICE_BATCH STEPS [OMIT_IN [SPARSE_TOKENS]]
+With SPARSE_TOKENS context, the first 6 tokens of every row are a prompt (label -100).
 Writes OUT_DIR/kept_rank<R>.json (kept sets and their scores per step) and, on rank 0, OUT_DIR/final.pt.
 """
 
@@ -20,15 +21,17 @@ from sat_trainer.patch.model import handle_of  # noqa: E402
 
 
 class Stream(torch.utils.data.Dataset):
-    def __init__(self, rows=64, length=16):
+    def __init__(self, rows=64, length=16, prompt=0):
         starts = torch.randint(0, VOCAB, (rows, 1), generator=torch.Generator().manual_seed(0))
         self.ids = (starts + torch.arange(length)) % VOCAB
+        self.labels = self.ids.clone()
+        self.labels[:, :prompt] = -100
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 class Recorder(transformers.TrainerCallback):
@@ -48,6 +51,7 @@ class Recorder(transformers.TrainerCallback):
 def main():
     out, metric, batch, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     omit_in = sys.argv[5] if len(sys.argv) > 5 else "forward_backward"
+    sparse_tokens = sys.argv[6] if len(sys.argv) > 6 else "all"
     rank = int(os.environ.get("RANK", 0))
     recorder = Recorder()
     args = transformers.TrainingArguments(
@@ -65,9 +69,13 @@ def main():
         disable_tqdm=True,
         dataloader_drop_last=True,
     )
-    sat = sat_config(omission_rate=0.5, metric=metric, selection="sampling", ladder_sparse_fraction=0.6, omit_in=omit_in)
+    split = {"targets": ["mlp"], "sparse_tokens": "context"} if sparse_tokens == "context" else {}
+    sat = sat_config(omission_rate=0.5, metric=metric, selection="sampling", ladder_sparse_fraction=0.6, omit_in=omit_in, **split)
     trainer = transformers.Trainer(
-        model=build("llama"), args=args, train_dataset=Stream(), callbacks=[SATCallback(sat), recorder]
+        model=build("llama"),
+        args=args,
+        train_dataset=Stream(prompt=6 if sparse_tokens == "context" else 0),
+        callbacks=[SATCallback(sat), recorder],
     )
     trainer.train()
     world = int(os.environ.get("WORLD_SIZE", 1))

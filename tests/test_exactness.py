@@ -291,6 +291,63 @@ def test_context_tokens_sparse_and_loss_tokens_dense(family, omit_in, scores):
     remove_sat(model)
 
 
+def test_context_split_runs_each_row_set_through_the_block_once():
+    """With a sliced forward the split is the MLP block's: its own forward runs once on the loss rows at every
+    channel and once on the context rows at the kept width, so gate/up/down each see one contiguous row set
+    per call (no full-width intermediate for the context rows); with a dense forward the projections see all rows."""
+    for omit_in in ("forward_backward", "backward"):
+        model = build("llama")
+        handle = sparse(model, targets=["mlp"], sparse_tokens="context", omit_in=omit_in)
+        mlp = model.model.layers[0].mlp
+        seen = {"gate": [], "down": []}
+        hooks = [
+            mlp.gate_proj.register_forward_hook(lambda m, a, o: seen["gate"].append((tuple(a[0].shape), o.shape[-1]))),
+            mlp.down_proj.register_forward_hook(lambda m, a, o: seen["down"].append(tuple(a[0].shape))),
+        ]
+        ids, labels = _sft_batch()
+        model(ids, labels=labels).loss.backward()
+        for hook in hooks:
+            hook.remove()
+        n_dense, n_sparse = (rows.numel() for rows in handle.token_split)
+        hidden, width = mlp.gate_proj.in_features, mlp.gate_proj.out_features
+        k = next(u for u in handle.units if u.block is mlp).kept_units.numel()
+        if omit_in == "forward_backward":
+            assert seen["gate"] == [((1, n_dense, hidden), width), ((1, n_sparse, hidden), k)]
+            assert seen["down"] == [(1, n_dense, width), (1, n_sparse, k)]
+        else:
+            assert seen["gate"] == [((2, 16, hidden), width)] and seen["down"] == [(2, 16, width)]
+        remove_sat(model)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_context_split_is_exact_for_packed_rows(checkpointing):
+    """Packing (two sequences in one row, positions restarting, each with its own prompt and response) under
+    the block-level split, with and without gradient checkpointing: logits and every gradient equal the
+    reference masked on the context rows only."""
+    model = build("llama")
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    reference = copy.deepcopy(model).train()
+    handle = sparse(model, targets=["mlp"], sparse_tokens="context")
+    ids = batch(size=2, length=16)
+    positions = torch.cat([torch.arange(7), torch.arange(9)]).repeat(2, 1)
+    labels = ids.clone()
+    labels[:, :3] = -100  # sequence 1: prompt 0..2, response 3..6
+    labels[:, 7:12] = -100  # sequence 2: prompt 7..11, response 12..15
+    labels[1, 14:] = -100  # row 1 ends in padding-like context
+    model.zero_grad(set_to_none=True)
+    out = model(ids, position_ids=positions, labels=labels)
+    out.loss.backward()
+    assert 0 < handle.token_split[0].numel() < 32
+    with masked(reference, handle):
+        ref = reference(ids, position_ids=positions, labels=labels)
+        ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    remove_sat(model)
+
+
 def test_context_split_under_weight_gradient_cuts_only_the_sparse_rows_weight_gradients():
     """sparse_tokens context with omit_in weight_gradient: dense logits and input gradients; each
     MLP weight's gradient is dense's minus what the context rows would add to its omitted

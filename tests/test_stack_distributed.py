@@ -33,9 +33,9 @@ def _launch(args: list[str], processes: int, env: dict) -> None:
         pytest.fail(f"worker exited with {proc.returncode}:\n{proc.stderr[-6000:]}")
 
 
-def _run(out: Path, metric: str, batch: int, processes: int, omit_in: str = "forward_backward") -> None:
+def _run(out: Path, metric: str, batch: int, processes: int, omit_in: str = "forward_backward", tokens: str = "all") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _launch([str(WORKER), str(out), metric, str(batch), str(STEPS), omit_in], processes, {"MASTER_ADDR": "127.0.0.1"})
+    _launch([str(WORKER), str(out), metric, str(batch), str(STEPS), omit_in, tokens], processes, {"MASTER_ADDR": "127.0.0.1"})
 
 
 def _kept(out: Path, rank: int) -> dict:
@@ -70,6 +70,20 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path, metric, omit_in):
         return  # activation norms of a rank's half batch differ from the whole batch's: only rank agreement is owed
     _run(single, metric, batch=4, processes=1)
     assert _kept(single, 0)["kept"] == r0["kept"]
+    a, b = torch.load(ddp / "final.pt"), torch.load(single / "final.pt")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_ddp_context_split_matches_one_process(tmp_path):
+    """sparse_tokens context under DDP: each rank splits its own half batch at the MLP blocks, and the
+    averaged step equals one process's over the whole batch (a data-independent metric: the same kept sets)."""
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    _run(ddp, "magnitude", batch=2, processes=2, tokens="context")
+    _run(single, "magnitude", batch=4, processes=1, tokens="context")
+    r0 = _kept(ddp, 0)
+    assert r0["kept"] == _kept(ddp, 1)["kept"] == _kept(single, 0)["kept"]
+    assert any(len(k) < 96 for k in r0["kept"]["0"].values())
     a, b = torch.load(ddp / "final.pt"), torch.load(single / "final.pt")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=name)

@@ -24,7 +24,8 @@ class ForwardContext:
     once per number); ``seq_len``: the latest forward's sequence length (for the FLOP count);
     ``token_mask``: 1 on real tokens, 0 on padding (flattened), so scoring ignores pads;
     ``position_ids``: where packed sequences restart at 0; ``token_split``: under
-    ``sparse_tokens: context``, (dense rows, sparse rows) of the forward's flattened tokens.
+    ``sparse_tokens: context``, (dense rows, sparse rows) of the forward's flattened tokens; ``rows``:
+    while a split MLP block runs one of them, that row set.
     """
 
     def __init__(self, config: SATConfig):
@@ -35,6 +36,7 @@ class ForwardContext:
         self.token_mask: torch.Tensor | None = None
         self.position_ids: torch.Tensor | None = None
         self.token_split: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rows: torch.Tensor | None = None  # the token rows an MLP block's forward runs on now, within the split
         self._starts: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def read_model_inputs(self, kwargs: dict, training: bool) -> None:
@@ -54,8 +56,11 @@ class ForwardContext:
         self.seq_len = x.shape[-2] if x.dim() > 1 else 1
 
     def token_mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The padding mask of the tokens in ``x`` (``(..., tokens, features)``), if it matches them."""
+        """The padding mask of the tokens in ``x`` (``(..., tokens, features)``), if it matches them (or the
+        row set of the split that runs now)."""
         mask = self.token_mask
+        if mask is not None and self.rows is not None and self.rows.numel() == x.numel() // x.shape[-1]:
+            mask = mask.index_select(0, self.rows)
         if mask is None or mask.numel() != x.numel() // x.shape[-1] or mask.device != x.device:
             return None
         return mask.to(x.dtype)

@@ -22,6 +22,7 @@ is :mod:`~sat_trainer.patch.scoring`'s; the head counts a sliced attention forwa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -66,6 +67,9 @@ class BlockUnit:
         self.query_heads = shape.kind == "attention" and cfg.attention_unit == "query_head"
         self.backward_only = cfg.omit_in in ("backward", "weight_gradient")  # the forward runs dense
         self.full_input_grad = cfg.omit_in == "weight_gradient"
+        # sparse_tokens context with a sliced forward: the MLP block's own forward runs twice, once per row set
+        self.splits_block = shape.kind == "mlp" and cfg.sparse_tokens == "context" and not self.backward_only
+        self._row_set: str | None = None  # "dense" or "sparse" while _split_block_forward runs one row set
         self.scorer = BlockScorer(shape, block, context, self.query_heads, self.backward_only)
         self.heads = HeadAttributes(name, block, shape, self.query_heads)  # kept head counts while sliced
         self.compensation: torch.Tensor | None = None  # compensation mean: what the omitted channels add, this draw
@@ -102,6 +106,8 @@ class BlockUnit:
             self._bind(member, functools.partial(_output_forward, self, member, member.forward))
         if self.kind == "attention":
             attention_core.attach(self.block, self)
+        if self.splits_block:
+            self._bind(self.block, functools.partial(_split_block_forward, self, self.block.forward))
 
     def unpatch(self) -> None:
         """Put back what the members' instances had, and the block's own head counts."""
@@ -143,8 +149,30 @@ class BlockUnit:
         return self.groups * kept_count(self.n // self.groups, self.context.rate * self.rate_scale)
 
     def token_split_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """sparse_tokens context: (dense rows, sparse rows) of x's tokens for an MLP block, else None."""
-        return self.context.token_split_for(x) if self.kind == "mlp" else None
+        """sparse_tokens context: (dense rows, sparse rows) of x's tokens for an MLP block, else None (also
+        inside one row set's call of :func:`_split_block_forward`, whose rows are split already)."""
+        return self.context.token_split_for(x) if self.kind == "mlp" and self._row_set is None else None
+
+    @contextlib.contextmanager
+    def rows(self, row_set: str, rows: torch.Tensor):
+        """While the block's own forward runs on one row set of the token split (``rows`` of the forward's
+        flattened tokens): ``"dense"`` runs every projection dense, ``"sparse"`` through the kept slices; the
+        kept set was drawn before, from all rows (:meth:`prepare_split`)."""
+        self._row_set, self.context.rows = row_set, rows
+        try:
+            yield
+        finally:
+            self._row_set, self.context.rows = None, None
+
+    def prepare_split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The token split of the MLP block's input ``x`` if the block runs it sparse now, after the block's
+        per-forward preparation from all of ``x`` (the draw is the one the unsplit forward would make); else
+        None, and the block's own forward runs as usual."""
+        rows = self.token_split_for(x)
+        if rows is None:
+            return None
+        self._prepare_forward(None, x)
+        return rows if self.is_sparse() else None
 
     def is_sparse(self) -> bool:
         """Sliced forward only while training with something to omit: eval and rate 0 run dense."""
@@ -159,7 +187,9 @@ class BlockUnit:
         (one graph break per block, not per projection); the rest reads state that changes only when
         the kept count does (rate, training mode), so recompiles happen at rung edges only.
         """
-        if self._drawer is None or member is self._drawer:
+        if self._row_set == "dense":
+            return None
+        if self._row_set is None and (self._drawer is None or member is self._drawer):
             self._prepare_forward(member, x)
         if not self.is_sparse():
             return None
@@ -179,11 +209,12 @@ class BlockUnit:
         return self._index[member]
 
     @torch.compiler.disable
-    def _prepare_forward(self, member: nn.Module, x: torch.Tensor) -> None:
-        """Re-patch after LoRA changes, note the sequence length, set the head counts, and draw if this draw is new."""
+    def _prepare_forward(self, member: nn.Module | None, x: torch.Tensor) -> None:
+        """Re-patch after LoRA changes, note the sequence length, set the head counts, and draw if this draw is
+        new; ``member`` (the input member calling, None from :meth:`prepare_split`) becomes the drawer if none is."""
         self.context.note_sequence_length(x)
         self._repatch_if_adapters_changed()
-        if self._drawer is None:
+        if self._drawer is None and member is not None:
             self._drawer = member
         sparse = self.is_sparse()
         # omit_in backward/weight_gradient: the forward is dense, so the block keeps its own GQA repeat count and head counts
@@ -226,7 +257,7 @@ class BlockUnit:
 
     def output_index(self, member: nn.Module) -> torch.Tensor | None:
         """Kept input features of output-side ``member`` (drawn by the input side)."""
-        if not self.is_sparse():
+        if self._row_set == "dense" or not self.is_sparse():
             return None
         if not torch.compiler.is_compiling() and self._drawn_for != (self.context.draw_id, self.k()):
             raise SATError(
@@ -315,7 +346,7 @@ def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.T
 
 
 def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.Tensor) -> torch.Tensor:
-    if unit.scorer.observes and proj is unit.output and unit.is_sparse():
+    if unit.scorer.observes and proj is unit.output and unit._row_set != "dense" and unit.is_sparse():
         if unit.scorer.draws_in_forward:
             unit.read_hidden(h)
         else:
@@ -327,12 +358,35 @@ def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.
     return out
 
 
+def _split_block_forward(unit: BlockUnit, own: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The MLP block's forward under ``sparse_tokens: context`` with a sliced forward: the loss rows through the
+    block's own forward with every channel, the context rows through the same forward with the kept channels
+    only, each a contiguous batch, so every projection, the activation and the product run on one row set at
+    its own width; one gather per row set at the block's entry, one scatter at its exit."""
+    rows = unit.prepare_split(x)
+    if rows is None:
+        return own(x, *args, **kwargs)
+    flat = x.reshape(-1, x.shape[-1])
+    parts = []
+    for row_set, index in zip(("dense", "sparse"), rows):
+        if index.numel() == flat.shape[0]:  # the other set is empty: no gather, no scatter
+            with unit.rows(row_set, index):
+                return own(x, *args, **kwargs)
+        with unit.rows(row_set, index):
+            parts.append(own(flat.index_select(0, index).unsqueeze(0), *args, **kwargs).squeeze(0))
+    out = parts[0].new_empty(flat.shape[0], parts[0].shape[-1])
+    out = out.index_copy(0, rows[0], parts[0]).index_copy(0, rows[1], parts[1].to(out.dtype))
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def _sliced(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.Tensor, idx: KeptIndex | None, dim: int) -> torch.Tensor:
     if idx is None:
         return dense(x)
     rows = unit.token_split_for(x)
     if rows is not None:
-        return split_rows_linear(proj, dense, x, rows, idx, dim, unit.backward_only, unit.slices, unit.full_input_grad)
+        if not unit.backward_only:  # a sliced forward splits at the block (_split_block_forward), never here
+            raise SATError(f"{unit.name}: its projections ran outside the block's forward, which sparse_tokens context splits")
+        return split_rows_linear(proj, x, rows, idx, dim, unit.full_input_grad)
     if unit.backward_only:
         return backward_kept_linear(proj, x, idx, dim, unit.full_input_grad)
     return kept_linear(proj, x, idx, dim, unit.slices, unit.scorer.given_rows(proj, x) if dim == KEEP_OUTPUTS else None)
