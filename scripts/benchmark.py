@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import resource
 import statistics
@@ -40,6 +41,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 import transformers
 
 from sat_trainer import SATConfig, apply_sat
@@ -238,26 +240,51 @@ def build_split(args, rate: float) -> torch.nn.Module:
     A dense model for the dense rows and a pruned one for the sparse rows, sharing the weights: the
     optimizer steps once over the full-size parameters, as SAT's does (two separate models would also
     split attention, which mixes the two row sets). The rows are found once, from the labels' pattern
-    (SAT finds them each forward); each block gathers its input's two row sets and scatters its output's."""
+    (SAT finds them each forward); each block gathers its input's two row sets and scatters its output's.
+    With ``--lora`` the dense rows run PEFT's own LoRA layers and the sparse rows the frozen base's and the
+    adapters' kept parts as views (:func:`_lora_kept`)."""
     model = build(args)
     dense_rows, sparse_rows = split_rows(args)
     k = kept_count(SHAPES[args.shape]["intermediate_size"], rate)
-    for layer in model.model.layers:
+    layers = model.base_model.model.model.layers if args.lora else model.model.layers
+    for layer in layers:
         mlp = layer.mlp
         assert all(getattr(mlp, name).bias is None for name in ("gate_proj", "up_proj", "down_proj"))
-
-        def forward(x, mlp=mlp):
-            flat = x.reshape(-1, x.shape[-1])
-            x_d, x_s = flat.index_select(0, dense_rows), flat.index_select(0, sparse_rows)
-            gate = _SplitLinear.apply(x_d, x_s, mlp.gate_proj.weight, k, 0)
-            up = _SplitLinear.apply(x_d, x_s, mlp.up_proj.weight, k, 0)
-            h_d, h_s = (mlp.act_fn(g) * u for g, u in zip(gate, up))
-            o_d, o_s = _SplitLinear.apply(h_d, h_s, mlp.down_proj.weight, k, 1)
-            out = o_d.new_empty(flat.shape[0], o_d.shape[1]).index_copy(0, dense_rows, o_d).index_copy(0, sparse_rows, o_s)
-            return out.reshape(*x.shape[:-1], out.shape[-1])
-
-        mlp.forward = forward
+        mlp.forward = functools.partial(_lora_split_forward if args.lora else _split_forward, mlp, dense_rows, sparse_rows, k)
     return model
+
+
+def _split_forward(mlp, dense_rows, sparse_rows, k, x):
+    flat = x.reshape(-1, x.shape[-1])
+    x_d, x_s = flat.index_select(0, dense_rows), flat.index_select(0, sparse_rows)
+    gate = _SplitLinear.apply(x_d, x_s, mlp.gate_proj.weight, k, 0)
+    up = _SplitLinear.apply(x_d, x_s, mlp.up_proj.weight, k, 0)
+    h_d, h_s = (mlp.act_fn(g) * u for g, u in zip(gate, up))
+    o_d, o_s = _SplitLinear.apply(h_d, h_s, mlp.down_proj.weight, k, 1)
+    return _scatter(x, dense_rows, sparse_rows, o_d, o_s)
+
+
+def _lora_split_forward(mlp, dense_rows, sparse_rows, k, x):
+    flat = x.reshape(-1, x.shape[-1])
+    x_d, x_s = flat.index_select(0, dense_rows), flat.index_select(0, sparse_rows)
+    h_d = mlp.act_fn(mlp.gate_proj(x_d)) * mlp.up_proj(x_d)
+    h_s = mlp.act_fn(_lora_kept(mlp.gate_proj, x_s, k, 0)) * _lora_kept(mlp.up_proj, x_s, k, 0)
+    return _scatter(x, dense_rows, sparse_rows, mlp.down_proj(h_d), _lora_kept(mlp.down_proj, h_s, k, 1))
+
+
+def _lora_kept(layer, x, k, dim):
+    """A PEFT LoRA linear restricted to its first ``k`` outputs (``dim`` 0) or inputs (``dim`` 1): the frozen
+    base weight and the adapter's matching factor as views, so the only extra work is the adapter's."""
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    base, scale = layer.base_layer.weight, layer.scaling["default"]
+    if dim == 0:
+        return F.linear(x, base[:k]) + scale * F.linear(F.linear(x, a), b[:k])
+    return F.linear(x, base[:, :k]) + scale * F.linear(F.linear(x, a[:, :k]), b)
+
+
+def _scatter(x, dense_rows, sparse_rows, o_d, o_s):
+    out = o_d.new_empty(dense_rows.numel() + sparse_rows.numel(), o_d.shape[1]).index_copy(0, dense_rows, o_d)
+    return out.index_copy(0, sparse_rows, o_s).reshape(*x.shape[:-1], out.shape[-1])
 
 
 def sat_config(args, targets: str, rate: float) -> SATConfig:
@@ -321,9 +348,9 @@ def sync(device: str) -> None:
 
 def has_bound(args, config: SATConfig) -> bool:
     """Whether a pruned model is timed: none matches a dense input gradient or layers of different widths;
-    the token split's (:func:`build_split`) is built for the bare Hugging Face Llama MLP only (not LoRA's
-    adapters, not Liger's fused SwiGLU)."""
-    split_unbuilt = is_split(config) and (args.lora or args.kernels != "hf")
+    the token split's (:func:`build_split`) is built for the Hugging Face Llama MLP, bare or with PEFT LoRA (not
+    Liger's fused SwiGLU)."""
+    split_unbuilt = is_split(config) and args.kernels != "hf"
     return args.bound and args.omit_in != "weight_gradient" and not args.dense_layers and not split_unbuilt
 
 

@@ -105,7 +105,7 @@ def parse(argv: list[str] | None = None):
     if not benchmark.has_bound(args, benchmark.sat_config(args, args.targets[0], args.rates[0])):
         p.error(
             "no pruned model matches this comparison (--no-bound, --omit-in weight_gradient, --dense-layers, "
-            "or --sat sparse_tokens=context with --lora or --kernels liger)"
+            "or --sat sparse_tokens=context with --kernels liger)"
         )
     if args.profile_steps < 1:
         p.error("--profile-steps must be at least 1")

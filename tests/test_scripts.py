@@ -202,7 +202,7 @@ def test_profile_step_shows_what_only_sat_runs_and_refuses_what_has_no_bound():
         ["--dense-layers", "0"],
         ["--omit-in", "weight_gradient"],
         ["--profile-steps", "0"],
-        ["--targets", "mlp", "--sat", "sparse_tokens=context", "--context-fraction", "0.5", "--lora"],
+        ["--targets", "mlp", "--sat", "sparse_tokens=context", "--context-fraction", "0.5", "--kernels", "liger"],
     ):
         with pytest.raises(SystemExit):
             profile_step.parse(bad)
@@ -250,14 +250,21 @@ def test_benchmark_split_bound_runs_sats_flop_accounting_exactly():
     assert mlp_saved == pytest.approx((1 - handle.kept_flops_fraction()) * with_core, rel=1e-9)
 
 
-def test_benchmark_split_bound_is_the_dense_model_at_rate_zero_and_is_timed(tmp_path):
-    """At rate 0 the split model computes the dense model's loss and gradients; a benchmark run with the
-    split on reports a bound for each omit_in that has one, and none under LoRA (not built for its adapters)."""
+@pytest.mark.parametrize("lora", [False, True])
+def test_benchmark_split_bound_is_the_dense_model_at_rate_zero(lora):
+    """At rate 0 the split model computes the dense model's loss and gradients (with LoRA: the adapters',
+    the base frozen); at rate 0.5 it computes another loss."""
     import torch
 
     benchmark = _load("benchmark")
-    args = _split_args(benchmark)
+    args = _split_args(benchmark, *(["--lora"] if lora else []))
     dense, split = benchmark.build(args), benchmark.build_split(args, 0.0)
+    if lora:  # PEFT starts B at zero: give the adapters weight, so their gradients and outputs are not trivial
+        with torch.no_grad():
+            for a, b in zip(dense.parameters(), split.parameters()):
+                if a.requires_grad:
+                    a.normal_(0, 0.05, generator=torch.Generator().manual_seed(a.numel()))
+                    b.copy_(a)
     ids = torch.randint(0, 256, (args.batch, args.seq))
     labels = ids.clone()
     labels[:, :16] = -100
@@ -265,15 +272,28 @@ def test_benchmark_split_bound_is_the_dense_model_at_rate_zero_and_is_timed(tmp_
     assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-5)
     for loss in losses:
         loss.backward()
-    for a, b in zip(dense.parameters(), split.parameters()):
+    trained = [(a, b) for a, b in zip(dense.parameters(), split.parameters()) if a.requires_grad]
+    assert len(trained) == (2 * 7 * 2 if lora else len(list(dense.parameters())))
+    for a, b in trained:
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
     half = benchmark.build_split(args, 0.5)
     assert half(input_ids=ids, labels=labels).loss.item() != pytest.approx(losses[0].item(), rel=1e-5)
 
+
+def test_benchmark_split_bound_is_timed(tmp_path):
+    """A benchmark run with the split on reports a bound for each omit_in, with and without LoRA; none with
+    Liger's fused SwiGLU (not built for it)."""
+    benchmark = _load("benchmark")
+    args = _split_args(benchmark)
+
     out = tmp_path / "rows.jsonl"
-    for omit_in in ("forward_backward", "backward"):
-        benchmark.main([*SPLIT, "--omit-in", omit_in, "--warmup", "1", "--steps", "1", "--json", str(out)])
+    for omit_in, lora in (("forward_backward", []), ("backward", []), ("forward_backward", ["--lora"])):
+        benchmark.main([*SPLIT, "--omit-in", omit_in, *lora, "--warmup", "1", "--steps", "1", "--json", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["omit_in"] for r in rows] == ["forward_backward", "backward"]
+    assert [(r["omit_in"], r["lora"]) for r in rows] == [
+        ("forward_backward", False),
+        ("backward", False),
+        ("forward_backward", True),
+    ]
     assert all(r["pruned_s"] > 0 and r["bound"] > 0 and r["of_bound"] > 0 for r in rows)
-    assert not benchmark.has_bound(_split_args(benchmark, "--lora"), benchmark.sat_config(args, "mlp", 0.5))
+    assert not benchmark.has_bound(_split_args(benchmark, "--kernels", "liger"), benchmark.sat_config(args, "mlp", 0.5))
