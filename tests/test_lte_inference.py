@@ -150,6 +150,14 @@ def test_buffers_follow_an_in_place_change_of_the_weights(gathered):
             masked = model(ids).logits
     assert handle.blocks[0].layout is not first
     torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-5)
+    mlp = model.model.layers[1].mlp
+    mlp.down_proj = torch.nn.Linear(mlp.down_proj.in_features, mlp.down_proj.out_features)  # a replaced module
+    with torch.no_grad():
+        fast = model(ids).logits
+        with torch.enable_grad():
+            masked = model(ids).logits
+    assert handle.blocks[1].layout.projections[-1] is mlp.down_proj
+    torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-5)
 
 
 def test_remove_restores_the_exact_weights_and_the_dense_model():

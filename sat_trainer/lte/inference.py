@@ -83,6 +83,7 @@ class ExpertLayout:
         self.activation = getattr(block, shape.activation)
         self.size = size
         self.experts = expert_of.numel() // size
+        self.projections = projections
         self.key = self.source_key(projections, expert_of)
         order = torch.argsort(expert_of, stable=True).to(down.weight.device)  # neuron ids, expert by expert
         with torch.no_grad():
@@ -110,6 +111,14 @@ class ExpertLayout:
         tensors = [t for m in projections for t in (m.weight, m.bias)]
         return _source_key([*tensors, expert_of])
 
+    def is_current(self, block: nn.Module, shape: BlockShape, expert_of: torch.Tensor) -> bool:
+        """Whether ``block`` still has the projections these buffers were built from, unchanged (the per-call check
+        of the fast path: cheaper than :func:`plain_projections`)."""
+        names = (*shape.inputs, shape.output)
+        return all(getattr(block, n) is m for n, m in zip(names, self.projections)) and self.key == self.source_key(
+            self.projections, expert_of
+        )
+
     def forward(self, x: torch.Tensor, selected: torch.Tensor) -> torch.Tensor | None:
         """The MLP's output computing only the experts some token selected, or None when every expert is selected
         by some token (the caller then runs the masked dense reference).
@@ -124,7 +133,8 @@ class ExpertLayout:
         hidden = x.shape[-1]
         tokens = x.reshape(-1, hidden)
         chosen = selected.reshape(-1, self.experts)
-        experts = chosen.any(dim=0).nonzero().squeeze(1)  # host sync: free on the CPU (the only device this runs on)
+        union = chosen[0] if chosen.shape[0] == 1 else chosen.any(dim=0)
+        experts = union.nonzero().squeeze(1)  # host sync: free on the CPU (the only device this runs on)
         k = experts.numel()
         if k == self.experts:
             return None

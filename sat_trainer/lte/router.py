@@ -136,6 +136,8 @@ class RoutedMLP:
         """The expert-contiguous buffers of the fast path (built, or rebuilt when a source weight or the expert
         order changed), or None where the fast path does not apply: a projection that is not a plain
         ``nn.Linear``, or weights off the CPU (see :mod:`.inference` for the GPU plan)."""
+        if self.layout is not None and self.layout.is_current(self.block, self.shape, self.expert_of):
+            return self.layout
         projections = plain_projections(self.block, self.shape)
         if projections is None or projections[0].weight.device.type != "cpu":
             self.layout = None
