@@ -13,6 +13,7 @@ default), three models and times them in one process, in turn:
 
 With ``--lte FOLDER`` the dense model is the one saved there (``from_pretrained``) and LTE is its own
 ``lte.safetensors`` (:func:`~sat_trainer.lte.model.load_lte`, its own threshold); ``--active`` is then unused.
+The models are Llama-style (the bound narrows ``intermediate_size``; widths are read off ``up_proj``).
 
 Each timed call is one greedy ``generate`` of ``--new-tokens`` tokens from a ``--prompt``-token prompt at batch 1,
 fp32, under ``torch.inference_mode``; a logits processor stamps the time of every generated token, so *prefill* is
@@ -128,21 +129,22 @@ def decode_fraction(model: torch.nn.Module, handle, prompt: torch.Tensor, new_to
 
 def build_variants(args) -> tuple[dict[str, torch.nn.Module], dict[str, dict], torch.Tensor]:
     """The models to time by name, what each row says about its model, and the prompt."""
-    prompt = torch.randint(0, 256, (1, args.prompt), generator=torch.Generator().manual_seed(args.seed))
     if args.lte:
         dense = transformers.AutoModelForCausalLM.from_pretrained(args.lte, attn_implementation="sdpa").float().eval()
-        lte = copy.deepcopy(dense)
-        plans = [(None, lte, load_lte(lte, args.lte))]
     else:
-        config = transformers.LlamaConfig(**SHAPES[args.shape])
-        dense = random_model(config, args.seed)
-        plans = []
-        for active in args.active:
-            lte = copy.deepcopy(dense)
+        dense = random_model(transformers.LlamaConfig(**SHAPES[args.shape]), args.seed)
+    vocab = dense.get_input_embeddings().weight.shape[0]
+    prompt = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(args.seed))
+    plans = []
+    for active in [None] if args.lte else args.active:
+        lte = copy.deepcopy(dense)
+        if args.lte:
+            handle = load_lte(lte, args.lte)
+        else:
             handle = apply_lte(lte, {"expert_size": args.expert_size, "kmeans_iterations": 2})  # random weights: any grouping
             handle.set_stage("hard")
             calibrate(lte, handle, prompt, active)
-            plans.append((active, lte, handle))
+        plans.append((active, lte, handle))
     models = {"dense": dense}
     info = {"dense": {"target_active": None, "active_fraction": 1.0, "mlp_width": mlp_width(dense), "threshold": None}}
     for active, lte, handle in plans:

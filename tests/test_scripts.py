@@ -301,3 +301,19 @@ def test_lte_decode_times_dense_lte_and_a_bound_of_the_reached_width(tmp_path):
     assert all(keys <= set(r) and r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
     assert rows[0]["decode_speedup"] == 1.0 and "of_bound" in rows[1]
     assert rows[2]["mlp_width"] == round(rows[1]["active_fraction"] * 128) < 128
+
+
+def test_lte_decode_times_a_saved_lte_folder(tmp_path):
+    """--lte: the saved model is dense, its own routers and threshold are LTE; the bound narrows to the reached width."""
+    from tiny import build
+
+    from sat_trainer import apply_lte
+
+    model = build("llama")
+    handle = apply_lte(model, {"expert_size": 16, "threshold": 0.55})
+    model.save_pretrained(tmp_path)
+    handle.save(tmp_path)
+    lte_decode = _load("lte_decode")
+    rows = lte_decode.main(["--lte", str(tmp_path), "--prompt", "4", "--new-tokens", "3", "--warmup", "0", "--rounds", "1"])
+    assert [r["variant"] for r in rows] == ["dense", "lte", "bound"] and rows[1]["threshold"] == 0.55
+    assert rows[0]["mlp_width"] == rows[1]["mlp_width"] == 96 > rows[2]["mlp_width"] == round(rows[1]["active_fraction"] * 96)
