@@ -297,3 +297,43 @@ def test_benchmark_split_bound_is_timed(tmp_path):
     ]
     assert all(r["pruned_s"] > 0 and r["bound"] > 0 and r["of_bound"] > 0 for r in rows)
     assert not benchmark.has_bound(_split_args(benchmark, "--kernels", "liger"), benchmark.sat_config(args, "mlp", 0.5))
+
+
+def test_lte_decode_times_dense_lte_and_a_bound_of_the_reached_width(tmp_path):
+    """The smallest configuration: every variant gets a row with its timing keys; the bound's MLPs (every layer)
+    have LTE's reached fraction of the width, LTE's keep the full width."""
+    from sat_trainer.lte.model import lte_handle_of
+
+    lte_decode = _load("lte_decode")
+    argv = ["--shape", "tiny", "--expert-size", "16", "--active", "0.5", "--prompt", "4", "--new-tokens", "3"]
+    args = lte_decode.parser().parse_args([*argv, "--warmup", "0", "--rounds", "1", "--json", str(tmp_path / "rows.jsonl")])
+    models, info, _ = lte_decode.build_variants(args)
+    assert list(models) == ["dense", "lte@0.5", "bound@0.5"]
+    reached = info["lte@0.5"]["active_fraction"]
+    assert 0 < reached < 1 and lte_handle_of(models["lte@0.5"]).stage == "hard"
+    widths = {name: {layer.mlp.up_proj.weight.shape[0] for layer in m.model.layers} for name, m in models.items()}
+    assert widths == {"dense": {128}, "lte@0.5": {128}, "bound@0.5": {round(reached * 128)}}
+
+    rows = lte_decode.main([*argv, "--warmup", "0", "--rounds", "1", "--json", str(tmp_path / "rows.jsonl")])
+    saved = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert saved == rows and [r["variant"] for r in rows] == ["dense", "lte", "bound"]
+    keys = {"prefill_s", "decode_tokens_per_s", "decode_speedup", "active_fraction", "mlp_width", "target_active", "threads"}
+    assert all(keys <= set(r) and r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["decode_speedup"] == 1.0 and "of_bound" in rows[1]
+    assert rows[2]["mlp_width"] == round(rows[1]["active_fraction"] * 128) < 128
+
+
+def test_lte_decode_times_a_saved_lte_folder(tmp_path):
+    """--lte: the saved model is dense, its own routers and threshold are LTE; the bound narrows to the reached width."""
+    from tiny import build
+
+    from sat_trainer import apply_lte
+
+    model = build("llama")
+    handle = apply_lte(model, {"expert_size": 16, "threshold": 0.55})
+    model.save_pretrained(tmp_path)
+    handle.save(tmp_path)
+    lte_decode = _load("lte_decode")
+    rows = lte_decode.main(["--lte", str(tmp_path), "--prompt", "4", "--new-tokens", "3", "--warmup", "0", "--rounds", "1"])
+    assert [r["variant"] for r in rows] == ["dense", "lte", "bound"] and rows[1]["threshold"] == 0.55
+    assert rows[0]["mlp_width"] == rows[1]["mlp_width"] == 96 > rows[2]["mlp_width"] == round(rows[1]["active_fraction"] * 96)

@@ -108,6 +108,18 @@ class LTEHandle:
         self.stage = stage
         for param in self.router_parameters():
             param.requires_grad_(stage == "soft")
+        if stage == "soft":
+            for block in self.blocks:
+                block.layout = None
+
+    def prepare_inference(self) -> int:
+        """Lay every routed MLP's experts out contiguously now for the sparse inference path (otherwise done at the
+        first eval forward in stage hard); see :mod:`sat_trainer.lte.inference`.
+
+        Returns:
+            how many routed MLPs can take the fast path (plain ``nn.Linear`` projections, weights on the CPU).
+        """
+        return sum(block.fast_layout() is not None for block in self.blocks)
 
     def router_parameters(self) -> list[nn.Parameter]:
         return [b.router.weight for b in self.blocks]
@@ -271,7 +283,8 @@ def apply_lte(model: nn.Module, config: LTEConfig | Mapping[str, Any] | str | Pa
 
 def load_lte(model: nn.Module, folder: str | Path) -> LTEHandle:
     """Install the routers and expert orders saved by :meth:`LTEHandle.save` on ``model``, in stage ``hard``
-    (sparse inference: only the experts over the threshold run; routers frozen).
+    (sparse inference: only the experts over the threshold run; routers frozen), and lay the experts out for the
+    fast path (:mod:`sat_trainer.lte.inference`: eval mode, autograd off, CPU, plain ``nn.Linear`` projections).
 
     Everything is read and checked before the model is touched.
 
@@ -308,6 +321,7 @@ def load_lte(model: nn.Module, folder: str | Path) -> LTEHandle:
         specs.append((name, shape, block, router, ExpertGroups(order, config.expert_size)))
     handle = _install(model, config, specs)
     handle.set_stage("hard")
+    handle.prepare_inference()
     return handle
 
 

@@ -11,7 +11,9 @@ GLM's ``gate_up_proj`` split in two halves). Its router scores each expert per t
   gradient). With every expert over the threshold this is the dense MLP exactly.
 
 The projections are called as modules, so PEFT LoRA wrappers and biases behave as without LTE. Every neuron is
-still computed and masked: this is the exact reference a faster kernel must match, not the fast path.
+computed and masked: this is the exact reference. In stage hard, in eval mode with autograd off, on the CPU, the
+fast path of :mod:`.inference` computes only the selected experts instead (and falls back to this reference when
+every expert is selected, or when a projection is not a plain ``nn.Linear``).
 
 The router is a submodule of the MLP (``lte_router``), so it moves with the model (``.to``, device placement),
 is found by ``model.parameters()`` (the Trainer's optimizer, gradient clipping and DDP see it without extra
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..patch.registry import BlockShape
+from .inference import ExpertLayout, plain_projections
 
 ROUTER_ATTR = "lte_router"
 
@@ -97,6 +100,7 @@ class RoutedMLP:
         self.router = router
         self.expert_of = expert_of.to(router.weight.device)
         self.context = None
+        self.layout: ExpertLayout | None = None  # the fast path's buffers, while it is in use
         self._hooks: list = []
 
     @property
@@ -126,20 +130,52 @@ class RoutedMLP:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self.layout = None
+
+    def fast_layout(self) -> ExpertLayout | None:
+        """The expert-contiguous buffers of the fast path (built, or rebuilt when a source weight or the expert
+        order changed), or None where the fast path does not apply: a projection that is not a plain
+        ``nn.Linear``, or weights off the CPU (see :mod:`.inference` for the GPU plan)."""
+        if self.layout is not None and self.layout.is_current(self.block, self.shape, self.expert_of):
+            return self.layout
+        projections = plain_projections(self.block, self.shape)
+        if projections is None or projections[0].weight.device.type != "cpu":
+            self.layout = None
+            return None
+        if self.expert_of.device != projections[0].weight.device:  # the model moved since apply_lte
+            self.expert_of = self.expert_of.to(projections[0].weight.device)
+        if self.layout is None or self.layout.key != ExpertLayout.source_key(projections, self.expert_of):
+            self.layout = None  # free the stale copy before building the new one
+            self.layout = ExpertLayout(
+                self.block, self.shape, projections, self.expert_of, self.width // self.router.weight.shape[0]
+            )
+        return self.layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.context.stage == "soft":
+            self.layout = None
+            scores = self.router(x)
+            self.context.record(self.index, scores)
+            return self._masked(x, scores)
+        with torch.no_grad():
+            scores = self.router(x)
+        self.context.record(self.index, scores)
+        selected = scores > self.context.threshold
+        if self.block.training:
+            self.layout = None  # fine-tuning changes the weights: the buffers are rebuilt at the next eval
+        elif not torch.is_grad_enabled():
+            layout = self.fast_layout()
+            out = None if layout is None else layout.forward(x, selected)
+            if out is not None:
+                return out
+        return self._masked(x, selected)
+
+    def _masked(self, x: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
+        """The reference: every neuron computed, its activation times its expert's score (soft) or selection (hard)."""
         h = gated_activation(self.block, self.shape, x)
         if self.expert_of.device != h.device:  # the model moved since apply_lte
             self.expert_of = self.expert_of.to(h.device)
-        expert_of = self.expert_of
-        if self.context.stage == "soft":
-            scores = self.router(x)
-            weights = scores.index_select(-1, expert_of).to(h.dtype)
-        else:
-            with torch.no_grad():
-                scores = self.router(x)
-            weights = (scores > self.context.threshold).index_select(-1, expert_of).to(h.dtype)
-        self.context.record(self.index, scores)
+        weights = per_expert.index_select(-1, self.expert_of).to(h.dtype)
         return getattr(self.block, self.shape.output)(h * weights)
 
 
