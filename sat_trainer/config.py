@@ -269,11 +269,10 @@ class SATConfig(Settings):
             "check": _est_stages,
             "allowed": f"a non-empty list of stages, each {EST_STAGE} (keep fractions in (0, 1]; left out: 1); "
             "stage fractions in (0, 1] adding up to 1",
-            "help": "schedule est: the stages in order, e.g. [{fraction: 0.4, layers: 0.5, heads: 0.5, channels: 0.5}, "
-            "{fraction: 0.3, heads: 0.5, channels: 0.5}, {fraction: 0.3}]. fraction: the stage's share of the "
-            "scheduled steps; layers, heads, channels: the fraction of decoder layers, attention heads and MLP channels "
-            "each step keeps (a random subset per draw with metric uniform). An axis below 1 needs its target (layers, "
-            "attention, mlp) in targets.",
+            "help": "schedule est: the stages in order, e.g. [{fraction: 0.6, layers: 0.5, heads: 0.5, channels: 0.5}, "
+            "{fraction: 0.4}]. fraction: the stage's share of the scheduled steps; layers, heads, channels: the fraction "
+            "of decoder layers, attention heads and MLP channels a step keeps. An axis below 1 needs its target "
+            "(layers, attention, mlp) in targets.",
         },
     )
     layer_rates: LayerRates = field(

@@ -65,6 +65,7 @@ class LayerSkip:
         """Layers kept at the current rate (at least one)."""
         return kept_count(len(self.layers), self.context.rate_for("layers"))
 
+    @torch.compiler.disable
     def skipped(self) -> frozenset[int]:
         """Indices of the layers the current draw skips (none at rate 0); drawn once per (draw number, kept count)."""
         n, k = len(self.layers), self.k()
