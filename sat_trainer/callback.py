@@ -4,12 +4,13 @@ Lifecycle (the Trainer wraps the model for accelerate/DDP/FSDP/DeepSpeed *before
 ``on_train_begin``, so patching happens at ``on_init_end``, on the bare model):
 
 * ``on_init_end``: :func:`apply_sat` on the model.
-* ``on_step_begin``: the schedule gives this optimizer step's omission rate; a new draw number
+* ``on_step_begin``: the schedule gives this optimizer step's omission rate (schedule est: one per target); a new draw number
   makes the next forward draw a new kept set, reused by the step's other micro-batches and by
   gradient-checkpoint recompute (``draw_every: micro_batch`` draws again per micro-batch).
 * ``on_log``: adds ``sat/omission_rate``, ``sat/kept_flops_fraction`` and
   ``sat/tokens_per_second`` (tokens over time inside training steps since the last log, so
-  evaluation pauses do not count) to training log rows (and to ``state.log_history``).
+  evaluation pauses do not count) to training log rows (and to ``state.log_history``); under schedule est
+  also ``sat/omission_rate_<target>`` per target.
 * ``on_pre_optimizer_step`` / ``on_optimizer_step``: ``omitted_update`` ``freeze`` or ``momentum``
   acts on the omitted slices around the optimizer step (:mod:`sat_trainer.omitted_update`).
 * ``layer_rates: auto``: at ``on_train_begin`` the first ``calibration_batches`` batches of the
@@ -38,7 +39,7 @@ from transformers.trainer_callback import ExportableState
 from .config import SATConfig, to_config
 from .errors import SATError
 from .patch.model import SATHandle, apply_sat, handle_of
-from .schedule import omission_rate_at
+from .schedule import step_rates
 from .step_driver import StepDriver
 
 logger = logging.getLogger("sat_trainer")
@@ -115,6 +116,7 @@ class SATCallback(TrainerCallback, ExportableState):
                 "loss-scaled at on_pre_optimizer_step, and the first moment written into them would be unscaled once more "
                 "by the optimizer step; set max_grad_norm or train in bf16"
             )
+        _refuse_skipped_layers_without_unused_parameters(self.config, args, model)
         self._restore(state)
         self._attach(model)
         if self._saved_scores:  # resumed: the scores the uninterrupted run would draw from
@@ -127,7 +129,7 @@ class SATCallback(TrainerCallback, ExportableState):
             self._hook = embeddings.register_forward_pre_hook(self._count_tokens)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._driver.begin_step(omission_rate_at(self.config, state.global_step, state.max_steps))
+        self._driver.begin_step(step_rates(self.config, state.global_step, state.max_steps))
         self._step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -147,6 +149,7 @@ class SATCallback(TrainerCallback, ExportableState):
             return
         extra = {
             "sat/omission_rate": round(self.handle.rate, 6),
+            **{f"sat/omission_rate_{t}": round(r, 6) for t, r in (self.handle.context.axis_rates or {}).items()},
             "sat/kept_flops_fraction": round(self.handle.kept_flops_fraction(), 6),
             "sat/tokens_per_second": round(self._tokens / max(self._busy, 1e-9), 2),
         }
@@ -235,6 +238,34 @@ def _first_batches(dataloader, count: int, args, model: nn.Module) -> list[dict]
     if not batches:
         raise SATError("layer_rates auto: the training set has no examples to calibrate on")
     return batches
+
+
+def _refuse_skipped_layers_without_unused_parameters(config: SATConfig, args, model: nn.Module) -> None:
+    """targets layers under DDP: a skipped layer's parameters get no gradient, which DDP allows only with
+    ``find_unused_parameters``; the Trainer turns it off under activation checkpointing unless
+    ``ddp_find_unused_parameters`` says otherwise (transformers 5.25's rule, repeated here to refuse before a hang)."""
+    if "layers" not in config.targets or not _ddp():
+        return
+    find_unused = args.ddp_find_unused_parameters
+    if find_unused is None:
+        checkpointing = getattr(model, "is_activation_checkpointing", False) or getattr(args, "activation_checkpointing", False)
+        find_unused = not checkpointing
+    if not find_unused:
+        raise SATError(
+            "SAT config key 'targets' includes 'layers' under DDP with ddp_find_unused_parameters off (the Trainer's "
+            "default with activation checkpointing): a skipped layer's parameters get no gradient and DDP would wait "
+            "for them; set ddp_find_unused_parameters=True (non-reentrant checkpointing supports it)"
+        )
+
+
+def _ddp() -> bool:
+    """Whether accelerate runs this process under DDP (a ``MULTI_*`` distributed type; not FSDP or DeepSpeed)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    if not AcceleratorState._shared_state:
+        return False
+    return AcceleratorState().distributed_type in {t for t in DistributedType if t.name.startswith("MULTI_")}
 
 
 def _zero3() -> bool:

@@ -14,6 +14,8 @@ one message naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -24,8 +26,8 @@ from .value_range import ints, numbers
 
 Metric = Literal["uniform", "magnitude", "wanda", "maxip", "activation"]
 Selection = Literal["topk", "sampling"]
-Schedule = Literal["ladder", "constant", "linear", "cosine"]
-Target = Literal["mlp", "attention"]
+Schedule = Literal["ladder", "constant", "linear", "cosine", "est"]
+Target = Literal["mlp", "attention", "layers"]
 DrawEvery = Literal["step", "micro_batch"]
 OmittedUpdate = Literal["optimizer", "freeze", "momentum"]
 AttentionUnit = Literal["kv_group", "query_head"]
@@ -35,9 +37,13 @@ SparseTokens = Literal["all", "context"]
 LayerRates = Literal["uniform", "auto"]
 RateBudget = Literal["flops", "loss"]
 ActivationScores = Literal["auto", "training_forward", "subsample"]
+Rescale = Literal["none", "inverse_keep"]
 
 METRICS = get_args(Metric)
 SELECTIONS = get_args(Selection)
+TARGETS = get_args(Target)
+# schedule est: the axes a stage keeps a fraction of, and the target each axis thins
+EST_AXES = {"layers": "layers", "heads": "attention", "channels": "mlp"}
 
 OMITTED = "What is omitted"
 OMITTED_UNITS = "What omitted units do"
@@ -58,7 +64,8 @@ GROUPS = {
     SCORING: "How units are scored and which of them a draw keeps. A draw picks the kept units of every block; "
     "draws depend only on (`seed`, draw number, layer), so every rank of a distributed run keeps the same units.",
     SCHEDULE: "How the omission rate runs over training: dense for the first `dense_warmup_fraction` of the steps, "
-    "then the schedule, which peaks at `omission_rate`.",
+    "then the schedule, which peaks at `omission_rate`; or, with `schedule: est`, in stages that each keep their own "
+    "fraction of the layers, heads and channels (`est_stages`).",
     LAYER_RATES: "Per-block peak rates measured at train start instead of one `omission_rate` for every block. The "
     "calibration table is logged and saved in `report.json` (`sat_calibration`) and in checkpoints, so a resumed run "
     "keeps its rates; each block's rate then follows the schedule, scaled by rate(t) / `omission_rate`, so `auto` "
@@ -91,6 +98,25 @@ def _ladder_rungs(value: Any) -> list[list[float]]:
     return value
 
 
+EST_STAGE = "a mapping with a fraction and any of " + ", ".join(EST_AXES)
+
+
+def _est_stages(value: Any) -> list[dict[str, float]]:
+    """The stages' shape: a non-empty list of mappings, each with a ``fraction`` and any of the axes' keep
+    fractions (numbers; an axis left out keeps everything, 1.0). Their ranges and sum are checked in
+    `_check_est` (one message each)."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError
+    stages = []
+    for stage in value:
+        if not isinstance(stage, Mapping) or "fraction" not in stage or set(stage) - {"fraction", *EST_AXES}:
+            raise ValueError
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in stage.values()):
+            raise ValueError
+        stages.append({"fraction": float(stage["fraction"]), **{a: float(stage.get(a, 1.0)) for a in EST_AXES}})
+    return stages
+
+
 @dataclass
 class SATConfig(Settings):
     """Settings of Sparsity-Accelerated Training; every field is optional and validated when the config is built.
@@ -119,8 +145,10 @@ class SATConfig(Settings):
         default_factory=lambda: ["mlp"],
         metadata={
             "group": OMITTED,
-            "help": "Which blocks omit units: a non-empty subset of mlp and attention (a single name is a list of "
-            "one). Adding attention saves more time per step but costs more quality than MLP channels alone.",
+            "help": "Which units a step omits: a non-empty subset of mlp (channels), attention (heads) and layers "
+            "(whole decoder layers, skipped as identities: omit_in forward_backward; dense_layers are never skipped); "
+            "a single name is a list of one. Adding attention saves more time per step but costs more quality than "
+            "MLP channels alone.",
         },
     )
     attention_unit: AttentionUnit = field(
@@ -148,6 +176,16 @@ class SATConfig(Settings):
             "help": "none, or mean (omit_in forward_backward, metric activation, MLP blocks): each omitted channel's "
             "output is replaced by its mean over the scoring subsample, a constant added to the down "
             "projection's output (FLAP-style).",
+        },
+    )
+    rescale: Rescale = field(
+        default="none",
+        metadata={
+            "group": OMITTED_UNITS,
+            "help": "none, or inverse_keep (omit_in forward_backward; EST's dropout-style scaling): while a block runs "
+            "sparse, its kept units' outputs are multiplied by units / kept units (the output projection's input, so "
+            "its bias is not scaled) and the block's output stays unbiased over random draws. Skipped layers are "
+            "not rescaled.",
         },
     )
     sparse_tokens: SparseTokens = field(
@@ -190,8 +228,9 @@ class SATConfig(Settings):
         metadata={
             "group": SCHEDULE,
             "help": "The omission rate over the steps after the dense start: ladder (LORS, the paper's: steps down "
-            "to dense at the end), constant, linear or cosine. Use ladder with omit_in forward_backward, so "
-            "the trained network ends dense; with a dense forward, ending dense buys little.",
+            "to dense at the end), constant, linear, cosine, or est (EST's stages: est_stages gives each stage's "
+            "keep fraction per axis; omission_rate is then unused). Use ladder or est with omit_in forward_backward, "
+            "so the trained network ends dense; with a dense forward, ending dense buys little.",
         },
     )
     ladder_sparse_fraction: float = field(
@@ -221,6 +260,19 @@ class SATConfig(Settings):
             "[0, 1), last rate 0",
             "help": "schedule ladder: explicit [[start_fraction, rate], ...] rungs that override "
             "ladder_sparse_fraction and ladder_num_rungs.",
+        },
+    )
+    est_stages: list[dict[str, float]] | None = field(
+        default=None,
+        metadata={
+            "group": SCHEDULE,
+            "check": _est_stages,
+            "allowed": f"a non-empty list of stages, each {EST_STAGE} (keep fractions in (0, 1]; left out: 1); "
+            "stage fractions in (0, 1] adding up to 1",
+            "help": "schedule est: the stages in order, e.g. [{fraction: 0.6, layers: 0.5, heads: 0.5, channels: 0.5}, "
+            "{fraction: 0.4}]. fraction: the stage's share of the scheduled steps; layers, heads, channels: the fraction "
+            "of decoder layers, attention heads and MLP channels a step keeps. An axis below 1 needs its target "
+            "(layers, attention, mlp) in targets.",
         },
     )
     layer_rates: LayerRates = field(
@@ -442,4 +494,59 @@ def _check_combinations(cfg: SATConfig) -> None:
             "momentum_decay",
             cfg.momentum_decay,
             "1 unless omitted_update is momentum (it scales that mode's continued first moment)",
+        )
+    _check_rescale_and_layers(cfg)
+    _check_est(cfg)
+
+
+def _check_rescale_and_layers(cfg: SATConfig) -> None:
+    """rescale and the layers target need a sparse forward, and do not mix with what measures or splits it."""
+    if cfg.rescale == "inverse_keep" and (
+        cfg.omit_in != "forward_backward" or cfg.sparse_tokens != "all" or cfg.compensation != "none"
+    ):
+        SATConfig.fail(
+            "rescale",
+            cfg.rescale,
+            "none, or inverse_keep with omit_in forward_backward (a dense forward has nothing to rescale), "
+            "sparse_tokens all and compensation none",
+        )
+    if "layers" in cfg.targets and cfg.omit_in != "forward_backward":
+        SATConfig.fail(
+            "targets",
+            cfg.targets,
+            "layers only with omit_in forward_backward: a skipped layer runs nothing, forward or backward",
+        )
+    if "layers" in cfg.targets and cfg.layer_rates == "auto":
+        SATConfig.fail(
+            "layer_rates",
+            cfg.layer_rates,
+            "uniform with targets layers (the calibration measures blocks, not whole layers)",
+        )
+
+
+def _check_est(cfg: SATConfig) -> None:
+    """schedule est and est_stages come together; each stage's fraction and keeps in (0, 1], fractions adding to 1,
+    and an axis thinned only where its target is in targets."""
+    if cfg.est_stages is not None and cfg.schedule != "est":
+        SATConfig.fail("est_stages", cfg.est_stages, "null unless schedule is est (they are that schedule's stages)")
+    if cfg.schedule != "est":
+        return
+    if cfg.est_stages is None:
+        SATConfig.fail("schedule", cfg.schedule, "ladder, constant, linear or cosine; est only with est_stages set")
+    if cfg.layer_rates == "auto":
+        SATConfig.fail("layer_rates", cfg.layer_rates, "uniform with schedule est (its stages give each axis its rate)")
+    for i, stage in enumerate(cfg.est_stages):
+        for key, value in stage.items():
+            if not 0.0 < value <= 1.0:
+                what = "a stage's share of the scheduled steps" if key == "fraction" else "a keep fraction"
+                SATConfig.fail(f"est_stages[{i}].{key}", value, f"{what} in (0, 1]")
+        for axis, target in EST_AXES.items():
+            if stage[axis] < 1.0 and target not in cfg.targets:
+                SATConfig.fail(f"est_stages[{i}].{axis}", stage[axis], f"1 unless targets include {target}")
+    fractions = [stage["fraction"] for stage in cfg.est_stages]
+    if abs(math.fsum(fractions) - 1.0) > 1e-6:
+        SATConfig.fail(
+            "est_stages",
+            cfg.est_stages,
+            f"stage fractions adding up to 1 (these fractions {fractions} add up to {math.fsum(fractions):g})",
         )

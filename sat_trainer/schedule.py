@@ -5,13 +5,17 @@ then rungs stepping the rate down to 0 so training ends dense. Its exact values 
 ours are configurable (``ladder_sparse_fraction``, ``ladder_num_rungs`` or explicit
 ``ladder_rungs``). The rate is piecewise constant, so the kept count k, and with it every sliced
 shape, changes only at rung edges (what ``torch.compile`` needs).
+
+``est`` is EST's staged schedule (Evolving Subnetwork Training): each stage of ``est_stages`` keeps its own
+fraction of the decoder layers, attention heads and MLP channels, so it gives each target its own rate
+(:func:`axis_rates_at`); :func:`step_rates` is what a step driver takes for any schedule.
 """
 
 from __future__ import annotations
 
 import math
 
-from .config import SATConfig
+from .config import EST_AXES, SATConfig
 
 
 def ladder_rungs(cfg: SATConfig) -> list[tuple[float, float]]:
@@ -34,13 +38,11 @@ def omission_rate_at(cfg: SATConfig, step: int, total_steps: int) -> float:
     0 at the first step to 1 at the last, so the last step always gets the schedule's final value (0 for ladder, linear and cosine: training ends dense), however few
     steps there are.
     """
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be > 0 to schedule the omission rate, got {total_steps}")
-    warmup = math.floor(cfg.dense_warmup_fraction * total_steps)
-    if step < warmup:
+    if cfg.schedule == "est":
+        raise ValueError("schedule est gives each target its own rate: use axis_rates_at or step_rates, not omission_rate_at")
+    progress = _progress(cfg, step, total_steps)
+    if progress is None:
         return 0.0
-    step, total_steps = step - warmup, total_steps - warmup
-    progress = min(max(step / (total_steps - 1), 0.0), 1.0) if total_steps > 1 else 1.0
     peak = cfg.omission_rate
     if cfg.schedule == "constant":
         return peak
@@ -53,6 +55,54 @@ def omission_rate_at(cfg: SATConfig, step: int, total_steps: int) -> float:
         if progress >= start:
             rate = rung_rate
     return rate
+
+
+def axis_rates_at(cfg: SATConfig, step: int, total_steps: int) -> dict[str, float]:
+    """schedule est: each target's omission rate for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Dense (every rate 0) for the first ``dense_warmup_fraction`` of the steps; over the rest, progress runs as in
+    :func:`omission_rate_at` and stage i holds from the sum of the fractions before it, so the last step is in the
+    last stage. A stage's rate for a target is 1 minus its keep fraction of that target's axis (``EST_AXES``).
+
+    Returns:
+        {target: rate} for every target of ``cfg.targets``.
+    """
+    stage = est_stage_at(cfg, step, total_steps)
+    keeps = {target: 1.0 if stage is None else stage[axis] for axis, target in EST_AXES.items()}
+    return {target: 1.0 - keeps[target] for target in cfg.targets}
+
+
+def est_stage_at(cfg: SATConfig, step: int, total_steps: int) -> dict[str, float] | None:
+    """schedule est: the stage of ``est_stages`` that step ``step`` of ``total_steps`` is in (None: the dense start)."""
+    progress = _progress(cfg, step, total_steps)
+    if progress is None:
+        return None
+    start, current = 0.0, cfg.est_stages[0]
+    for stage in cfg.est_stages:
+        if progress >= start - 1e-9:  # fractions sum in floating point: a boundary step belongs to the later stage
+            current = stage
+        start += stage["fraction"]
+    return current
+
+
+def step_rates(cfg: SATConfig, step: int, total_steps: int) -> float | dict[str, float]:
+    """What :meth:`~sat_trainer.step_driver.StepDriver.begin_step` takes for step ``step``: one rate for every
+    target (:func:`omission_rate_at`), or under schedule est one per target (:func:`axis_rates_at`)."""
+    if cfg.schedule == "est":
+        return axis_rates_at(cfg, step, total_steps)
+    return omission_rate_at(cfg, step, total_steps)
+
+
+def _progress(cfg: SATConfig, step: int, total_steps: int) -> float | None:
+    """Where ``step`` lies in the scheduled steps after the dense start, from 0 at the first to 1 at the last;
+    None in the dense start."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0 to schedule the omission rate, got {total_steps}")
+    warmup = math.floor(cfg.dense_warmup_fraction * total_steps)
+    if step < warmup:
+        return None
+    step, total_steps = step - warmup, total_steps - warmup
+    return min(max(step / (total_steps - 1), 0.0), 1.0) if total_steps > 1 else 1.0
 
 
 def kept_count(n: int, rate: float) -> int:

@@ -31,8 +31,9 @@ class StepDriver:
         self.draw_id = draw_id
         handle.start_draw(draw_id)
 
-    def begin_step(self, rate: float) -> None:
-        """A new optimizer step at omission ``rate``: its first forward draws a new kept set."""
+    def begin_step(self, rate: float | dict[str, float]) -> None:
+        """A new optimizer step at omission ``rate`` (one per target under schedule est:
+        :func:`~sat_trainer.schedule.step_rates`): its first forward draws a new kept set."""
         self.handle.set_rate(rate)
         self._new_draw()
 

@@ -1,6 +1,8 @@
 """The masked dense reference of DESIGN invariant 1: the unpatched model with the omitted
 channels' activations (heads' outputs) set to zero at the input of each block's output projection
-(``omit_in: backward``: left in the forward, cut from the backward)."""
+(``omit_in: backward``: left in the forward, cut from the backward), the kept ones scaled by
+units / kept units under ``rescale: inverse_keep``, and each decoder layer a draw skips
+(``targets`` with layers) replaced by the identity."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 from sat_trainer.ops import SLICEABLE, Conv1D, in_features, out_major_weight
+from sat_trainer.patch.blocks import layer_index
 
 
 def feature_mask(unit) -> torch.Tensor:
@@ -31,16 +34,28 @@ def masked(reference: nn.Module, handle):
     the bias) get the dense forward's gradient. ``sparse_tokens: context`` (the handle's split of
     its last forward): the mask applies to the sparse token rows only; its backward-only form is
     ``f(h * mask) + (f(h) - f(h * mask)).detach()`` for each layer ``f`` that reads the features
-    (the base layer and ``lora_A``; ``lora_B`` reads ``lora_A``'s dense output).
+    (the base layer and ``lora_A``; ``lora_B`` reads ``lora_A``'s dense output). ``rescale:
+    inverse_keep`` (forward_backward only): the kept features are multiplied by n / k. A decoder
+    layer the draw skips returns its input (it still runs: its output is discarded, so its
+    parameters get no gradient), and its blocks get no mask.
     """
     modules = dict(reference.named_modules())
     backward_only = handle.config.omit_in == "backward"
-    hooks = []
+    skipped = set(handle.skipped_layers())
+    hooks = [
+        _module(modules, name).register_forward_hook(_identity, with_kwargs=True)
+        for index, name, _ in (handle.layers.layers if skipped else [])
+        if index in skipped
+    ]
     for unit in handle.units:
+        if layer_index(unit.name) in skipped:
+            continue
         mask, split = _mask_of(unit, handle)
+        if handle.config.rescale == "inverse_keep":
+            mask = mask * (unit.n / unit.k())
         out_name = unit.shape.output  # the block's attribute: a plain layer or its LoRA wrapper
         # the reference may be wrapped (e.g. a PeftModel) where the handle's model was not
-        target = _module(modules, unit, out_name)
+        target = _unit_module(modules, unit, out_name)
         if handle.config.omit_in == "weight_gradient":
             hooks += _weight_gradient_hooks(modules, unit, target, mask)
             continue
@@ -68,10 +83,18 @@ def masked(reference: nn.Module, handle):
             hook.remove()
 
 
-def _module(modules: dict, unit, attr: str) -> nn.Module:
-    path = f"{unit.name}.{attr}" if unit.name else attr
+def _unit_module(modules: dict, unit, attr: str) -> nn.Module:
+    return _module(modules, f"{unit.name}.{attr}" if unit.name else attr)
+
+
+def _module(modules: dict, path: str) -> nn.Module:
     (found,) = [m for n, m in modules.items() if n == path or n.endswith("." + path)]
     return found
+
+
+def _identity(module: nn.Module, args: tuple, kwargs: dict, out):
+    """A skipped decoder layer's output: its hidden-state input."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _weight_gradient_hooks(modules: dict, unit, target: nn.Module, mask: torch.Tensor) -> list:
@@ -82,7 +105,7 @@ def _weight_gradient_hooks(modules: dict, unit, target: nn.Module, mask: torch.T
     hooks = []
     sliced = unit.shape.inputs[:1] if unit.query_heads else unit.shape.inputs
     for attr, side in [(a, "rows") for a in sliced] + [(unit.shape.output, "columns")]:
-        module = target if side == "columns" else _module(modules, unit, attr)
+        module = target if side == "columns" else _unit_module(modules, unit, attr)
         skip = "lora_A" if side == "rows" else "lora_B"  # the LoRA factor on the unsliced side of the projection
         for name, layer in module.named_modules():
             if not isinstance(layer, SLICEABLE) or not layer.weight.requires_grad or skip in name:

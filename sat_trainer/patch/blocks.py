@@ -51,5 +51,18 @@ def find_blocks(model: nn.Module, shapes: list[BlockShape], dense: set[int]) -> 
     ]
 
 
+def decoder_layers(model: nn.Module, shapes: list[BlockShape]) -> list[tuple[int, str, nn.Module]]:
+    """(index, name, module) of every decoder layer, in layer order: the module that a found block's name
+    numbers (``model.layers.3`` for ``model.layers.3.mlp``; OPT's blocks are their layers), so the layers are
+    the ones the block scan finds, by the same names and indices as ``dense_layers``."""
+    layers: dict[int, str] = {}
+    for name, _, _ in find_blocks(model, shapes, set()):
+        parts = name.split(".")
+        last = max((i for i, part in enumerate(parts) if part.isdigit()), default=None)
+        if last is not None:
+            layers.setdefault(int(parts[last]), ".".join(parts[: last + 1]))
+    return [(index, name, model.get_submodule(name)) for index, name in sorted(layers.items())]
+
+
 def _has_projections(module: nn.Module, shape: BlockShape) -> bool:
     return all(isinstance(getattr(module, a, None), nn.Module) for a in (*shape.inputs, shape.output))

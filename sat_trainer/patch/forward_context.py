@@ -20,7 +20,8 @@ DATA_DEPENDENT_METRICS = ("wanda", "maxip", "activation")  # scores read the ran
 class ForwardContext:
     """The state shared by one model's patched blocks.
 
-    ``rate``: the omission rate; ``draw_id``: the draw number (every block draws its kept set at most
+    ``rate``: the omission rate (with ``axis_rates``, the largest of them); ``axis_rates``: None, or each target's
+    own rate (``mlp``, ``attention``, ``layers``: schedule est), read through :meth:`rate_for`; ``draw_id``: the draw number (every block draws its kept set at most
     once per number); ``seq_len``: the latest forward's sequence length (for the FLOP count);
     ``token_mask``: 1 on real tokens, 0 on padding (flattened), so scoring ignores pads;
     ``position_ids``: where packed sequences restart at 0; ``token_split``: under
@@ -31,6 +32,7 @@ class ForwardContext:
     def __init__(self, config: SATConfig):
         self.config = config
         self.rate = 0.0
+        self.axis_rates: dict[str, float] | None = None
         self.draw_id = 0
         self.seq_len = 1
         self.token_mask: torch.Tensor | None = None
@@ -38,6 +40,10 @@ class ForwardContext:
         self.token_split: tuple[torch.Tensor, torch.Tensor] | None = None
         self.rows: torch.Tensor | None = None  # the token rows an MLP block's forward runs on now, within the split
         self._starts: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+    def rate_for(self, target: str) -> float:
+        """The omission rate of ``target``'s units (``mlp``, ``attention`` or ``layers``): its own, or the one rate."""
+        return self.rate if self.axis_rates is None else self.axis_rates.get(target, 0.0)
 
     def read_model_inputs(self, kwargs: dict, training: bool) -> None:
         """Keep the model forward's 2-D ``attention_mask`` (flattened) so data-dependent scores skip padding,

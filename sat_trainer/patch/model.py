@@ -10,17 +10,19 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Mapping
+from numbers import Real
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..config import SATConfig, to_config
+from ..config import TARGETS, SATConfig, to_config
 from ..errors import SATError
 from ..ops import SLICEABLE, weight_numel
-from .blocks import dense_layer_set, find_blocks, num_layers
+from .blocks import decoder_layers, dense_layer_set, find_blocks, layer_index, num_layers
 from .forward_context import ForwardContext
+from .layer_skip import LayerSkip
 from .registry import FAMILIES, no_attention_reason, supported_model_types
 from .units import BlockUnit
 
@@ -48,7 +50,8 @@ class SATHandle:
     Made by :func:`apply_sat`, which patches the model's blocks in place; :meth:`remove` (or
     :func:`remove_sat`) undoes it. ``draw_id`` numbers the draws; every block draws its kept set at
     most once per number, from a generator seeded by (config seed, draw_id, block index), so the
-    choice is the same on every rank and after a resume. ``rate``, ``draw_id``, ``seq_len``,
+    choice is the same on every rank and after a resume. ``layers`` (``targets`` with layers, else None) skips
+    whole decoder layers per draw (:mod:`~sat_trainer.patch.layer_skip`). ``rate``, ``draw_id``, ``seq_len``,
     ``token_mask``, ``position_ids`` and ``token_split`` are the handle's :class:`ForwardContext`'s,
     the state its blocks read (see there).
 
@@ -71,9 +74,12 @@ class SATHandle:
         self.config = config
         self.context = ForwardContext(config)
         self.units: list[BlockUnit] = _sliceable_units(model, self.context)
+        self.layers: LayerSkip | None = _layer_skip(model, self.context)
         self._model_ref = weakref.ref(model)
         for unit in self.units:
             unit.patch()
+        if self.layers is not None:
+            self.layers.patch()
         self._hooks = [
             *_mark_zero3_leaves(model, self.units),
             _clear_slices_after_every_optimizer_step(weakref.ref(self)),
@@ -96,24 +102,41 @@ class SATHandle:
         self.clear_slices()
         for unit in self.units:
             unit.unpatch()
+        if self.layers is not None:
+            self.layers.unpatch()
 
     def clear_slices(self) -> None:
         """Drop every cached kept weight slice (the weights changed, or will be re-read)."""
         for unit in self.units:
             unit.slices.clear()
 
-    def set_rate(self, rate: float) -> None:
+    def set_rate(self, rate: float | Mapping[str, float]) -> None:
         """Set the omission rate from now on; a rate that changes the kept count makes the next forward redraw.
 
         Args:
-            rate: the fraction of each block's units to omit, in [0, 1) (0: the original forwards run).
+            rate: the fraction of each target's units to omit, in [0, 1) (0: the original forwards run); or one
+                rate per target, ``{"mlp": ..., "attention": ..., "layers": ...}`` (schedule est), a target left
+                out running dense. ``rate`` then reads the largest.
 
         Raises:
-            SATError: ``rate`` is not a number in [0, 1).
+            SATError: a rate that is not a number in [0, 1), or a mapping key that is not a target.
         """
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-            raise SATError(f"omission rate must be a number in [0, 1), got {rate!r}")
-        self.context.rate = float(rate)
+        rates = dict(rate) if isinstance(rate, Mapping) else {"": rate}
+        for target, value in rates.items():
+            if target not in ("", *TARGETS):
+                raise SATError(f"omission rate given for {target!r}; allowed targets: {', '.join(TARGETS)}")
+            if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value < 1.0:
+                raise SATError(f"omission rate must be a number in [0, 1), got {value!r}{f' for {target}' if target else ''}")
+        self.context.axis_rates = {t: float(v) for t, v in rates.items()} if isinstance(rate, Mapping) else None
+        self.context.rate = max((float(v) for v in rates.values()), default=0.0)
+
+    def skipped_layers(self) -> list[int]:
+        """The decoder layers the current draw skips in a training forward (``targets`` with layers; else none).
+
+        Returns:
+            their indices, ascending.
+        """
+        return sorted(self.layers.skipped()) if self.layers is not None else []
 
     def new_step(self) -> None:
         """The next forward draws a new kept set; until then every forward reuses the current one."""
@@ -185,11 +208,16 @@ class SATHandle:
         dense = sum(weight_numel(m) for m in model.modules() if isinstance(m, SLICEABLE))
         attention_core = _attention_core_flops(model, self.seq_len)
         per_layer_core = attention_core / max(num_layers(model), 1)
-        saved = 0.0
+        skipped = set(self.skipped_layers())
+        saved = sum(
+            per_layer_core + sum(weight_numel(m) for m in layer.modules() if isinstance(m, SLICEABLE))
+            for index, _, layer in (self.layers.layers if skipped else [])
+            if index in skipped
+        )
         # sparse_tokens context: only the context rows of the latest forward omit (a host read: logging only)
         split = self.token_split
         sparse_share = split[1].numel() / max(split[0].numel() + split[1].numel(), 1) if split else 1.0
-        for unit in self.units:
+        for unit in (u for u in self.units if layer_index(u.name) not in skipped):  # a skipped layer's: counted whole
             omitted = (1.0 - unit.k() / unit.n) * (sparse_share if unit.kind == "mlp" else 1.0)
             saved += omitted * sum(weight_numel(m) for m in unit.members())
             if unit.kind == "attention":
@@ -276,7 +304,7 @@ def _sliceable_units(model: nn.Module, context: ForwardContext) -> list[BlockUni
             len(dense_fallbacks),
             "; ".join(dense_fallbacks),
         )
-    if not units:
+    if not units and "layers" not in config.targets:
         raise SATError(
             f"no sliceable {' or '.join(config.targets)} blocks found in {type(model).__name__} "
             f"(model_type {model_type!r}); nothing to omit"
@@ -284,6 +312,18 @@ def _sliceable_units(model: nn.Module, context: ForwardContext) -> list[BlockUni
     if dense_layers:
         logger.info("sat_trainer: layers %s run dense (dense_layers)", sorted(dense_layers))
     return units
+
+
+def _layer_skip(model: nn.Module, context: ForwardContext) -> LayerSkip | None:
+    """``targets`` with layers: the decoder layers (outside ``dense_layers``) a draw may skip; else None."""
+    config = context.config
+    if "layers" not in config.targets:
+        return None
+    dense = dense_layer_set(model, config.dense_layers, "SAT", SATError)
+    layers = [layer for layer in decoder_layers(model, list(FAMILIES[model.config.model_type])) if layer[0] not in dense]
+    if not layers:
+        raise SATError(f"targets 'layers': no decoder layer of {type(model).__name__} outside dense_layers to skip")
+    return LayerSkip(layers, context)
 
 
 def _mark_zero3_leaves(model: nn.Module, units: list[BlockUnit]) -> list[torch.utils.hooks.RemovableHandle]:

@@ -146,7 +146,7 @@ class BlockUnit:
 
     def k(self) -> int:
         """Units kept at the current rate; query_head units keep the same count in every KV group."""
-        return self.groups * kept_count(self.n // self.groups, self.context.rate * self.rate_scale)
+        return self.groups * kept_count(self.n // self.groups, self.context.rate_for(self.kind) * self.rate_scale)
 
     def token_split_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """sparse_tokens context: (dense rows, sparse rows) of x's tokens for an MLP block, else None (also
@@ -352,6 +352,8 @@ def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.
         else:
             unit.scorer.observe(h, unit.kept_units)
     idx = unit.output_index(proj)
+    if idx is not None and unit.context.config.rescale == "inverse_keep":  # EST: kept outputs scaled as in dropout
+        h = h * (unit.n / unit.k())
     out = _sliced(unit, proj, dense, h, idx, KEEP_INPUTS)
     if idx is not None and unit.compensation is not None and proj is unit.output:
         out = out + unit.compensation.to(out.dtype)
