@@ -150,11 +150,11 @@ def test_the_run_time_check_refuses_an_expert_size_that_does_not_divide_the_mlp(
 
 @pytest.fixture(scope="module")
 def lte_run(tiny_base, tmp_path_factory) -> tuple[Path, str]:
-    """(the run folder, what the run printed) of a 4-step run: 2 steps soft, 2 hard."""
+    """(the run folder, what the run printed) of a 4-step run: 2 steps soft, 2 hard, a checkpoint every 2."""
     out = tmp_path_factory.mktemp("lte_run") / "run"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(_argv(tiny_base, out)) == 0
+        assert main(_argv(tiny_base, out, "training.save_steps=2")) == 0
     return out, printed.getvalue()
 
 
@@ -196,6 +196,20 @@ def test_the_saved_routers_reload_with_load_lte_and_give_the_reported_sparsity(l
     assert loss["chat"] == pytest.approx(reported["loss"], rel=1e-5)
     assert meter.summary()["mlp_fraction"] == pytest.approx(reported["mlp_fraction"], abs=1e-6)
     assert meter.summary()["tokens"] == reported["tokens"]
+
+
+def test_a_run_resumed_from_a_checkpoint_ends_with_the_uninterrupted_runs_routers(lte_run, tiny_base, tmp_path):
+    lte_run, _ = lte_run
+    assert (lte_run / "checkpoint-2" / WEIGHTS_NAME).is_file()
+    out = tmp_path / "resumed"
+    assert main(_argv(tiny_base, out, "training.save_steps=2", f"training.resume_from_checkpoint={lte_run}/checkpoint-2")) == 0
+    uninterrupted, resumed = (load_file(str(folder / "final" / WEIGHTS_NAME)) for folder in (lte_run, out))
+    assert uninterrupted.keys() == resumed.keys()
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key])
+    reports = [json.loads((folder / "report.json").read_text()) for folder in (lte_run, out)]
+    assert reports[1]["resumed_from"].endswith("checkpoint-2") and reports[1]["steps"] == 4
+    assert reports[1]["held_out_loss"]["chat"] == pytest.approx(reports[0]["held_out_loss"]["chat"], rel=1e-5)
 
 
 def test_lora_and_lte_train_the_routers_and_leave_the_base_frozen(tiny_base, tmp_path):
