@@ -337,3 +337,25 @@ def test_random_experts_keep_whole_experts_at_the_fraction():
         per_expert = torch.zeros(on.shape[0], experts).index_add_(1, expert_of, on.float())
         assert ((per_expert == 0) | (per_expert == size)).all()  # whole experts: every neuron of a kept one
         assert torch.equal(masked.reshape(-1, width)[on], h.reshape(-1, width)[on])
+
+
+def test_the_meter_counts_selected_neurons_per_real_token_and_unrouted_layers_whole():
+    """Against the routers' scores computed by hand: padding left out, a dense layer counted at 1."""
+    model = build("llama").eval()
+    handle = apply_lte(model, {"expert_size": 16, "dense_layers": [0]})
+    handle.set_stage("hard")
+    ids = torch.randint(0, 64, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    inputs: list[torch.Tensor] = []
+    hook = model.model.layers[1].mlp.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    with ActiveMeter(model, handle) as meter, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    hook.remove()
+    selected = (torch.sigmoid(inputs[0] @ handle.blocks[0].router.weight.t()) > 0.5).float().mean(-1)
+    expected = float(selected[mask.bool()].mean())
+    summary = meter.summary()
+    assert summary["tokens"] == 16 and summary["layers"][0] == 1.0
+    assert summary["layers"][1] == pytest.approx(expected) and summary["routed_fraction"] == pytest.approx(expected)
+    assert summary["mlp_fraction"] == pytest.approx((1 + expected) / 2)
+    assert 0 < expected < 1  # some experts on, some off: the count can tell them apart
