@@ -59,7 +59,8 @@ LTE_INTRO = f"""# LTE settings
 Every setting of LTE (Learn To be Efficient; [the guide](guide/lte.md)) is a field of `sat_trainer.LTEConfig`. All
 are optional. A wrong key, or a value of the wrong type or out of its range, raises one `LTEConfigError` naming the
 key, the value and what is allowed. `LTECallback` and `apply_lte` take an `LTEConfig`, a dict of its keys, a YAML
-path (settings at the top level or under `lte:`), or `None` (all defaults).
+path (settings at the top level or under `lte:`), or `None` (all defaults). In a `sat-train` scenario the same keys
+are its `lte:` section ([In sat-train](guide/lte.md#in-sat-train)), checked before anything loads.
 """
 
 

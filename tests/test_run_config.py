@@ -27,7 +27,7 @@ def test_shipped_configs_validate(path):
             load_run_config(_task(path), path)
         overrides = ["training.bf16=false"]
     cfg = load_run_config(_task(path), path, overrides)
-    assert cfg.sat is not None and cfg.training["output_dir"].startswith("runs/")
+    assert (cfg.sat is not None) != (cfg.lte is not None) and cfg.training["output_dir"].startswith("runs/")
     assert cfg.data.train
 
 

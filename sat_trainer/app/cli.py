@@ -1,7 +1,8 @@
-"""`sat-train`: continual pre-training and fine-tuning with SAT from one YAML file.
+"""`sat-train`: continual pre-training and fine-tuning with SAT (or LTE) from one YAML file.
 
     sat-train cpt --config configs/demo_cpt.yaml [--set training.max_steps=50 ...] [--compare-dense]
     sat-train sft --config configs/demo_sft.yaml
+    sat-train sft --config configs/smollm2_lte_sft.yaml [--compare-dense]   (LTE: an lte: section, experimental)
     sat-train pretrain-base [--output DIR] [--force]
 
 Checkpoints: --set training.save_steps=50 saves one every 50 steps in the run folder
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             help="override, e.g. training.max_steps=20 or sat.omission_rate=0.3",
         )
         p.add_argument(
-            "--compare-dense", action="store_true", help="also run the same config dense and print a side-by-side table"
+            "--compare-dense",
+            action="store_true",
+            help="also run the same config dense (same seed and data) and print a side-by-side table",
         )
         p.add_argument(
             "--timing-rounds",
@@ -98,9 +101,11 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.command, args.config, args.set)
     explicit = cfg.training.get("resume_from_checkpoint")
-    if args.compare_dense and cfg.sat is None:
-        raise SATConfigError(f"{args.config}: --compare-dense needs a 'sat:' section (with sat: null both runs would be dense)")
-    if args.compare_dense and cfg.sat.schedule == "est":
+    if args.compare_dense and cfg.sat is None and cfg.lte is None:
+        raise SATConfigError(
+            f"{args.config}: --compare-dense needs a 'sat:' section or an 'lte:' section (without either both runs would be dense)"
+        )
+    if args.compare_dense and cfg.sat is not None and cfg.sat.schedule == "est":
         raise SATConfigError(
             f"{args.config}: --compare-dense times one omission rate per step and schedule est gives each target its "
             "own; run without --compare-dense (its step timing does not take schedule est yet)"
@@ -142,6 +147,16 @@ def _run(args: argparse.Namespace, cfg: RunConfig, starts: dict[Path, str | None
         return 0
     folders = compare_folders(cfg)
     dense = run(cfg, dense=True, output_dir=folders["dense"], resume_from=starts[folders["dense"]])
+    if cfg.lte is not None:  # quality at equal steps; LTE's speed is inference's (scripts/lte_decode.py), not training's
+        lte = run(cfg, output_dir=folders["lte"], resume_from=starts[folders["lte"]])
+        table = write_comparison(cfg.output_dir, dense, [("LTE", lte)])
+        print("\n" + table)
+        if lte.get("lte") is not None:
+            from .lte_run import summary_lines
+
+            print("\n" + "\n".join(summary_lines(lte["lte"])))
+        print(f"\nrun folders: {', '.join(str(f) for f in folders.values())}; curves: {cfg.output_dir / 'report.png'}")
+        return 0
     runs = [("SAT, equal steps", run(cfg, output_dir=folders["sat"], resume_from=starts[folders["sat"]]))]
     times = None
     if args.timing_rounds > 0:  # the speed side, robust to machine drift between the sequential runs
@@ -165,7 +180,10 @@ def _run(args: argparse.Namespace, cfg: RunConfig, starts: dict[Path, str | None
 
 def compare_folders(cfg: RunConfig) -> dict[str, Path]:
     """The run folders of ``--compare-dense``: dense, SAT at equal steps and, for CPT (time to a target
-    quality is its protocol; SFT compares at equal steps, its data being epochs), SAT at equal time."""
+    quality is its protocol; SFT compares at equal steps, its data being epochs), SAT at equal time; with an
+    ``lte:`` section, dense and LTE at equal steps."""
+    if cfg.lte is not None:
+        return {name: cfg.output_dir / name for name in ("dense", "lte")}
     names = ["dense", "sat", "sat_equal_time"] if cfg.task == "cpt" else ["dense", "sat"]
     return {name: cfg.output_dir / name for name in names}
 
@@ -183,12 +201,17 @@ def _pretrain_base(args: argparse.Namespace) -> int:
 
 
 def _print_summary(report: dict, out: Path) -> None:
+    from .lte_run import summary_lines
+
     print(
         f"\n{report['mode']} run: {report['steps']} steps, {report['train_time_s']:.1f} s in train steps "
         f"({report['wall_time_s']:.1f} s wall), {report['tokens_per_second']:.0f} tokens/s, "
         f"held-out loss {json.dumps(report['held_out_loss'])}"
     )
-    print(f"run folder: {out} (final/, report.json, report.png)")
+    if report.get("lte") is not None:
+        print("\n".join(summary_lines(report["lte"])))
+    files = "final/ (with lte.safetensors, lte_config.json)" if report.get("lte") is not None else "final/"
+    print(f"run folder: {out} ({files}, report.json, report.png)")
 
 
 if __name__ == "__main__":

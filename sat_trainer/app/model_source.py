@@ -6,10 +6,10 @@ must exist and hold a ``config.json`` (otherwise transformers would try the hub 
 and then print a traceback). Two stages:
 
 * :func:`check_model_spec` (config time, no imports beyond json): the builtin name exists, the
-  local folder is a model, and its ``model_type`` is one SAT supports; it returns what is known
+  local folder is a model, and its ``model_type`` is one SAT (or LTE) supports; it returns what is known
   of the model's config (``config.json``, or a builtin's shape) for :mod:`.model_fit`;
 * :func:`check_model` (run time, before data is tokenised): the same checks for builtins and
-  hub models through ``AutoConfig`` (``model_type``, and the scenario's fit to the model), and
+  hub models through ``AutoConfig`` (``model_type``, for LTE a gated MLP, and the scenario's fit to the model), and
   the LoRA section applied to the model built on the meta device (no memory, no weights), so
   unknown ``target_modules`` fail first.
 """
@@ -27,6 +27,7 @@ from .model_fit import check_fit
 
 if TYPE_CHECKING:
     from ..config import SATConfig
+    from ..lte.config import LTEConfig
 
 
 def is_local(spec: str) -> bool:
@@ -39,7 +40,7 @@ def is_local(spec: str) -> bool:
     )
 
 
-def check_model_spec(spec: Any, *, sat: bool) -> dict[str, Any] | None:
+def check_model_spec(spec: Any, *, sat: bool, lte: bool = False) -> dict[str, Any] | None:
     """Raise :class:`SATConfigError` for a model spec that cannot load (no weights are read).
     Returns the model's config as far as it is known without loading anything (None: a hub model)."""
     if not isinstance(spec, str) or not spec:
@@ -52,37 +53,58 @@ def check_model_spec(spec: Any, *, sat: bool) -> dict[str, Any] | None:
             return builtin_shape(spec)
         if is_local(spec):
             config = _local_config(Path(spec).expanduser())
-            check_model_type(config.get("model_type"), spec, sat=sat)
+            check_model_type(config.get("model_type"), spec, sat=sat, lte=lte)
             return config
     except SATError as err:
         raise SATConfigError(f"key 'model': {err}") from None
     return None
 
 
-def check_model_type(model_type: str | None, source: str, *, sat: bool) -> None:
-    if sat and model_type not in FAMILIES:
-        raise SATError(
-            f"model_type {model_type!r} of {source} is not supported by SAT; supported: "
-            f"{', '.join(supported_model_types())} (or set sat: null to train it dense)"
-        )
+def check_model_type(model_type: str | None, source: str, *, sat: bool, lte: bool = False) -> None:
+    """Raise :class:`SATError` for a ``model_type`` that SAT (``sat``) or LTE (``lte``) cannot patch; whether an
+    LTE model's MLP is gated is checked by :func:`check_model` (it needs torch)."""
+    for wanted, kind in ((sat, "sat"), (lte, "lte")):
+        if wanted and model_type not in FAMILIES:
+            raise SATError(
+                f"model_type {model_type!r} of {source} is not supported by {kind.upper()}; supported: "
+                f"{', '.join(supported_model_types())} (or set {kind}: null to train it dense)"
+            )
 
 
-def check_model(path: str, *, sat: SATConfig | None, lora: dict[str, Any] | None, max_length: int) -> None:
+def check_model(
+    path: str, *, sat: SATConfig | None, lora: dict[str, Any] | None, max_length: int, lte: LTEConfig | None = None
+) -> None:
     """Run-time checks before data is tokenised: model_type and the scenario's fit through
-    AutoConfig (``sat``: None for a dense run), LoRA on the meta device."""
+    AutoConfig (``sat`` and ``lte``: None unless that run patches the model), LoRA on the meta device."""
     import transformers
+
+    from .model_fit import check_lte_fit
 
     try:
         config = transformers.AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise SATConfigError(f"key 'model': {path} cannot be loaded: {str(err).splitlines()[0]}") from None
     try:
-        check_model_type(config.model_type, path, sat=sat is not None)
+        check_model_type(config.model_type, path, sat=sat is not None, lte=lte is not None)
+        if lte is not None:
+            _check_gated(config.model_type, path)
     except SATError as err:
         raise SATConfigError(f"key 'model': {err}") from None
     check_fit(config.to_dict(), path, max_length=max_length, dense_layers=sat.dense_layers if sat is not None else None)
+    if lte is not None:
+        check_lte_fit(config.to_dict(), path, lte)
     if lora is not None:
         check_lora(config, lora)
+
+
+def _check_gated(model_type: str, source: str) -> None:
+    from ..lte.model import gated_model_types
+
+    if model_type not in gated_model_types():
+        raise SATError(
+            f"model_type {model_type!r} of {source} cannot use LTE: its MLP is not gated (act(gate(x)) * up(x) -> down); "
+            f"supported: {', '.join(gated_model_types())} (or set lte: null to train it dense)"
+        )
 
 
 def check_lora(config: Any, lora: dict[str, Any]) -> None:

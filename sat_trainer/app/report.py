@@ -198,6 +198,8 @@ def comparison(
             "time_to_dense_loss": reach / dense_time if reach is not None and dense_time else None,
             "wall_time_as_run_s": r["wall_time_s"],
         }
+        if r.get("lte") is not None:
+            row["lte_mlp_fraction"] = {n: v["mlp_fraction"] for n, v in r["lte"]["held_out"].items()}
         if times is not None:
             row["flop_ideal"] = times.schedule_ideal(sat, r["steps"]) if i else 1.0
         rows.append(row)
@@ -219,7 +221,8 @@ def comparison_table(
     wall times as run, labelled as the machine's load they include.
 
     Headline rows: steps; with ``times``, the interleaved step time, speedup per step, FLOP ideal and
-    re-timed train-step time; the held-out losses and each against dense's; the time to dense's final
+    re-timed train-step time; the held-out losses, for an LTE run the MLP neurons it computes per token (stage
+    hard, its report's ``lte`` entry), and each loss against dense's; the time to dense's final
     loss on the re-timed curve. Without ``times`` the speed rows are the runs' own clocks, labelled as run."""
     numbers = comparison(dense, runs, times, sat)
     cols = numbers["runs"]
@@ -238,6 +241,12 @@ def comparison_table(
         row(f"speedup per step, {AS_RUN}", lambda c: _times(c["speedup_per_step"]))
     for name in dense["held_out_loss"]:  # the config's order: the target domain first
         row(f"held-out loss: {name}", lambda c, n=name: f"{c['held_out_loss'].get(n, float('nan')):.4f}")
+    if any("lte_mlp_fraction" in c for c in cols):  # an LTE run: the neurons it computes against dense's all
+        for name in dense["held_out_loss"]:
+            row(
+                f"MLP neurons computed per token, held-out: {name}",
+                lambda c, n=name: _percent(c.get("lte_mlp_fraction", {}).get(n)) if c is not cols[0] else "100%",
+            )
     for name in dense["held_out_loss"]:
         row(
             f"held-out loss vs dense: {name}",
@@ -305,6 +314,10 @@ def write_comparison(
     xlabel = "train-step time, re-timed at the interleaved step times (s)" if times else f"time in training steps, {AS_RUN} (s)"
     plot_comparison(comparison_curves(dense, runs, times, sat), out_dir / "report.png", xlabel=xlabel)
     return table
+
+
+def _percent(value: float | None) -> str:
+    return f"{100 * value:.1f}%" if value is not None else "-"
 
 
 def _times(value: float | None) -> str:

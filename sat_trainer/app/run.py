@@ -1,9 +1,12 @@
-"""One `sat-train cpt|sft` run: load model and data, train with SAT (or dense), write the run folder.
+"""One `sat-train cpt|sft` run: load model and data, train with SAT, LTE (or dense), write the run folder.
 
 The run folder (``training.output_dir``) holds the Trainer's checkpoints, ``final/`` (a plain HF
 model and tokenizer, LoRA merged in; the adapter alone under ``adapter/``), ``report.json`` and
 ``report.png``. With ``data.curve_eval_samples`` the held-out curves are evaluated on a subset of
 each held-out set and the report's held-out losses on the whole sets (:func:`curve_subsets`).
+An LTE run (``lte:``) also writes ``lte.safetensors`` and ``lte_config.json`` into ``final/`` (``load_lte(model,
+final)`` serves it sparse), and its report's held-out losses and ``lte`` entry are the hard stage's
+(:mod:`.lte_run`).
 """
 
 from __future__ import annotations
@@ -12,29 +15,34 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
 
 from ..callback import SATCallback
 from ..errors import SATTrainingError
+from ..lte.callback import LTECallback
 from ..patch.model import remove_sat
 from . import data as sat_data
 from . import step_timing
 from .builtin_models import resolve_model_path
 from .guard import NonFiniteGuard
+from .lte_run import held_out_sparsity
 from .model_source import check_model
 from .report import FULL_EVAL_PREFIX, ReportCallback, build_report, write_report
 from .run_config import RunConfig
 from .step_timing import StepTimes
 from .training_args import training_arguments
 
+if TYPE_CHECKING:
+    from ..lte.model import LTEHandle
+
 logger = logging.getLogger("sat_trainer")
 
 
 def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, resume_from: str | None = None) -> dict[str, Any]:
-    """Train one scenario; with ``dense=True`` the same run without SAT. Returns the report.
+    """Train one scenario; with ``dense=True`` the same run without SAT or LTE. Returns the report.
 
     ``resume_from``: a checkpoint of this run to continue from (same ladder, draws and data
     order). Without LoRA the checkpoint holds the whole model and tokenizer, and they are
@@ -43,15 +51,22 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
     diverges (``report.json`` is written, ``final/`` is not).
     """
     out = Path(output_dir or cfg.output_dir)
-    mode = "dense" if dense or cfg.sat is None else "sat"
+    mode = "dense" if dense else "sat" if cfg.sat is not None else "lte" if cfg.lte is not None else "dense"
     model_path = resolve_model_path(cfg.model)
     source = resume_from if resume_from and cfg.lora is None else model_path
-    check_model(source, sat=cfg.sat if mode == "sat" else None, lora=cfg.lora, max_length=cfg.data.max_length)
+    check_model(
+        source,
+        sat=cfg.sat if mode == "sat" else None,
+        lte=cfg.lte if mode == "lte" else None,
+        lora=cfg.lora,
+        max_length=cfg.data.max_length,
+    )
     tokenizer, model, (train_set, eval_sets, collator) = _load(cfg, source)
     curve_sets = curve_subsets(eval_sets, cfg.data.curve_eval_samples)
     args = training_arguments(cfg.training, has_eval=bool(eval_sets), output_dir=str(out), resumed=resume_from is not None)
     guard = NonFiniteGuard(cfg.max_skipped_steps)
-    callbacks = [guard, ReportCallback()] if mode == "dense" else [SATCallback(cfg.sat), guard, ReportCallback()]
+    method = {"dense": [], "sat": [SATCallback(cfg.sat)], "lte": [LTECallback(cfg.lte)]}[mode]
+    callbacks = [*method, guard, ReportCallback()]
     trainer = transformers.Trainer(
         model=model,
         args=args,
@@ -73,14 +88,19 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
     # the Trainer rebuilds stateful callbacks on resume when restore_callback_states_from_checkpoint is set
     record = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ReportCallback))
     calibration = next((cb.calibration for cb in trainer.callback_handler.callbacks if isinstance(cb, SATCallback)), None)
+    lte_handle = next((cb.handle for cb in trainer.callback_handler.callbacks if isinstance(cb, LTECallback)), None)
     wall = record.wall_time()
     diverged = guard.diverged_at is not None
+    lte = None
     if not diverged:
         if eval_sets and (not record.evals or record.evals[-1]["step"] != trainer.state.global_step):
             trainer.evaluate()  # the curves end at the last step
-        if any(len(curve_sets[name]) < len(full) for name, full in eval_sets.items()):
+        if lte_handle is not None:  # the report's held-out losses: the whole sets, in stage hard, neurons counted
+            lte = held_out_sparsity(trainer, lte_handle, eval_sets)
+        elif any(len(curve_sets[name]) < len(full) for name, full in eval_sets.items()):
             trainer.evaluate(eval_dataset=eval_sets, metric_key_prefix=FULL_EVAL_PREFIX)  # the report's held-out losses
-        _save_final(trainer.model, tokenizer, out, lora=cfg.lora is not None)
+        _save_final(trainer.model, tokenizer, out, lora=cfg.lora is not None, lte=lte_handle)
+    extra = {"lte": lte} if mode == "lte" else {}
     report = build_report(
         record,
         mode=mode,
@@ -91,6 +111,7 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
         skipped_steps=guard.skipped,
         resumed_from=resume_from,
         sat_calibration=calibration,
+        **extra,
     )
     write_report(report, out)
     if diverged:
@@ -158,11 +179,17 @@ def _load(cfg: RunConfig, source: str) -> tuple[Any, torch.nn.Module, tuple]:
     return tokenizer, model, data
 
 
-def _save_final(model: torch.nn.Module, tokenizer, out: Path, *, lora: bool) -> None:
+def _save_final(model: torch.nn.Module, tokenizer, out: Path, *, lora: bool, lte: LTEHandle | None = None) -> None:
     """A plain HF model that loads without sat_trainer (and, for LoRA, the adapter too); never
-    one with non-finite weights."""
+    one with non-finite weights. ``lte``: the routers are taken off the model first (the merged copy then
+    holds no routed forward) and written beside it (``lte.safetensors``, ``lte_config.json``)."""
     remove_sat(model)
-    broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    routers = {}
+    if lte is not None:
+        routers = {f"{b.name}.lte_router": b.router.weight for b in lte.blocks}
+        lte.remove()
+    named = [*model.named_parameters(), *routers.items()]
+    broken = [name for name, p in named if not bool(torch.isfinite(p).all())]
     if broken:
         raise SATTrainingError(
             f"final/ not saved: {len(broken)} weight tensors are not finite (first: {broken[0]}); lower training.learning_rate"
@@ -173,6 +200,8 @@ def _save_final(model: torch.nn.Module, tokenizer, out: Path, *, lora: bool) -> 
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(final)
     tokenizer.save_pretrained(final)
+    if lte is not None:
+        lte.save(final)
 
 
 def _config_record(cfg: RunConfig, model_path: str) -> dict[str, Any]:
@@ -184,6 +213,7 @@ def _config_record(cfg: RunConfig, model_path: str) -> dict[str, Any]:
         "data": vars(cfg.data),
         "training": cfg.training,
         "sat": cfg.sat.to_dict() if cfg.sat is not None else None,
+        "lte": cfg.lte.to_dict() if cfg.lte is not None else None,
         "lora": cfg.lora,
         "max_skipped_steps": cfg.max_skipped_steps,
     }

@@ -1,4 +1,4 @@
-"""The scenario YAML of `sat-train cpt|sft`: model, data, training arguments, SAT, LoRA.
+"""The scenario YAML of `sat-train cpt|sft`: model, data, training arguments, SAT or LTE, LoRA.
 
 One file per scenario (``configs/<scenario>.yaml``)::
 
@@ -10,14 +10,19 @@ One file per scenario (``configs/<scenario>.yaml``)::
       curve_eval_samples: 8        # optional: a cheaper held-out subset for the curves' points
     training: {max_steps: 200, learning_rate: 3.0e-4, ...}   # transformers.TrainingArguments
     sat: {omission_rate: 0.5, ...}                            # SATConfig; omit or `sat: null` for dense
+    lte: {expert_size: 32, ...}                               # LTEConfig, instead of sat: (experimental)
     lora: {r: 16, target_modules: [...]}                      # optional peft.LoraConfig fields
     max_skipped_steps: 0           # optimizer steps with a non-finite gradient skipped before the run stops
 
 Everything is validated before any model or data is loaded, cheapest first (the YAML, the
-SAT settings, the model folder and data files, the fit of ``max_length`` and ``dense_layers``
-to the model (:mod:`.model_fit`), then ``LoraConfig`` and ``TrainingArguments`` field types and
+SAT or LTE settings, the model folder and data files, the fit of ``max_length``, ``dense_layers``
+and LTE's ``expert_size`` to the model (:mod:`.model_fit`), then ``LoraConfig`` and ``TrainingArguments`` field types and
 ranges (:mod:`.fields`, :mod:`.ranges`), which need transformers): each error is one line
 naming the key, the value and what is allowed. ``--set section.key=value`` overrides (values parsed as YAML).
+
+``sat:`` and ``lte:`` together are refused: both rewrite the forward of the same MLPs (SAT omits neurons per
+optimizer step to train faster, LTE routes them per token to serve faster), and ``apply_lte`` refuses a model SAT
+has patched.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ from typing import Any
 
 from ..config import SATConfig
 from ..errors import SATConfigError, SATError
+from ..lte.config import LTEConfig
 from ..yaml_io import load_yaml_file, parse_value
-from .model_fit import check_fit
+from .model_fit import check_fit, check_lte_fit
 from .model_source import check_model_spec
 from .ranges import LORA, check_section, ints
 
 TASKS = ("cpt", "sft")
-SECTIONS = ("model", "data", "training", "sat", "lora", "max_skipped_steps")
+SECTIONS = ("model", "data", "training", "sat", "lte", "lora", "max_skipped_steps")
 DATA_RANGES = {
     "max_length": ints(8),
     "max_train_samples": ints(1, nullable=True),
@@ -78,6 +84,7 @@ class RunConfig:
     lora: dict[str, Any] | None = None
     source: str = "<dict>"
     max_skipped_steps: int = 0
+    lte: LTEConfig | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -108,14 +115,22 @@ def build_run_config(task: str, raw: dict[str, Any], source: str = "<dict>") -> 
     if unknown:
         raise SATConfigError(f"unknown top-level key {unknown[0]!r}; allowed: {', '.join(sorted(SECTIONS))}")
     sat = None if raw.get("sat") is None else SATConfig.from_dict(raw["sat"])
-    known = check_model_spec(raw.get("model"), sat=sat is not None)
+    lte = None if raw.get("lte") is None else LTEConfig.from_dict(raw["lte"])
+    if sat is not None and lte is not None:
+        raise SATConfigError(
+            "sections 'sat' and 'lte' cannot be combined: both rewrite the same MLPs' forward (SAT omits neurons per "
+            "step to train faster, LTE routes them per token to serve faster); keep one, or set the other to null"
+        )
+    known = check_model_spec(raw.get("model"), sat=sat is not None, lte=lte is not None)
     data = _data_config(raw.get("data"), task)
     if known is not None:
         check_fit(known, raw["model"], max_length=data.max_length, dense_layers=sat.dense_layers if sat is not None else None)
+        if lte is not None:
+            check_lte_fit(known, raw["model"], lte)
     skipped = ints(0).check("max_skipped_steps", raw.get("max_skipped_steps", 0))
     lora = _lora(raw.get("lora"))
     training = check_training(raw.get("training") or {}, has_eval=bool(data.eval))
-    return RunConfig(task, raw["model"], data, training, sat, lora, source, skipped)
+    return RunConfig(task, raw["model"], data, training, sat, lora, source, skipped, lte)
 
 
 def _apply_override(raw: dict, item: str) -> None:

@@ -32,7 +32,7 @@ from .config import LTEConfig, to_lte_config
 from .errors import LTEConfigError, LTEError
 from .experts import ExpertGroups, group_neurons
 from .losses import stage1_loss
-from .router import RoutedMLP, Router, base_weight, is_gated, neuron_features
+from .router import RoutedMLP, Router, base_weight, is_gated, mlp_width, neuron_features
 
 logger = logging.getLogger("sat_trainer")
 
@@ -312,7 +312,7 @@ def load_lte(model: nn.Module, folder: str | Path) -> LTEHandle:
         )
     specs = []
     for name, shape, block in found:
-        width, hidden = _width(block, shape), base_weight(getattr(block, shape.inputs[0])).shape[1]
+        width, hidden = mlp_width(block, shape), base_weight(getattr(block, shape.inputs[0])).shape[1]
         weight, order = _saved_block(folder, tensors, name, width, hidden, config)
         experts = width // config.expert_size
         router = _new_router(block, shape, experts)
@@ -420,18 +420,13 @@ def _saved_block(
 
 def _check_expert_size(found: list, size: int) -> None:
     for name, shape, block in found:
-        width = _width(block, shape)
+        width = mlp_width(block, shape)
         if width % size:
             divisors = [d for d in range(1, width + 1) if width % d == 0]
             raise LTEConfigError(
                 f"LTE config key 'expert_size' has invalid value {size}: {name} has {width} neurons, not a multiple of "
                 f"{size}; allowed: a divisor of {width} ({', '.join(map(str, divisors))})"
             )
-
-
-def _width(block: nn.Module, shape: BlockShape) -> int:
-    rows = base_weight(getattr(block, shape.inputs[0])).shape[0]
-    return rows // 2 if shape.fused else rows
 
 
 def _new_router(block: nn.Module, shape: BlockShape, experts: int) -> Router:

@@ -50,6 +50,12 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     return base.weight
 
 
+def mlp_width(block: nn.Module, shape: BlockShape) -> int:
+    """The number of neurons of a gated MLP (rows of its gate projection; half the fused gate_up's)."""
+    rows = base_weight(getattr(block, shape.inputs[0])).shape[0]
+    return rows // 2 if shape.fused else rows
+
+
 def neuron_features(block: nn.Module, shape: BlockShape) -> torch.Tensor:
     """(n, 2 * hidden): each neuron's gate row and up row side by side (what the experts are grouped by)."""
     if shape.fused:

@@ -1,0 +1,125 @@
+"""Training-free per-token MLP sparsity of a dense model: what LTE's learned routers are measured against.
+
+Both baselines mask the input of each gated MLP's output projection, ``h = act(gate(x)) * up(x)``, per token, by a
+forward pre-hook on ``down`` (the registry's ``output``): every neuron is still computed, so they measure quality
+only, never speed.
+
+* :class:`TopKMask`: each token keeps the ``k = round(fraction * n)`` neurons of largest ``|h_j|`` (its own
+  activations' top-k; ties go to the lower index, as ``torch.topk`` picks). At fraction 1 nothing is masked and the
+  model is the dense model exactly.
+* :class:`RandomExperts`: each MLP's neurons are grouped into equal-size experts at random (a seeded permutation)
+  and each token keeps ``round(fraction * experts)`` experts drawn uniformly at random, independently per token.
+
+The masks apply to every gated MLP except those of ``dense_layers`` (so they can follow an LTE run's layers).
+Each records the fraction it kept per token (``kept_fraction()``), the same quantity
+:class:`~sat_trainer.lte.measure.ActiveMeter` reads off an LTE model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..patch.blocks import layer_index
+from .measure import gated_mlps
+from .router import mlp_width
+
+
+class _DownInputMask:
+    """Shared wiring: a pre-hook on each selected MLP's output projection, entered as a context manager."""
+
+    def __init__(self, model: nn.Module, fraction: float, dense_layers: set[int] | None = None):
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+        skip = dense_layers or set()
+        self.blocks = [(name, shape, block) for name, shape, block in gated_mlps(model) if layer_index(name) not in skip]
+        if not self.blocks:
+            raise ValueError(f"{type(model).__name__} has no gated MLP to mask outside layers {sorted(skip)}")
+        self.states: list = []  # per masked MLP (in ``blocks`` order) what its mask reads: k, or (grouping, k)
+        self._hooks: list = []
+        self._kept = 0.0
+        self._tokens = 0
+
+    def __enter__(self):
+        self.states = [self._layer_state(name, mlp_width(block, shape)) for name, shape, block in self.blocks]
+        for (name, shape, block), state in zip(self.blocks, self.states):
+            hook = getattr(block, shape.output).register_forward_pre_hook(self._hook(state))
+            self._hooks.append(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _hook(self, state):
+        def mask_input(module: nn.Module, args: tuple):
+            h = args[0]
+            keep = self._mask(h, state)  # (..., n) of 0 and 1, in h's dtype
+            self._kept += float(keep.sum()) / h.shape[-1]
+            self._tokens += h[..., 0].numel()
+            return (h * keep, *args[1:])
+
+        return mask_input
+
+    def kept_fraction(self) -> float | None:
+        """The mean fraction of neurons kept per token and MLP so far (None before any forward)."""
+        return self._kept / self._tokens if self._tokens else None
+
+    def _layer_state(self, name: str, width: int):
+        raise NotImplementedError
+
+    def _mask(self, h: torch.Tensor, state) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TopKMask(_DownInputMask):
+    """Per token, only the ``round(fraction * n)`` neurons of largest ``|act(gate) * up|`` reach ``down``.
+
+    Args:
+        model: a causal LM of a registered family with gated MLPs (bare, PEFT-wrapped, or LTE-routed: the hook
+            masks what reaches ``down`` either way).
+        fraction: of each MLP's neurons kept per token, in (0, 1].
+        dense_layers: layer indices left unmasked.
+    """
+
+    def _layer_state(self, name: str, width: int) -> int:
+        return max(1, round(self.fraction * width))
+
+    def _mask(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        if k >= h.shape[-1]:
+            return torch.ones_like(h)
+        top = h.detach().abs().topk(k, dim=-1).indices
+        return torch.zeros_like(h).scatter_(-1, top, 1.0)
+
+
+class RandomExperts(_DownInputMask):
+    """Per token, ``round(fraction * experts)`` random experts of ``expert_size`` random neurons reach ``down``.
+
+    Args:
+        model: as :class:`TopKMask`.
+        fraction: of each MLP's experts kept per token, in (0, 1].
+        expert_size: neurons per expert; must divide every masked MLP's width.
+        seed: seed of the groupings and of the draws (the same seed draws the same experts for the same calls).
+        dense_layers: layer indices left unmasked.
+    """
+
+    def __init__(self, model: nn.Module, fraction: float, expert_size: int, seed: int = 0, dense_layers: set[int] | None = None):
+        self.expert_size = expert_size
+        self.generator = torch.Generator().manual_seed(seed)
+        super().__init__(model, fraction, dense_layers)
+
+    def _layer_state(self, name: str, width: int) -> tuple[torch.Tensor, int]:
+        if width % self.expert_size:
+            raise ValueError(f"expert_size {self.expert_size} does not divide {name}'s {width} neurons")
+        experts = width // self.expert_size
+        expert_of = torch.randperm(width, generator=self.generator) % experts  # a random grouping, equal sizes
+        return expert_of, max(1, round(self.fraction * experts))
+
+    def _mask(self, h: torch.Tensor, state: tuple[torch.Tensor, int]) -> torch.Tensor:
+        expert_of, k = state
+        experts = int(expert_of.max()) + 1
+        draws = torch.rand(h[..., 0].numel(), experts, generator=self.generator)
+        chosen = torch.zeros_like(draws).scatter_(-1, draws.argsort(dim=-1)[:, :k], 1.0)
+        return chosen[:, expert_of].view(h.shape).to(device=h.device, dtype=h.dtype)
