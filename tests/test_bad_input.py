@@ -262,13 +262,6 @@ AFTER_IMPORTS = [
     ),
     # run folder and modes
     ("compare-without-sat", "cpt", {"sat": None}, ["--compare-dense"], "--compare-dense needs a 'sat:' section"),
-    (
-        "compare-est",
-        "cpt",
-        {"sat": {"omit_in": "forward_backward", "schedule": "est", "est_stages": [{"fraction": 1.0, "channels": 0.5}]}},
-        ["--compare-dense"],
-        "--compare-dense times one omission rate per step and schedule est",
-    ),
     ("resume-nothing", "cpt", {}, ["--resume"], "nothing to resume"),
     ("resume-and-overwrite", "cpt", {}, ["--resume", "--overwrite"], "contradict each other"),
     (

@@ -10,6 +10,10 @@ over dense's step of the same round (:func:`paired_ratio`). A schedule's train-s
 of its steps' times (:meth:`StepTimes.schedule_time`), which is what sizes the equal-time run and
 what the table reports beside the as-run times.
 
+Under ``schedule: est`` a step has one rate per target (:func:`~sat_trainer.schedule.step_rates`): each distinct
+stage's rates are timed as one variant, keyed by :func:`rate_key` (a stage whose rates are all 0 is dense's), and a
+curve is re-timed stage by stage at those times (no interpolation between stages: each is measured).
+
 A timed step is what the Trainer does per optimizer step: ``gradient_accumulation_steps``
 forward/backward passes (under the run's bf16/fp16 autocast and gradient checkpointing), then
 the optimizer the run's ``TrainingArguments`` name, with SAT's part of the step driven as in training
@@ -25,19 +29,41 @@ import contextlib
 import logging
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, Union
 
 import torch
 
 from ..config import SATConfig
 from ..errors import SATError
-from ..schedule import omission_rate_at
+from ..schedule import step_rates
 
 logger = logging.getLogger("sat_trainer")
 
 T = TypeVar("T")
 MAX_TIMED_RATES = 4  # a schedule with more distinct rates (linear, cosine) is timed at this many, interpolated between
+Rates = Union[float, Mapping[str, float]]  # a step's omission rate, or one per target (schedule est)
+RateKey = Union[float, str]  # what StepTimes' tables are keyed by: a rate, or a stage's rates (rate_key)
+
+
+def rate_key(rates: Rates | RateKey) -> RateKey:
+    """The table key of a step's rates: one rate as a float; per-target rates as ``"attention=0.5,layers=0.5,mlp=0.5"``
+    (targets sorted), or 0.0 when every target's rate is 0 (that step is dense's); a key is its own."""
+    if isinstance(rates, str):
+        return rates
+    if not isinstance(rates, Mapping):
+        return float(rates)
+    if not any(rates.values()):
+        return 0.0
+    return ",".join(f"{target}={rate:g}" for target, rate in sorted(rates.items()))
+
+
+def key_rates(key: RateKey) -> Rates:
+    """What :meth:`~sat_trainer.step_driver.StepDriver.begin_step` takes for a table key (:func:`rate_key`'s inverse)."""
+    if isinstance(key, str):
+        return {target: float(rate) for target, rate in (item.split("=") for item in key.split(","))}
+    return key
 
 
 def interleaved(steps: dict[str, Callable[[], T]], warmup: int, rounds: int) -> dict[str, list[T]]:
@@ -56,11 +82,15 @@ def interleaved(steps: dict[str, Callable[[], T]], warmup: int, rounds: int) -> 
     return times
 
 
-def timed_rates(cfg: SATConfig, steps: int) -> list[float]:
+def timed_rates(cfg: SATConfig, steps: int) -> list[RateKey]:
     """The omission rates to time for a ``steps``-step run of ``cfg``'s schedule: each distinct rate
     (a ladder has a few), or, for a schedule with more, :data:`MAX_TIMED_RATES` evenly spaced from 0
-    to the peak (step time is close to linear in the kept FLOPs, so interpolation between them is fair)."""
-    rates = sorted({omission_rate_at(cfg, s, steps) for s in range(steps)})
+    to the peak (step time is close to linear in the kept FLOPs, so interpolation between them is fair).
+    Under schedule est: each distinct stage's rates (:func:`rate_key`), every one of them (a run has few stages)."""
+    keys = {rate_key(step_rates(cfg, s, steps)) for s in range(steps)}
+    if cfg.schedule == "est":
+        return sorted(keys, key=lambda k: (isinstance(k, str), k))
+    rates = sorted(keys)
     if len(rates) <= MAX_TIMED_RATES:
         return rates
     top = rates[-1]
@@ -70,17 +100,17 @@ def timed_rates(cfg: SATConfig, steps: int) -> list[float]:
 @dataclass
 class StepTimes:
     """Seconds per optimizer step: ``dense_s`` for the dense model (a median), ``sat_s[rate]`` for SAT
-    at each timed rate (rate 0 is dense's); ``kept_flops[rate]`` is SAT's matmul FLOP fraction there
-    (the FLOP ideal)."""
+    at each timed rate (rate 0 is dense's; under schedule est each stage's :func:`rate_key`); ``kept_flops[rate]``
+    is SAT's matmul FLOP fraction there (the FLOP ideal)."""
 
     dense_s: float
-    sat_s: dict[float, float]
-    kept_flops: dict[float, float] = field(default_factory=dict)
+    sat_s: dict[RateKey, float]
+    kept_flops: dict[RateKey, float] = field(default_factory=dict)
     rounds: int = 0  # timed rounds (0: medians taken elsewhere, e.g. scripts/benchmark.py rows)
     samples: dict[str, list[float]] = field(default_factory=dict)  # variant -> its timed steps' seconds, round by round
 
-    def at(self, rate: float) -> float:
-        """SAT's step time at ``rate``, linearly interpolated between the timed rates."""
+    def at(self, rate: Rates) -> float:
+        """SAT's step time at ``rate``, linearly interpolated between the timed rates (a stage's rates: its own time)."""
         return _interpolate(self.sat_s, rate)
 
     def schedule_time(self, cfg: SATConfig, steps: int) -> float:
@@ -89,7 +119,7 @@ class StepTimes:
 
     def schedule_ideal(self, cfg: SATConfig, steps: int) -> float:
         """The FLOP ideal of the same run: dense FLOPs over the schedule's summed kept FLOPs."""
-        return steps / sum(_interpolate(self.kept_flops, omission_rate_at(cfg, s, steps)) for s in range(steps))
+        return steps / sum(_interpolate(self.kept_flops, step_rates(cfg, s, steps)) for s in range(steps))
 
     def equal_time_steps(self, cfg: SATConfig, dense_steps: int) -> int:
         """The most SAT steps (its schedule over them) whose train-step time fits in ``dense_steps``
@@ -102,10 +132,10 @@ class StepTimes:
 
     def curve_time(self, cfg: SATConfig, total_steps: int, step: int) -> float:
         """Train-step seconds after the first ``step`` steps of a ``total_steps``-step SAT run."""
-        return sum(self.at(omission_rate_at(cfg, s, total_steps)) for s in range(step))
+        return sum(self.at(step_rates(cfg, s, total_steps)) for s in range(step))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (``step_times.json``); rates become string keys."""
+        """JSON-ready (``step_times.json``); rates become string keys (a stage's rates already are one)."""
         return {
             "rounds": self.rounds,
             "dense_s": self.dense_s,
@@ -118,17 +148,33 @@ class StepTimes:
     def from_dict(cls, data: dict[str, Any]) -> StepTimes:
         return cls(
             dense_s=data["dense_s"],
-            sat_s={float(r): t for r, t in data["sat_s"].items()},
-            kept_flops={float(r): f for r, f in data["kept_flops"].items()},
+            sat_s={_parse_key(r): t for r, t in data["sat_s"].items()},
+            kept_flops={_parse_key(r): f for r, f in data["kept_flops"].items()},
             rounds=data["rounds"],
             samples=data["samples"],
         )
 
 
-def _interpolate(points: dict[float, float], rate: float) -> float:
+def _parse_key(text: str) -> RateKey:
+    """A ``step_times.json`` key back into a table key: a rate's number, or a stage's rates as written."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _interpolate(points: dict[RateKey, float], rate: Rates) -> float:
     """``points[rate]``, linear between the nearest measured rates; a rate outside them is an error
-    (a time made up beyond what was measured would be a claim nobody measured)."""
-    rates = sorted(points)
+    (a time made up beyond what was measured would be a claim nobody measured). A stage's rates (a string key)
+    are looked up exactly: a stage that was not timed is an error too."""
+    key = rate_key(rate)
+    if isinstance(key, str):
+        if key not in points:
+            measured = ", ".join(str(k) for k in points if isinstance(k, str)) or "none"
+            raise SATError(f"no step time measured at the stage rates {key} (measured stages: {measured})")
+        return points[key]
+    rate = key
+    rates = sorted(k for k in points if not isinstance(k, str))
     if not rates[0] - 1e-9 <= rate <= rates[-1] + 1e-9:
         raise SATError(f"no step time measured around omission rate {rate:g} (measured: {', '.join(f'{r:g}' for r in rates)})")
     for lo, hi in zip(rates, rates[1:]):
@@ -142,7 +188,7 @@ def measure(
     batch: dict[str, torch.Tensor],
     args,
     cfg: SATConfig,
-    rates: list[float],
+    rates: list[RateKey],
     *,
     calibration: dict | None = None,
     warmup: int = 1,
@@ -175,22 +221,22 @@ def measure(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
     driver = StepDriver(handle, cfg)
     train_step = _trainer_step(model, batch, args, driver)
-    kept: dict[float, float] = {0.0: 1.0}
+    kept: dict[RateKey, float] = {0.0: 1.0}
 
-    def at_rate(rate: float) -> Callable[[], float]:
+    def at_rate(key: RateKey) -> Callable[[], float]:
         def step() -> float:
-            driver.begin_step(rate)
+            driver.begin_step(key_rates(key))
             elapsed = train_step()
-            kept[rate] = handle.kept_flops_fraction()
+            kept[key] = handle.kept_flops_fraction()
             return elapsed
 
         return step
 
-    sparse = [r for r in rates if r > 0]
-    steps = {"dense": at_rate(0.0), **{f"sat@{r:g}": at_rate(r) for r in sparse}}
+    sparse = [k for k in map(rate_key, rates) if k != 0.0]
+    steps = {"dense": at_rate(0.0), **{f"sat@{_label(k)}": at_rate(k) for k in sparse}}
     logger.info(
         "sat_trainer: timing dense and SAT at rates %s interleaved, %d rounds of %d steps (+%d warm-up)",
-        ", ".join(f"{r:g}" for r in sparse),
+        "; ".join(_label(k) for k in sparse),
         rounds,
         len(steps),
         warmup,
@@ -202,11 +248,15 @@ def measure(
     dense_s = statistics.median(times["dense"])
     return StepTimes(
         dense_s=dense_s,
-        sat_s={0.0: dense_s, **{r: dense_s * paired_ratio(times[f"sat@{r:g}"], times["dense"]) for r in sparse}},
+        sat_s={0.0: dense_s, **{k: dense_s * paired_ratio(times[f"sat@{_label(k)}"], times["dense"]) for k in sparse}},
         kept_flops=kept,
         rounds=rounds,
         samples=times,
     )
+
+
+def _label(key: RateKey) -> str:
+    return key if isinstance(key, str) else f"{key:g}"
 
 
 def paired_ratio(sat: list[float], dense: list[float]) -> float:
