@@ -15,7 +15,7 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
 def _task(path: Path) -> str:
-    return "sft" if "sft" in path.stem else "cpt"
+    return "pretrain" if path.stem.startswith("pretrain") else "sft" if "sft" in path.stem else "cpt"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -1,7 +1,8 @@
-"""`sat-train`: continual pre-training and fine-tuning with SAT (or LTE) from one YAML file.
+"""`sat-train`: continual pre-training, fine-tuning and pre-training from scratch with SAT (or LTE) from one YAML file.
 
     sat-train cpt --config configs/demo_cpt.yaml [--set training.max_steps=50 ...] [--compare-dense]
     sat-train sft --config configs/demo_sft.yaml
+    sat-train pretrain --config configs/pretrain_llama_python.yaml [--compare-dense]   (from a model shape, random init)
     sat-train sft --config configs/smollm2_lte_sft.yaml [--compare-dense]   (LTE: an lte: section, experimental)
     sat-train pretrain-base [--output DIR] [--force]
 
@@ -37,7 +38,12 @@ APP_PACKAGES = ("datasets", "matplotlib", "tokenizers")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sat-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for task, what in (("cpt", "continual pre-training (packed text)"), ("sft", "supervised fine-tuning (chat records)")):
+    tasks = (
+        ("cpt", "continual pre-training (packed text)"),
+        ("sft", "supervised fine-tuning (chat records)"),
+        ("pretrain", "pre-training from scratch: a model shape initialised at random, its BPE trained on the corpus"),
+    )
+    for task, what in tasks:
         p = sub.add_parser(task, help=what)
         p.add_argument("--config", required=True, help="scenario YAML (see configs/)")
         p.add_argument(
@@ -174,12 +180,12 @@ def _run(args: argparse.Namespace, cfg: RunConfig, starts: dict[Path, str | None
 
 
 def compare_folders(cfg: RunConfig) -> dict[str, Path]:
-    """The run folders of ``--compare-dense``: dense, SAT at equal steps and, for CPT (time to a target
-    quality is its protocol; SFT compares at equal steps, its data being epochs), SAT at equal time; with an
+    """The run folders of ``--compare-dense``: dense, SAT at equal steps and, for CPT and pretrain (time to a target
+    quality is their protocol; SFT compares at equal steps, its data being epochs), SAT at equal time; with an
     ``lte:`` section, dense and LTE at equal steps."""
     if cfg.lte is not None:
         return {name: cfg.output_dir / name for name in ("dense", "lte")}
-    names = ["dense", "sat", "sat_equal_time"] if cfg.task == "cpt" else ["dense", "sat"]
+    names = ["dense", "sat", "sat_equal_time"] if cfg.task in ("cpt", "pretrain") else ["dense", "sat"]
     return {name: cfg.output_dir / name for name in names}
 
 

@@ -6,6 +6,9 @@ a byte-level BPE tokenizer (8k) and a Llama-architecture model with realistic pr
 (gated SiLU MLP at 2.75x hidden, GQA with 4 query heads per KV head, tied embeddings), trained
 dense from scratch on the *base* domain (modern-spelling Shakespeare, no histories). It is saved
 as a plain HF model + tokenizer under the cache folder and reused by every later run.
+
+Its shape is :data:`~.shapes.SHAPES`' ``llama-6m`` and its config is built by :func:`~.scratch.model_config`, as
+for `sat-train pretrain` (pre-training from scratch as a scenario, :mod:`.scratch`), which a shape can name.
 """
 
 from __future__ import annotations
@@ -23,18 +26,13 @@ import transformers
 
 from .data import corpus, cpt
 from .data.tokenizer import train_tokenizer
+from .scratch import model_config
+from .shapes import SHAPES
 
 BASE_VERSION = "v1"
 
 # ~6.3M parameters; 600 steps of 8 x 256 tokens (about 1.2 epochs) take about 10 minutes on 2 CPU cores.
-BASE_SHAPE = dict(
-    hidden_size=256,
-    intermediate_size=704,
-    num_hidden_layers=6,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-)
+BASE_SHAPE = dict(SHAPES["llama-6m"][1])
 BASE_TRAINING = dict(
     max_steps=600,
     per_device_train_batch_size=8,
@@ -75,14 +73,7 @@ def build_base(out_dir: str | Path, *, vocab_size: int = 8192, block_size: int =
         return cpt.pack(datasets.Dataset.from_dict({"text": corpus.shakespeare(domain, split)}), tokenizer, block_size)
 
     train, evals = blocks("base", "train"), {d: blocks(d, "validation") for d in corpus.DOMAINS}
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=max(1024, block_size),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **shape,
-    )
+    config = model_config("llama", shape, tokenizer, block_size)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     args = transformers.TrainingArguments(

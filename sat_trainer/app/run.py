@@ -1,4 +1,7 @@
-"""One `sat-train cpt|sft` run: load model and data, train with SAT, LTE (or dense), write the run folder.
+"""One `sat-train cpt|sft|pretrain` run: load model and data, train with SAT, LTE (or dense), write the run folder.
+
+A pretrain run's model is the initial folder :func:`~.scratch.ensure_init` makes of its shape (a BPE tokenizer
+trained on its corpus, random weights); from there it is a CPT run.
 
 The run folder (``training.output_dir``) holds the Trainer's checkpoints, ``final/`` (a plain HF
 model and tokenizer, LoRA merged in; the adapter alone under ``adapter/``), ``report.json`` and
@@ -52,7 +55,7 @@ def run(cfg: RunConfig, *, dense: bool = False, output_dir: Path | None = None, 
     """
     out = Path(output_dir or cfg.output_dir)
     mode = "dense" if dense else "sat" if cfg.sat is not None else "lte" if cfg.lte is not None else "dense"
-    model_path = resolve_model_path(cfg.model)
+    model_path = model_source(cfg)
     source = resume_from if resume_from and cfg.lora is None else model_path
     check_model(
         source,
@@ -133,7 +136,7 @@ def time_steps(
     path = cfg.output_dir / "step_times.json"
     if reuse and path.is_file():
         return StepTimes.from_dict(json.loads(path.read_text()))
-    model_path = resolve_model_path(cfg.model)
+    model_path = model_source(cfg)
     _, model, (train_set, _, collator) = _load(cfg, model_path)
     args = training_arguments(
         cfg.training, has_eval=bool(cfg.data.eval), output_dir=str(cfg.output_dir)
@@ -145,6 +148,16 @@ def time_steps(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(times.to_dict(), indent=2))
     return times
+
+
+def model_source(cfg: RunConfig) -> str:
+    """The folder (or hub name) ``cfg``'s model loads from: a ``builtin:`` model's folder, made on first use; for
+    pretrain the initial model of its shape, made on first use."""
+    if cfg.task == "pretrain":
+        from .scratch import ensure_init
+
+        return str(ensure_init(cfg))
+    return resolve_model_path(cfg.model)
 
 
 def curve_subsets(eval_sets: dict[str, Any], samples: int | None) -> dict[str, Any]:

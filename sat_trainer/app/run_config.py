@@ -1,4 +1,4 @@
-"""The scenario YAML of `sat-train cpt|sft`: model, data, training arguments, SAT or LTE, LoRA.
+"""The scenario YAML of `sat-train cpt|sft|pretrain`: model, data, training arguments, SAT or LTE, LoRA.
 
 One file per scenario (``configs/<scenario>.yaml``)::
 
@@ -13,6 +13,10 @@ One file per scenario (``configs/<scenario>.yaml``)::
     lte: {expert_size: 32, ...}                               # LTEConfig, instead of sat: (experimental)
     lora: {r: 16, target_modules: [...]}                      # optional peft.LoraConfig fields
     max_skipped_steps: 0           # optimizer steps with a non-finite gradient skipped before the run stops
+
+`sat-train pretrain` (pre-training from scratch) takes the same file with a ``model:`` *shape* instead of a
+checkpoint (``{shape: llama-10m, vocab_size: 8192, ...}``, :mod:`.shapes`) and CPT's packed data;
+``data.max_train_tokens`` caps the training tokens (``builtin:python-source`` is tokenised only that far).
 
 Everything is validated before any model or data is loaded, cheapest first (the YAML, the
 SAT or LTE settings, the model folder and data files, the fit of ``max_length``, ``dense_layers``
@@ -39,12 +43,14 @@ from ..yaml_io import load_yaml_file, parse_value
 from .model_fit import check_fit, check_lte_fit
 from .model_source import check_model_spec
 from .ranges import LORA, check_section, ints
+from .shapes import check_shape_spec, known_config
 
-TASKS = ("cpt", "sft")
+TASKS = ("cpt", "sft", "pretrain")
 SECTIONS = ("model", "data", "training", "sat", "lte", "lora", "max_skipped_steps")
 DATA_RANGES = {
     "max_length": ints(8),
     "max_train_samples": ints(1, nullable=True),
+    "max_train_tokens": ints(1, nullable=True),
     "max_eval_samples": ints(1, nullable=True),
     "curve_eval_samples": ints(1, nullable=True),
 }
@@ -62,6 +68,13 @@ class DataConfig:
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Cap on training blocks (CPT) or records (SFT); None: all."}
     )
+    max_train_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPT and pretrain: the training blocks of the first this many tokens (a stream corpus such as "
+            "builtin:python-source is tokenised only that far); more than the data holds is refused. None: all."
+        },
+    )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Cap on blocks (CPT) or records (SFT) per held-out set."}
     )
@@ -77,7 +90,7 @@ class DataConfig:
 @dataclass
 class RunConfig:
     task: str
-    model: str
+    model: str | dict[str, Any]  # pretrain: a checked shape mapping (:mod:`.shapes`)
     data: DataConfig
     training: dict[str, Any]
     sat: SATConfig | None
@@ -121,8 +134,14 @@ def build_run_config(task: str, raw: dict[str, Any], source: str = "<dict>") -> 
             "sections 'sat' and 'lte' cannot be combined: both rewrite the same MLPs' forward (SAT omits neurons per "
             "step to train faster, LTE routes them per token to serve faster); keep one, or set the other to null"
         )
-    known = check_model_spec(raw.get("model"), sat=sat is not None, lte=lte is not None)
     data = _data_config(raw.get("data"), task)
+    if task == "pretrain":
+        shape = check_shape_spec(raw.get("model"))
+        if lte is not None:
+            raise SATConfigError("section 'lte' cannot be used by sat-train pretrain: LTE adapts a pretrained model's MLPs")
+        known = known_config(shape, data.max_length)
+    else:
+        known = check_model_spec(raw.get("model"), sat=sat is not None, lte=lte is not None)
     if known is not None:
         check_fit(known, raw["model"], max_length=data.max_length, dense_layers=sat.dense_layers if sat is not None else None)
         if lte is not None:
@@ -171,13 +190,21 @@ def _data_config(raw: Any, task: str) -> DataConfig:
     text_field = raw.get("text_field", "text")
     if not isinstance(text_field, str) or not text_field:
         raise SATConfigError(f"key 'data.text_field' has invalid value {text_field!r}; allowed: a column name")
-    from .data.loading import check
+    from .data import PACKED
+    from .data.loading import check, is_stream
     from .data.preflight import check_local
 
+    if task not in PACKED and raw.get("max_train_tokens") is not None:
+        raise SATConfigError(
+            f"key 'data.max_train_tokens' has invalid value {raw['max_train_tokens']!r}; allowed: null for sft "
+            "(it caps packed tokens; data.max_train_samples caps records)"
+        )
     for key, spec in [("data.train", raw["train"]), *((f"data.eval.{n}", s) for n, s in evals.items())]:
         try:
             if check(spec) == "local":
                 check_local(Path(spec).expanduser(), task, text_field)
+            elif task not in PACKED and is_stream(spec):
+                raise SATError(f"{spec} is a pre-training corpus (raw text); allowed for cpt and pretrain, not {task}")
         except SATError as err:
             raise SATConfigError(f"key {key!r}: {err}") from None
     return DataConfig(**{**raw, "eval": evals, "max_length": max_length})

@@ -4,6 +4,8 @@ A spec is one string:
 
 * ``builtin:shakespeare-base``, ``builtin:shakespeare-continual`` (column ``text``, one row per
   work), ``builtin:chatterbot`` (column ``messages``): the split is chosen by the caller;
+  ``builtin:python-source`` (:mod:`.python_source`, tens of millions of tokens) is a *stream*: packed CPT blocks
+  come from :func:`stream_blocks` (tokenised in batches, cached), not from :func:`load`;
 * a local ``.txt`` file or a folder of them (one row per file), ``.jsonl``/``.json``,
   ``.parquet``, ``.csv``, or a folder written by ``Dataset.save_to_disk``: used whole;
 * anything else is a hub dataset, loaded only when a run uses it: ``name``, ``name:split`` or
@@ -12,19 +14,23 @@ A spec is one string:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import SATError
-from . import corpus
+from . import corpus, python_source
 
 if TYPE_CHECKING:  # imported where data loads, so that checking a spec stays fast
     import datasets
+    from transformers import PreTrainedTokenizerBase
 
+STREAMS = {"python-source": python_source.build}  # name -> split -> its Corpus (too large for cpt.pack)
 BUILTIN = {  # name -> split -> records
     "shakespeare-base": lambda split: [{"text": t} for t in corpus.shakespeare("base", split)],
     "shakespeare-continual": lambda split: [{"text": t} for t in corpus.shakespeare("continual", split)],
     "chatterbot": corpus.chatterbot,
+    **{name: lambda split, build=build: [{"text": t} for t in build(split).texts()] for name, build in STREAMS.items()},
 }
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -53,6 +59,28 @@ def load(spec: str, split: str = "train") -> datasets.Dataset:
     if kind == "local":
         return _load_local(Path(spec).expanduser())
     return _load_hub(spec, split)
+
+
+def is_stream(spec: str) -> bool:
+    """Whether ``spec`` names a builtin stream corpus (:data:`STREAMS`)."""
+    return spec.startswith("builtin:") and spec[len("builtin:") :] in STREAMS
+
+
+def stream_texts(spec: str, split: str) -> Iterator[str]:
+    """A stream corpus's documents of ``split``, in corpus order, read one at a time."""
+    return STREAMS[spec[len("builtin:") :]](split).texts()
+
+
+def stream_blocks(
+    spec: str, split: str, tokenizer: PreTrainedTokenizerBase, block_size: int, max_tokens: int | None
+) -> datasets.Dataset:
+    """A stream corpus's ``split`` in packed blocks of ``block_size``, at most ``max_tokens`` tokens of it, cached under
+    ``$SAT_TRAINER_CACHE/corpus`` (:func:`~.token_blocks.corpus_blocks`)."""
+    from ..builtin_models import cache_dir
+    from .token_blocks import corpus_blocks
+
+    name = spec[len("builtin:") :]
+    return corpus_blocks(name, STREAMS[name](split), split, tokenizer, block_size, max_tokens=max_tokens, cache_root=cache_dir())
 
 
 def _load_local(path: Path) -> datasets.Dataset:

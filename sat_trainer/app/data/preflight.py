@@ -17,6 +17,7 @@ from typing import Any
 
 from ...errors import SATError
 from ...yaml_io import read_utf8
+from . import PACKED
 from .records import NEEDED, has_sft_columns, to_messages
 
 
@@ -59,7 +60,7 @@ def _check_folder(path: Path, task: str, text_field: str) -> None:
 
 
 def _check_columns(where: Path, columns: list[str], task: str, text_field: str) -> None:
-    if task == "cpt" and text_field not in columns:
+    if task in PACKED and text_field not in columns:
         raise SATError(f"{where} has no column {text_field!r} (data.text_field); its columns: {columns}; set data.text_field")
     if task == "sft" and not has_sft_columns(columns):
         raise SATError(f"{where} has columns {columns}; SFT needs {NEEDED}")
@@ -68,7 +69,7 @@ def _check_columns(where: Path, columns: list[str], task: str, text_field: str) 
 def _check_record(where: str, record: Any, task: str, text_field: str) -> None:
     if not isinstance(record, dict):
         raise SATError(f"{where}: expected a JSON object (one record), got {type(record).__name__}")
-    if task == "cpt" and not isinstance(record.get(text_field), str):
+    if task in PACKED and not isinstance(record.get(text_field), str):
         raise SATError(f"{where}: record has no text in {text_field!r} (data.text_field); its keys: {sorted(record)}")
     if task == "sft":
         try:
