@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .builtin_models import cache_dir
-from .shapes import check_shape_spec, positions
+from .shapes import SHAPES, check_shape_spec, positions
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -82,9 +82,10 @@ def ensure_init(cfg: RunConfig) -> Path:
     tokenizer.save_pretrained(partial)
     (partial / "scratch_info.json").write_text(json.dumps(info, indent=2))
     partial.rename(out)  # only a complete folder is ever reused
+    overridden = [f"{k}={v}" for k, v in spec["fields"].items() if v != SHAPES[spec["shape"]][1][k]]
     print(
-        f"sat_trainer: initialised {spec['shape']} ({info['parameters']:,} parameters, vocabulary {len(tokenizer):,}, "
-        f"seed {seed}) in {out}",
+        f"sat_trainer: initialised {spec['shape']}{' with ' + ', '.join(overridden) if overridden else ''} "
+        f"({info['parameters']:,} parameters, vocabulary {len(tokenizer):,}, seed {seed}) in {out}",
         flush=True,
     )
     return out
