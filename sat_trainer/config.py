@@ -384,10 +384,10 @@ class SATConfig(Settings):
         default="auto",
         metadata={
             "group": SCORING,
-            "help": "metric activation: subsample measures every unit on a token subsample of the batch about to run; "
-            "training_forward reads the training forward's outputs (this step's if dense or, with sparse_tokens "
-            "context, the loss tokens', run first; else the last step's, re-measuring 1/remeasure_every of the "
-            "channels per draw). auto: training_forward when omit_in keeps the forward dense, else subsample.",
+            "help": "metric activation: subsample measures every unit on a token subsample of the micro-batch about "
+            "to run; training_forward reads the training forward's own outputs (this step's when the forward is "
+            "dense, else the previous one's, re-measuring 1/remeasure_every of the channels per draw). auto: "
+            "training_forward when omit_in keeps the forward dense, else subsample.",
         },
     )
     remeasure_every: int = field(

@@ -321,28 +321,6 @@ def test_context_split_runs_each_row_set_through_the_block_once():
         remove_sat(model)
 
 
-def test_context_split_draws_from_the_loss_rows_dense_forward():
-    """forward_backward + sparse_tokens context + activation_scores training_forward: the loss rows run first with
-    every channel, and the kept set is drawn from their down projection input (each channel's RMS over those rows
-    times its down column's norm), so scoring costs no extra matmul; the context rows then run the kept channels."""
-    from sat_trainer import importance, selection
-
-    model = build("llama")
-    handle = sparse(model, targets=["mlp"], sparse_tokens="context", activation_scores="training_forward", selection="topk")
-    mlp = model.model.layers[1].mlp
-    seen = []
-    hook = mlp.down_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    ids, labels = _sft_batch()
-    model(ids, labels=labels).loss.backward()
-    hook.remove()
-    unit = next(u for u in handle.units if u.block is mlp)
-    n_dense = handle.token_split[0].numel()
-    assert seen[0].shape == (n_dense, unit.n) and seen[1].shape[1] == unit.kept_units.numel() < unit.n
-    scores = importance.channel_rms(seen[0], None) * importance.output_column_norms(mlp.down_proj.weight)
-    assert torch.equal(unit.kept_units, selection.topk(scores, unit.kept_units.numel()))
-    remove_sat(model)
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_context_split_is_exact_for_packed_rows(checkpointing):
     """Packing (two sequences in one row, positions restarting, each with its own prompt and response) under

@@ -42,8 +42,7 @@ class BlockScorer:
     """Scores one block's units for its draws (see the module docstring).
 
     Flags, fixed by the config: ``observes`` (the training forward refreshes the MLP statistics),
-    ``draws_in_forward`` (the kept set is drawn from this forward's activations), ``draws_from_dense_rows`` (a
-    sliced forward's token split draws from its loss rows' every-channel activations), ``reuses_sample``
+    ``draws_in_forward`` (the kept set is drawn from this forward's activations), ``reuses_sample``
     (the scoring subsample's outputs go to the sliced forward), ``compensates`` (mean compensation).
     """
 
@@ -56,8 +55,6 @@ class BlockScorer:
         self.observes = shape.kind == "mlp" and from_forward
         scores_values = shape.kind == "attention" and from_forward and not query_heads
         self.draws_in_forward = backward_only and (self.observes or scores_values)
-        # a sliced forward's token split runs the loss rows first with every channel: their down input is the draw's
-        self.draws_from_dense_rows = self.observes and not backward_only and cfg.sparse_tokens == "context"
         self.reuses_sample = self.stores_statistics and not self.observes and not backward_only and cfg.sparse_tokens == "all"
         self.compensates = shape.kind == "mlp" and cfg.compensation == "mean"
         self.layout: BlockLayout | None = None

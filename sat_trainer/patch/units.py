@@ -171,19 +171,8 @@ class BlockUnit:
         rows = self.token_split_for(x)
         if rows is None:
             return None
-        self._prepare_forward(None, x, draw=not (self.scorer.draws_from_dense_rows and rows[0].numel()))
+        self._prepare_forward(None, x)
         return rows if self.is_sparse() else None
-
-    @torch.compiler.disable
-    def read_dense_rows(self, h: torch.Tensor) -> None:
-        """The down projection's input ``h`` on the split's loss rows (every channel), under
-        ``scorer.draws_from_dense_rows``: a draw waiting for it is made from it, before the context rows run;
-        else (a later micro-batch, a checkpoint's recompute) it refreshes every channel's statistics."""
-        key = (self.context.draw_id, self.k())
-        if self._drawn_for != key:
-            self._draw(h, key, hidden=True)
-        else:
-            self.scorer.observe(h, None)
 
     def is_sparse(self) -> bool:
         """Sliced forward only while training with something to omit: eval and rate 0 run dense."""
@@ -220,10 +209,9 @@ class BlockUnit:
         return self._index[member]
 
     @torch.compiler.disable
-    def _prepare_forward(self, member: nn.Module | None, x: torch.Tensor, draw: bool = True) -> None:
-        """Re-patch after LoRA changes, note the sequence length, set the head counts, and (``draw``) draw if this
-        draw is new; ``member`` (the input member calling, None from :meth:`prepare_split`) becomes the drawer if
-        none is."""
+    def _prepare_forward(self, member: nn.Module | None, x: torch.Tensor) -> None:
+        """Re-patch after LoRA changes, note the sequence length, set the head counts, and draw if this draw is
+        new; ``member`` (the input member calling, None from :meth:`prepare_split`) becomes the drawer if none is."""
         self.context.note_sequence_length(x)
         self._repatch_if_adapters_changed()
         if self._drawer is None and member is not None:
@@ -234,7 +222,7 @@ class BlockUnit:
             self.heads.set_sliced(self.k() // self.groups, self.layout.kept_rows(self.k()))
         else:
             self.heads.set_dense()
-        if draw and sparse and not self.scorer.draws_in_forward:  # else read_hidden, read_values or read_dense_rows draws
+        if sparse and not self.scorer.draws_in_forward:  # else read_hidden or read_values draws, from this forward's activations
             key = (self.context.draw_id, self.k())
             if self._drawn_for != key:
                 self._draw(x, key)
@@ -358,10 +346,7 @@ def _input_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, x: torch.T
 
 
 def _output_forward(unit: BlockUnit, proj: nn.Module, dense: Callable, h: torch.Tensor) -> torch.Tensor:
-    if unit.scorer.draws_from_dense_rows and proj is unit.output and unit._row_set is not None:
-        if unit._row_set == "dense":
-            unit.read_dense_rows(h)
-    elif unit.scorer.observes and proj is unit.output and unit._row_set != "dense" and unit.is_sparse():
+    if unit.scorer.observes and proj is unit.output and unit._row_set != "dense" and unit.is_sparse():
         if unit.scorer.draws_in_forward:
             unit.read_hidden(h)
         else:
