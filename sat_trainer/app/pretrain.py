@@ -26,8 +26,7 @@ import transformers
 
 from .data import corpus, cpt
 from .data.tokenizer import train_tokenizer
-from .scratch import model_config
-from .shapes import SHAPES
+from .shapes import SHAPES, model_config
 
 BASE_VERSION = "v1"
 

@@ -23,33 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .builtin_models import cache_dir
-from .shapes import SHAPES, check_shape_spec, positions
+from .cache import cache_dir
+from .shapes import SHAPES, check_shape_spec, model_config
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase
-
     from .run_config import RunConfig
 
 TOKENIZER_SAMPLE_CHARS = 8_000_000  # what the BPE is trained on (~8 MB of text; seconds to a minute on 2 cores)
-
-
-def model_config(
-    architecture: str, fields: dict[str, Any], tokenizer: PreTrainedTokenizerBase, block_size: int
-) -> PretrainedConfig:
-    """The HF config of a ``llama`` or ``gpt2`` model of ``fields`` (its size) for ``tokenizer``'s vocabulary and
-    special tokens, with room for blocks of ``block_size``."""
-    import transformers
-
-    tokens = dict(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if architecture == "gpt2":
-        return transformers.GPT2Config(n_positions=positions(block_size), **tokens, **fields)
-    return transformers.LlamaConfig(max_position_embeddings=positions(block_size), **tokens, **fields)
 
 
 def ensure_init(cfg: RunConfig) -> Path:

@@ -15,10 +15,13 @@ a scenario is checked before torch loads.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SATConfigError
 from ..value_range import ints
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 DEFAULT_VOCAB = 8192
 VOCAB_RANGE = ints(262)  # the 256 bytes and the 5 special tokens, and at least one merge
@@ -116,3 +119,21 @@ def known_config(spec: dict[str, Any], max_length: int) -> dict[str, Any]:
 def positions(block_size: int) -> int:
     """The position count a model from scratch gets for blocks of ``block_size`` (room for longer ones later)."""
     return max(1024, block_size)
+
+
+def model_config(
+    architecture: str, fields: dict[str, Any], tokenizer: PreTrainedTokenizerBase, block_size: int
+) -> PretrainedConfig:
+    """The HF config of a ``llama`` or ``gpt2`` model of ``fields`` (its size) for ``tokenizer``'s vocabulary and
+    special tokens, with room for blocks of ``block_size``."""
+    import transformers
+
+    tokens = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if architecture == "gpt2":
+        return transformers.GPT2Config(n_positions=positions(block_size), **tokens, **fields)
+    return transformers.LlamaConfig(max_position_embeddings=positions(block_size), **tokens, **fields)

@@ -76,7 +76,7 @@ def stream_blocks(
 ) -> datasets.Dataset:
     """A stream corpus's ``split`` in packed blocks of ``block_size``, at most ``max_tokens`` tokens of it, cached under
     ``$SAT_TRAINER_CACHE/corpus`` (:func:`~.token_blocks.corpus_blocks`)."""
-    from ..builtin_models import cache_dir
+    from ..cache import cache_dir
     from .token_blocks import corpus_blocks
 
     name = spec[len("builtin:") :]
