@@ -321,6 +321,27 @@ def test_context_split_runs_each_row_set_through_the_block_once():
         remove_sat(model)
 
 
+@pytest.mark.parametrize("labelled", [False, True], ids=["all-context", "all-loss"])
+def test_context_split_with_one_row_set_empty(labelled):
+    """A forward whose tokens are all context (every label -100) or all loss tokens runs the block once, on the
+    non-empty row set, exact against the reference masked on the context rows."""
+    model = build("llama")
+    reference = copy.deepcopy(model).train()
+    handle = sparse(model, targets=["mlp"], sparse_tokens="context")
+    ids = batch()
+    labels = ids.clone() if labelled else torch.full_like(ids, -100)
+    out = model(ids, labels=labels)
+    out.logits.sum().backward()
+    assert [rows.numel() for rows in handle.token_split] == ([32, 0] if labelled else [0, 32])
+    with masked(reference, handle):
+        ref = reference(ids, labels=labels)
+        ref.logits.sum().backward()
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    remove_sat(model)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_context_split_is_exact_for_packed_rows(checkpointing):
     """Packing (two sequences in one row, positions restarting, each with its own prompt and response) under

@@ -371,6 +371,8 @@ def _split_block_forward(unit: BlockUnit, own: Callable, x: torch.Tensor, *args,
     flat = x.reshape(-1, x.shape[-1])
     parts = []
     for row_set, index in zip(("dense", "sparse"), rows):
+        if index.numel() == 0:
+            continue
         if index.numel() == flat.shape[0]:  # the other set is empty: no gather, no scatter
             with unit.rows(row_set, index):
                 return own(x, *args, **kwargs)
