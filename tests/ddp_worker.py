@@ -14,24 +14,10 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import VOCAB, build, leave_process_group, sat_config  # noqa: E402
+from tiny import CountingStream, build, leave_process_group, sat_config  # noqa: E402
 
 from sat_trainer import SATCallback  # noqa: E402
 from sat_trainer.patch.model import handle_of  # noqa: E402
-
-
-class Stream(torch.utils.data.Dataset):
-    def __init__(self, rows=64, length=16, prompt=0):
-        starts = torch.randint(0, VOCAB, (rows, 1), generator=torch.Generator().manual_seed(0))
-        self.ids = (starts + torch.arange(length)) % VOCAB
-        self.labels = self.ids.clone()
-        self.labels[:, :prompt] = -100
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 class Recorder(transformers.TrainerCallback):
@@ -74,7 +60,7 @@ def main():
     trainer = transformers.Trainer(
         model=build("llama"),
         args=args,
-        train_dataset=Stream(prompt=6 if sparse_tokens == "context" else 0),
+        train_dataset=CountingStream(prompt=6 if sparse_tokens == "context" else 0),
         callbacks=[SATCallback(sat), recorder],
     )
     trainer.train()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from reference import loss_and_grads, masked
-from tiny import VOCAB, batch, build, sat_config
+from tiny import CountingStream, batch, build, sat_config
 
 from sat_trainer import SATCallback, SATConfig, SATConfigError, SATError, apply_sat, remove_sat
 from sat_trainer import callback as callback_module
@@ -280,18 +280,6 @@ def test_est_stages_follow_the_dense_start_and_the_targets():
     assert set(axis_rates_at(cfg, 3, 10)) == {"mlp"}
 
 
-class _Stream(torch.utils.data.Dataset):
-    def __init__(self, rows: int = 64, length: int = 16):
-        starts = torch.randint(0, VOCAB, (rows, 1), generator=torch.Generator().manual_seed(0))
-        self.ids = (starts + torch.arange(length)) % VOCAB
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 class _Recorder(transformers.TrainerCallback):
     """The layers each optimizer step skipped and the MLP kept counts, read before the optimizer step."""
 
@@ -323,7 +311,9 @@ def _train(out, recorder, resume=None, seed=0, **args):
     )
     config = {**EST, "omit_in": "forward_backward", "dense_warmup_fraction": 0.0, "seed": 3}
     model = build("llama", seed=seed, num_hidden_layers=4)
-    trainer = transformers.Trainer(model=model, args=targs, train_dataset=_Stream(), callbacks=[SATCallback(config), recorder])
+    trainer = transformers.Trainer(
+        model=model, args=targs, train_dataset=CountingStream(), callbacks=[SATCallback(config), recorder]
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer, SATConfig(**config)
 

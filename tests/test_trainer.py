@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import transformers
-from tiny import VOCAB, batch, build, sat_config, sparse
+from tiny import CountingStream, batch, build, sat_config, sparse
 
 from sat_trainer import SATCallback
 from sat_trainer.patch.model import handle_of
@@ -20,18 +20,9 @@ STEPS = 32
 SAT = sat_config(omission_rate=0.5, metric="uniform", ladder_sparse_fraction=0.5, ladder_num_rungs=2, seed=3)
 
 
-class _Stream(torch.utils.data.Dataset):
-    """A learnable fixed stream: each row counts up from a random start (mod vocab)."""
-
-    def __init__(self, rows: int = 256, length: int = 24):
-        starts = torch.randint(0, VOCAB, (rows, 1), generator=torch.Generator().manual_seed(0))
-        self.ids = (starts + torch.arange(length)) % VOCAB
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+def _stream() -> CountingStream:
+    """The learnable stream these runs train on."""
+    return CountingStream(rows=256, length=24)
 
 
 class _KeptRecorder(transformers.TrainerCallback):
@@ -61,7 +52,7 @@ def _trainer(out, model, recorder, **args):
         disable_tqdm=True,
         **args,
     )
-    return transformers.Trainer(model=model, args=targs, train_dataset=_Stream(), callbacks=[SATCallback(SAT), recorder])
+    return transformers.Trainer(model=model, args=targs, train_dataset=_stream(), callbacks=[SATCallback(SAT), recorder])
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +84,7 @@ def test_logs_follow_the_ladder_and_loss_falls(full_run):
 @pytest.mark.slow
 def test_checkpoint_loads_with_plain_transformers_in_a_fresh_process(full_run, tmp_path):
     out, trainer, _ = full_run
-    ids = _Stream().ids[:2]
+    ids = _stream().ids[:2]
     model = trainer.model.eval()
     with torch.no_grad():
         expected = model(ids).logits
@@ -171,7 +162,7 @@ def test_omitted_update_modes(tmp_path, mode):
         disable_tqdm=True,
         save_strategy="no",
     )
-    transformers.Trainer(model=build("llama"), args=targs, train_dataset=_Stream(), callbacks=[SATCallback(sat), watcher]).train()
+    transformers.Trainer(model=build("llama"), args=targs, train_dataset=_stream(), callbacks=[SATCallback(sat), watcher]).train()
     for step, (gate0, o0, channels, heads, gate1, o1) in enumerate(watcher.records):
         omitted = torch.ones(96, dtype=torch.bool)
         omitted[channels] = False
@@ -213,7 +204,7 @@ def test_omitted_update_momentum_continues_the_first_moment(tmp_path, omit_in):
         disable_tqdm=True,
         save_strategy="no",
     )
-    transformers.Trainer(model=build("llama"), args=targs, train_dataset=_Stream(), callbacks=[SATCallback(sat), watcher]).train()
+    transformers.Trainer(model=build("llama"), args=targs, train_dataset=_stream(), callbacks=[SATCallback(sat), watcher]).train()
     (grad0, moment0, _), *later = watcher.records
     assert moment0 is None and torch.count_nonzero(grad0) > 0
     for grad, moment, kept in later:

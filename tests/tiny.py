@@ -115,6 +115,23 @@ NO_SDPA = {"gemma2", "vaultgemma"}  # transformers has no sdpa path for them (at
 ALL_FAMILY_CONFIGS = {**FAMILY_CONFIGS, **MORE_FAMILIES}
 
 
+class CountingStream(torch.utils.data.Dataset):
+    """A learnable fixed stream for Trainer runs: each row counts up from a random start (mod vocab); the first
+    ``prompt`` tokens of every row are labelled -100, as an SFT prompt."""
+
+    def __init__(self, rows: int = 64, length: int = 16, prompt: int = 0):
+        starts = torch.randint(0, VOCAB, (rows, 1), generator=torch.Generator().manual_seed(0))
+        self.ids = (starts + torch.arange(length)) % VOCAB
+        self.labels = self.ids.clone()
+        self.labels[:, :prompt] = -100
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
 def build(family: str = "llama", attn_implementation: str = "eager", seed: int = 0, **overrides) -> nn.Module:
     """A randomly initialised tiny causal LM of ``family`` in fp32."""
     config = ALL_FAMILY_CONFIGS[family]()
