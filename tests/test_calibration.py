@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from test_trainer import _Stream
-from tiny import build, sat_config
+from tiny import CountingStream, build, sat_config
 
 from sat_trainer import SATCallback, SATConfigError, apply_sat, importance
 from sat_trainer.calibration import allocate, calibrate
@@ -37,7 +36,7 @@ def trained():
     """A tiny model trained on the counting stream (so omitting channels costs loss), then with the MLPs
     of layers 1 and 2 shrunk 20x: layer 0's is the one whose omission costs most."""
     model = build("llama", num_hidden_layers=3).train()
-    data = _Stream(rows=64)
+    data = CountingStream(rows=64, length=24)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(60):
         ids = data.ids[(step * 8) % 64 : (step * 8) % 64 + 8]
@@ -57,7 +56,7 @@ def _model_with_a_dear_first_layer(state):
 
 
 def _batches():
-    ids = _Stream(rows=64).ids
+    ids = CountingStream(rows=64, length=24).ids
     return [{"input_ids": ids[i : i + 8], "labels": ids[i : i + 8]} for i in (0, 8)]
 
 
@@ -139,7 +138,7 @@ def test_trainer_calibrates_at_train_start_and_keeps_the_rates_in_checkpoints(tr
         save_strategy="no",
         disable_tqdm=True,
     )
-    transformers.Trainer(model=model, args=args, train_dataset=_Stream(rows=16), callbacks=[callback]).train()
+    transformers.Trainer(model=model, args=args, train_dataset=CountingStream(rows=16, length=24), callbacks=[callback]).train()
     rates = [row["rate"] for row in callback.calibration["units"]]
     assert rates[0] < max(rates)
     assert [u.rate_scale for u in handle_of(model).units] == [r / 0.5 for r in rates]
