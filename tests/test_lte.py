@@ -53,12 +53,13 @@ def _masked_reference(reference: torch.nn.Module, handle, stage: str):
     for block in handle.blocks:
         mlp = modules[block.name]
         weight = block.router.weight.detach().clone().requires_grad_(stage == "soft")
-        routers.append(weight)
+        bias = block.router.bias.detach().clone().requires_grad_(stage == "soft")
+        routers.append((weight, bias))
         seen = {}
         hooks.append(mlp.register_forward_pre_hook(lambda m, args, seen=seen: seen.__setitem__("x", args[0])))
 
-        def scale(m, args, seen=seen, weight=weight, expert_of=block.expert_of):
-            scores = torch.sigmoid(seen["x"] @ weight.t())
+        def scale(m, args, seen=seen, weight=weight, bias=bias, lr_scale=block.router.lr_scale, expert_of=block.expert_of):
+            scores = torch.sigmoid((seen["x"] @ weight.t() + bias) * lr_scale)
             per_expert = scores if stage == "soft" else (scores > handle.config.threshold).to(scores.dtype)
             return (args[0] * per_expert[..., expert_of],)
 
@@ -66,10 +67,20 @@ def _masked_reference(reference: torch.nn.Module, handle, stage: str):
     return routers, hooks
 
 
+def _random_biases(handle, seed: int = 0) -> None:
+    """Give every router a bias of its own (stored values), so that a test sees the bias enter the scores."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in handle.blocks:
+            block.router.bias.copy_(torch.randn(block.router.bias.shape, generator=generator) / block.router.lr_scale)
+
+
 @pytest.mark.parametrize("family", ["llama", "phi3", "gemma"])
 @pytest.mark.parametrize("stage", ["soft", "hard"])
-def test_routed_forward_and_gradients_equal_the_masked_dense_reference(family, stage):
-    reference, model, handle = _dense_and_routed(family, **NO_LOSSES)
+@pytest.mark.parametrize("lr_scale", [1.0, 10.0])
+def test_routed_forward_and_gradients_equal_the_masked_dense_reference(family, stage, lr_scale):
+    reference, model, handle = _dense_and_routed(family, router_lr_scale=lr_scale, **NO_LOSSES)
+    _random_biases(handle)
     handle.set_stage(stage)
     routers, hooks = _masked_reference(reference, handle, stage)
     model.train()
@@ -82,12 +93,14 @@ def test_routed_forward_and_gradients_equal_the_masked_dense_reference(family, s
     grads = {n: p.grad for n, p in model.named_parameters() if ROUTER_ATTR not in n}
     for name, param in reference.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
-    for block, router in zip(handle.blocks, routers):
+    for block, (weight, bias) in zip(handle.blocks, routers):
         if stage == "soft":
             assert block.router.weight.grad is not None and block.router.weight.grad.abs().sum() > 0
-            torch.testing.assert_close(block.router.weight.grad, router.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(block.router.weight.grad, weight.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(block.router.bias.grad, bias.grad, rtol=1e-4, atol=1e-6)
         else:
             assert block.router.weight.grad is None and not block.router.weight.requires_grad
+            assert block.router.bias.grad is None and not block.router.bias.requires_grad
     fractions = handle.active_fractions()
     assert set(fractions) == {b.name for b in handle.blocks}
     if stage == "hard":  # a real selection: some experts off, some on
@@ -224,8 +237,33 @@ def test_stage1_losses_enter_the_model_loss_with_labels_only_in_soft_training():
 # ---- save and load ---------------------------------------------------------------------------------------------
 
 
+def test_open_routers_start_with_every_expert_on():
+    reference, model, handle = _dense_and_routed(router_init="open", router_lr_scale=100.0)
+    ids = batch()
+    scores = [block.router(torch.randn(3, block.router.weight.shape[1])) for block in handle.blocks]
+    assert all(torch.allclose(s, torch.full_like(s, torch.sigmoid(torch.tensor(3.0)).item())) for s in scores)
+    handle.set_stage("hard")
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def test_router_lr_scale_moves_the_effective_router_that_many_times_faster_under_adam():
+    moved = {}
+    for lr_scale in (1.0, 10.0):
+        _, model, handle = _dense_and_routed(router_lr_scale=lr_scale, router_init="normal")
+        router = handle.blocks[0].router
+        before = router.weight.detach() * lr_scale
+        optimizer = torch.optim.Adam(handle.router_parameters(), lr=1e-3)
+        ids = batch()
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        moved[lr_scale] = (router.weight.detach() * lr_scale - before).abs().mean()
+    # the same effective init (seeded), Adam's first step is lr * sign(grad) per stored entry
+    torch.testing.assert_close(moved[10.0], 10 * moved[1.0], rtol=1e-3, atol=0)
+
+
 def test_save_load_round_trip(tmp_path):
-    _, model, handle = _dense_and_routed()
+    _, model, handle = _dense_and_routed(router_lr_scale=10.0)
+    _random_biases(handle)
     handle.set_stage("hard")
     model.eval()
     ids = batch()

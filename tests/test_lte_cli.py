@@ -81,7 +81,7 @@ BAD = [
     (
         "router-init",
         {"lte.router_init": "uniform"},
-        "LTE config key 'router_init' has invalid value 'uniform'; allowed: normal, zeros",
+        "LTE config key 'router_init' has invalid value 'uniform'; allowed: normal, zeros, open",
     ),
     ("not-a-mapping", {"lte": 5}, "LTE config must be a mapping of keys to values, got int"),
     ("expert-size", {"lte.expert_size": 24}, "key 'lte.expert_size' has invalid value 24: the MLPs of {base} have 64 neurons"),

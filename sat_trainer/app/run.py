@@ -199,7 +199,7 @@ def _save_final(model: torch.nn.Module, tokenizer, out: Path, *, lora: bool, lte
     remove_sat(model)
     routers = {}
     if lte is not None:
-        routers = {f"{b.name}.lte_router": b.router.weight for b in lte.blocks}
+        routers = {f"{b.name}.lte_router.{n}": p for b in lte.blocks for n, p in b.router.named_parameters()}
         lte.remove()
     named = [*model.named_parameters(), *routers.items()]
     broken = [name for name, p in named if not bool(torch.isfinite(p).all())]

@@ -21,7 +21,7 @@ from ..settings import LAYER_INDICES, Settings, layer_indices
 from ..value_range import ints, numbers
 from .errors import LTEConfigError
 
-RouterInit = Literal["normal", "zeros"]
+RouterInit = Literal["normal", "zeros", "open"]
 Stage = Literal["soft", "hard"]
 
 EXPERTS = "Experts"
@@ -89,7 +89,19 @@ class LTEConfig(Settings):
         metadata={
             "group": ROUTER,
             "help": "The router's initial weights: normal (std 1/sqrt(hidden size), so scores start spread around "
-            "0.5) or zeros (every score starts at exactly 0.5). The paper does not fix it; not tuned yet.",
+            "0.5), zeros (every score starts at exactly 0.5) or open (weights 0, bias 3: every score starts at 0.95, "
+            "every expert on, so stage 1 starts from the model as it was and only removes what the efficiency loss "
+            "can afford). The paper does not fix it.",
+        },
+    )
+    router_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "group": ROUTER,
+            "range": numbers(0, low_open=True),
+            "help": "How many times faster than the model's weights the routers learn (under Adam-type optimizers; "
+            "a fixed multiplier in the router's forward, so no parameter group is needed). A router trained at a "
+            "pretrained model's fine-tuning rate barely moves in a short run.",
         },
     )
     threshold: float = field(

@@ -5,7 +5,7 @@ neuron and multiplies the unselected ones by zero, so it is exact but no faster 
 autograd off (what ``model.generate`` runs under), on the CPU, a routed MLP whose projections are plain
 ``nn.Linear`` instead runs :meth:`ExpertLayout.forward`:
 
-1. the router's selection ``sigmoid(x W_g) > threshold`` per token (computed by the caller);
+1. the router's selection ``sigmoid(x W_g + b) > threshold`` per token (computed by the caller);
 2. the *union* of the experts selected by any token of the call (one token when decoding at batch 1) is read off
    with ``nonzero``, a host sync; on the CPU that sync is free;
 3. the union's experts are gathered from a buffer that holds each expert's gate and up rows contiguously,

@@ -122,7 +122,7 @@ class LTEHandle:
         return sum(block.fast_layout() is not None for block in self.blocks)
 
     def router_parameters(self) -> list[nn.Parameter]:
-        return [b.router.weight for b in self.blocks]
+        return [p for b in self.blocks for p in (b.router.weight, b.router.bias)]
 
     def active_fractions(self, reset: bool = True) -> dict[str, float]:
         """Per routed MLP (by name), the mean fraction of its experts (= of its neurons) with a score over the
@@ -183,23 +183,26 @@ class LTEHandle:
             raise LTEError(f"resume: {folder} routes the MLPs of layers {saved_layers}, this model routes layers {layers}")
         loaded = []
         for block in self.blocks:
-            weight, order = _saved_block(folder, tensors, block.name, block.width, block.router.weight.shape[1], config)
-            loaded.append((block, weight, ExpertGroups(order, config.expert_size).expert_of))
+            weight, bias, order = _saved_block(folder, tensors, block.name, block.width, block.router.weight.shape[1], config)
+            loaded.append((block, weight, bias, ExpertGroups(order, config.expert_size).expert_of))
         with torch.no_grad():
-            for block, weight, expert_of in loaded:
+            for block, weight, bias, expert_of in loaded:
                 block.router.weight.copy_(weight)
+                block.router.bias.copy_(bias)
                 block.expert_of = expert_of.to(block.router.weight.device)
 
     def digest(self) -> str:
         """A SHA-256 of the routers and expert orders (what :meth:`save` writes): tells a checkpoint's files apart."""
         sha = hashlib.sha256()
         for block in self.blocks:
-            sha.update(block.router.weight.detach().float().cpu().contiguous().numpy().tobytes())
+            for param in (block.router.weight, block.router.bias):
+                sha.update(param.detach().float().cpu().contiguous().numpy().tobytes())
             sha.update(block.expert_of.cpu().contiguous().numpy().tobytes())
         return sha.hexdigest()
 
     def save(self, folder: str | Path) -> None:
-        """Write ``lte.safetensors`` (each routed MLP's router weight and expert order, by layer) and
+        """Write ``lte.safetensors`` (each routed MLP's router weight, bias and expert order, by layer; stored
+        values, see :class:`~sat_trainer.lte.router.Router`) and
         ``lte_config.json`` (the config and the routed MLPs) into ``folder`` (created if needed), beside a
         ``save_pretrained`` model."""
         from safetensors.torch import save_file
@@ -210,6 +213,7 @@ class LTEHandle:
         for block in self.blocks:
             layer = layer_index(block.name)
             tensors[f"{layer}.router"] = block.router.weight.detach().float().cpu().contiguous()
+            tensors[f"{layer}.router_bias"] = block.router.bias.detach().float().cpu().contiguous()
             tensors[f"{layer}.order"] = torch.argsort(block.expert_of.cpu(), stable=True).contiguous()
         save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": FORMAT})
         meta = {
@@ -275,7 +279,7 @@ def apply_lte(model: nn.Module, config: LTEConfig | Mapping[str, Any] | str | Pa
         groups = group_neurons(
             neuron_features(block, shape), config.expert_size, config.kmeans_iterations, config.seed + layer_index(name)
         )
-        router = _new_router(block, shape, groups.num_experts)
+        router = _new_router(block, shape, groups.num_experts, config.router_lr_scale)
         router.reset(config.router_init, generator)
         specs.append((name, shape, block, router, groups))
     return _install(model, config, specs)
@@ -313,11 +317,12 @@ def load_lte(model: nn.Module, folder: str | Path) -> LTEHandle:
     specs = []
     for name, shape, block in found:
         width, hidden = mlp_width(block, shape), base_weight(getattr(block, shape.inputs[0])).shape[1]
-        weight, order = _saved_block(folder, tensors, name, width, hidden, config)
+        weight, bias, order = _saved_block(folder, tensors, name, width, hidden, config)
         experts = width // config.expert_size
-        router = _new_router(block, shape, experts)
+        router = _new_router(block, shape, experts, config.router_lr_scale)
         with torch.no_grad():
             router.weight.copy_(weight)
+            router.bias.copy_(bias)
         specs.append((name, shape, block, router, ExpertGroups(order, config.expert_size)))
     handle = _install(model, config, specs)
     handle.set_stage("hard")
@@ -399,12 +404,20 @@ def _read_saved(folder: Path, who: str) -> tuple[dict, LTEConfig, dict[str, torc
 
 def _saved_block(
     folder: Path, tensors: dict[str, torch.Tensor], name: str, width: int, hidden: int, config: LTEConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The saved router weight and expert order of the routed MLP ``name``, checked against its shape."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The saved router weight, bias (zeros when absent: files written before the router had one) and expert order
+    of the routed MLP ``name``, checked against its shape."""
     layer = layer_index(name)
     weight, order = tensors.get(f"{layer}.router"), tensors.get(f"{layer}.order")
     experts = width // config.expert_size
-    if weight is None or order is None or tuple(weight.shape) != (experts, hidden) or tuple(order.shape) != (width,):
+    bias = tensors.get(f"{layer}.router_bias", torch.zeros(experts))
+    if (
+        weight is None
+        or order is None
+        or tuple(weight.shape) != (experts, hidden)
+        or tuple(order.shape) != (width,)
+        or tuple(bias.shape) != (experts,)
+    ):
         raise LTEError(
             f"load_lte: {folder / WEIGHTS_NAME} does not fit {name} ({width} neurons, hidden size {hidden}, "
             f"{experts} experts of {config.expert_size}): router {None if weight is None else tuple(weight.shape)}, "
@@ -415,7 +428,7 @@ def _saved_block(
         raise LTEError(
             f"load_lte: {folder / WEIGHTS_NAME}: the expert order of layer {layer} is not a permutation of {width} neurons"
         )
-    return weight, order
+    return weight, bias, order
 
 
 def _check_expert_size(found: list, size: int) -> None:
@@ -429,11 +442,11 @@ def _check_expert_size(found: list, size: int) -> None:
             )
 
 
-def _new_router(block: nn.Module, shape: BlockShape, experts: int) -> Router:
+def _new_router(block: nn.Module, shape: BlockShape, experts: int, lr_scale: float) -> Router:
     weight = base_weight(getattr(block, shape.inputs[0]))
     if not weight.is_floating_point():
         raise LTEError(f"{type(block).__name__}: LTE needs floating-point MLP weights, got {weight.dtype} (a quantised base)")
-    return Router(weight.shape[1], experts, device=weight.device, dtype=weight.dtype)
+    return Router(weight.shape[1], experts, lr_scale, device=weight.device, dtype=weight.dtype)
 
 
 def _model_type(model: nn.Module | None) -> str | None:

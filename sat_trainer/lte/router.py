@@ -1,8 +1,8 @@
 """The per-MLP router and the routed forward of a gated MLP, found through the registry's `BlockShape`.
 
 A gated MLP computes ``down(act(gate(x)) * up(x))`` (Llama-style: ``gate_proj``/``up_proj``; fused: Phi-3's and
-GLM's ``gate_up_proj`` split in two halves). Its router scores each expert per token, ``G(x) = sigmoid(x W_g)``
-(one row of ``W_g`` per expert, no bias, as in the paper). The routed forward multiplies each neuron's activation
+GLM's ``gate_up_proj`` split in two halves). Its router scores each expert per token, ``G(x) = sigmoid(x W_g + b)``
+(one row of ``W_g`` per expert; the paper has no bias, ``b`` here starts at 0 unless ``router_init: open``). The routed forward multiplies each neuron's activation
 ``h_j = act(gate_j) * up_j`` by a per-token weight before ``down``:
 
 * ``soft`` (stage 1): the score of the neuron's expert, so the output is the score-weighted sum of the experts'
@@ -33,6 +33,7 @@ from ..patch.registry import BlockShape
 from .inference import ExpertLayout, plain_projections
 
 ROUTER_ATTR = "lte_router"
+OPEN_LOGIT = 3.0  # router_init "open": every score sigmoid(3) = 0.95 at the start
 
 
 def is_gated(shape: BlockShape) -> bool:
@@ -75,23 +76,44 @@ def gated_activation(block: nn.Module, shape: BlockShape, x: torch.Tensor) -> to
 
 
 class Router(nn.Module):
-    """``G(x) = sigmoid(x W_g)``: one score in (0, 1) per expert per token, in float32."""
+    """``G(x) = sigmoid(lr_scale * (x W_g + b))``: one score in (0, 1) per expert per token, in float32.
 
-    def __init__(self, hidden: int, experts: int, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    ``lr_scale`` is a fixed multiplier, not a parameter: the stored ``weight`` and ``bias`` are the effective ones
+    divided by it. Under Adam-type optimizers (a step's size is set by the learning rate, not the gradient's scale)
+    the effective router then moves ``lr_scale`` times faster than the model's weights, without a parameter group of
+    its own, so the Trainer's optimizer, schedule, checkpoints, DeepSpeed and FSDP need nothing extra. At the
+    fine-tuning learning rates of a pretrained model a router moves too little otherwise to learn anything in a run.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        experts: int,
+        lr_scale: float = 1.0,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
+        self.lr_scale = lr_scale
         self.weight = nn.Parameter(torch.zeros(experts, hidden, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(experts, device=device, dtype=dtype))
 
     def reset(self, init: str, generator: torch.Generator) -> None:
-        """``normal``: std 1/sqrt(hidden), drawn on the CPU from ``generator`` (the same on every device); ``zeros``."""
+        """Effective values: ``normal``: weight std 1/sqrt(hidden), drawn on the CPU from ``generator`` (the same on
+        every device), bias 0; ``zeros``: every score 0.5; ``open``: weight 0, bias ``OPEN_LOGIT`` (every score
+        sigmoid(3) = 0.95: every expert on, the soft stage starts as the dense model up to a 5% scale)."""
         with torch.no_grad():
-            if init == "zeros":
-                self.weight.zero_()
-            else:
+            self.bias.zero_()
+            if init == "normal":
                 std = 1.0 / math.sqrt(self.weight.shape[1])
-                self.weight.copy_(torch.randn(self.weight.shape, generator=generator) * std)
+                self.weight.copy_(torch.randn(self.weight.shape, generator=generator) * std / self.lr_scale)
+            else:
+                self.weight.zero_()
+            if init == "open":
+                self.bias.fill_(OPEN_LOGIT / self.lr_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(F.linear(x, self.weight).float())
+        return torch.sigmoid((F.linear(x, self.weight, self.bias) * self.lr_scale).float())
 
 
 class RoutedMLP:
