@@ -59,7 +59,8 @@ def _masked_reference(reference: torch.nn.Module, handle, stage: str):
         hooks.append(mlp.register_forward_pre_hook(lambda m, args, seen=seen: seen.__setitem__("x", args[0])))
 
         def scale(m, args, seen=seen, weight=weight, bias=bias, lr_scale=block.router.lr_scale, expert_of=block.expert_of):
-            scores = torch.sigmoid((seen["x"] @ weight.t() + bias) * lr_scale)
+            x = seen["x"] if handle.config.router_grad_to_model else seen["x"].detach()
+            scores = torch.sigmoid((x @ weight.t() + bias) * lr_scale)
             per_expert = scores if stage == "soft" else (scores > handle.config.threshold).to(scores.dtype)
             return (args[0] * per_expert[..., expert_of],)
 
@@ -77,9 +78,9 @@ def _random_biases(handle, seed: int = 0) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gemma"])
 @pytest.mark.parametrize("stage", ["soft", "hard"])
-@pytest.mark.parametrize("lr_scale", [1.0, 10.0])
-def test_routed_forward_and_gradients_equal_the_masked_dense_reference(family, stage, lr_scale):
-    reference, model, handle = _dense_and_routed(family, router_lr_scale=lr_scale, **NO_LOSSES)
+@pytest.mark.parametrize(("lr_scale", "through"), [(1.0, False), (10.0, False), (1.0, True)])
+def test_routed_forward_and_gradients_equal_the_masked_dense_reference(family, stage, lr_scale, through):
+    reference, model, handle = _dense_and_routed(family, router_lr_scale=lr_scale, router_grad_to_model=through, **NO_LOSSES)
     _random_biases(handle)
     handle.set_stage(stage)
     routers, hooks = _masked_reference(reference, handle, stage)
@@ -232,6 +233,20 @@ def test_stage1_losses_enter_the_model_loss_with_labels_only_in_soft_training():
     handle.set_stage("soft")
     model(ids, labels=ids)
     assert handle.stage1_losses() == {}  # hard stage, eval: the model's own loss only
+
+
+@pytest.mark.parametrize("through", [False, True])
+def test_the_efficiency_loss_reaches_the_model_only_with_router_grad_to_model(through):
+    _, model, handle = _dense_and_routed(router_grad_to_model=through)
+    model.train()
+    scores = []
+    for block in handle.blocks:
+        block.router.register_forward_hook(lambda m, args, out: scores.append(out))
+    model(batch())
+    efficiency_loss(scores).backward()
+    assert all(b.router.weight.grad.abs().sum() > 0 for b in handle.blocks)
+    embedding = model.get_input_embeddings().weight.grad
+    assert (embedding is not None and embedding.abs().sum() > 0) == through
 
 
 # ---- save and load ---------------------------------------------------------------------------------------------

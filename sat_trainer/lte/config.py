@@ -104,6 +104,16 @@ class LTEConfig(Settings):
             "pretrained model's fine-tuning rate barely moves in a short run.",
         },
     )
+    router_grad_to_model: bool = field(
+        default=False,
+        metadata={
+            "group": ROUTER,
+            "help": "In stage 1, whether the router's input passes gradient to the layers below it. Off: the "
+            "efficiency and separability losses train the routers only, and the model's weights learn from the task "
+            "loss alone (through the score-weighted experts). On: those losses also reshape the hidden states the "
+            "routers read, the paper's joint training read literally.",
+        },
+    )
     threshold: float = field(
         default=0.5,
         metadata={

@@ -86,6 +86,10 @@ class LTEHandle:
     def threshold(self) -> float:
         return self.config.threshold
 
+    @property
+    def router_grad_to_model(self) -> bool:
+        return self.config.router_grad_to_model
+
     def record(self, index: int, scores: torch.Tensor) -> None:
         """Called by each routed MLP with its scores: kept for this forward's losses and the active fraction."""
         if not self._collecting:  # eval, a forward outside the model's, or a gradient-checkpoint recompute

@@ -119,8 +119,8 @@ class Router(nn.Module):
 class RoutedMLP:
     """One routed MLP: its block, shape, router, expert of each neuron, and the bound forward.
 
-    ``context`` is read at every forward: ``stage`` ("soft" or "hard"), ``threshold``, and ``record(index,
-    scores)`` which receives this MLP's scores (for the losses and the logged active fraction).
+    ``context`` is read at every forward: ``stage`` ("soft" or "hard"), ``threshold``, ``router_grad_to_model``
+    (whether the router's input passes gradient to the layers below, in stage soft), and ``record(index, scores)`` which receives this MLP's scores (for the losses and the logged active fraction).
     """
 
     def __init__(self, index: int, name: str, shape: BlockShape, block: nn.Module, router: Router, expert_of: torch.Tensor):
@@ -182,7 +182,7 @@ class RoutedMLP:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.context.stage == "soft":
             self.layout = None
-            scores = self.router(x)
+            scores = self.router(x if self.context.router_grad_to_model else x.detach())
             self.context.record(self.index, scores)
             return self._masked(x, scores)
         with torch.no_grad():
