@@ -153,7 +153,7 @@ def _allowed(cls: type[Settings], f: dataclasses.Field) -> str:
         return f"a non-empty list without repeats drawn from {list(_choices(get_args(hint)[0]))}"
     if "range" in spec:
         return spec["range"].describe()
-    return {int: "an integer", float: "a number"}[hint]
+    return {int: "an integer", float: "a number", bool: "true or false"}[hint]
 
 
 def _checked(cls: type[Settings], f: dataclasses.Field, value: Any) -> Any:
@@ -177,6 +177,10 @@ def _checked(cls: type[Settings], f: dataclasses.Field, value: Any) -> Any:
         if len(set(items)) != len(items):
             cls.fail(f.name, value, _allowed(cls, f))
         return list(items)
+    if hint is bool:
+        if not isinstance(value, bool):
+            cls.fail(f.name, value, _allowed(cls, f))
+        return value
     types = (int,) if hint is int else (int, float)
     if isinstance(value, bool) or not isinstance(value, types):
         cls.fail(f.name, value, f"a value of type {' or '.join(t.__name__ for t in types)}")

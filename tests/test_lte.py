@@ -523,6 +523,12 @@ def test_threshold_out_of_range_is_refused(value):
         LTEConfig(threshold=value)
 
 
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_router_grad_to_model_takes_a_boolean_only(value):
+    with pytest.raises(LTEConfigError, match=r"'router_grad_to_model' has invalid value .*; allowed: true or false"):
+        LTEConfig(router_grad_to_model=value)
+
+
 def test_expert_size_that_does_not_divide_the_mlp_is_refused_before_anything_changes():
     model = build("llama")  # MLP width 96
     with pytest.raises(
