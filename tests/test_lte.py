@@ -61,7 +61,10 @@ def _masked_reference(reference: torch.nn.Module, handle, stage: str):
         def scale(m, args, seen=seen, weight=weight, bias=bias, lr_scale=block.router.lr_scale, expert_of=block.expert_of):
             x = seen["x"] if handle.config.router_grad_to_model else seen["x"].detach()
             scores = torch.sigmoid((x @ weight.t() + bias) * lr_scale)
-            per_expert = scores if stage == "soft" else (scores > handle.config.threshold).to(scores.dtype)
+            hard = (scores > handle.config.threshold).to(scores.dtype)
+            per_expert = hard if stage == "hard" else scores
+            if stage == "soft" and handle.config.soft_forward == "straight_through":
+                per_expert = hard + scores - scores.detach()
             return (args[0] * per_expert[..., expert_of],)
 
         hooks.append(getattr(mlp, block.shape.output).register_forward_pre_hook(scale))
@@ -78,9 +81,14 @@ def _random_biases(handle, seed: int = 0) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gemma"])
 @pytest.mark.parametrize("stage", ["soft", "hard"])
-@pytest.mark.parametrize(("lr_scale", "through"), [(1.0, False), (10.0, False), (1.0, True)])
-def test_routed_forward_and_gradients_equal_the_masked_dense_reference(family, stage, lr_scale, through):
-    reference, model, handle = _dense_and_routed(family, router_lr_scale=lr_scale, router_grad_to_model=through, **NO_LOSSES)
+@pytest.mark.parametrize(
+    ("lr_scale", "through", "forward"),
+    [(1.0, False, "weighted"), (10.0, False, "weighted"), (1.0, True, "weighted"), (1.0, False, "straight_through")],
+)
+def test_routed_forward_and_gradients_equal_the_masked_dense_reference(family, stage, lr_scale, through, forward):
+    reference, model, handle = _dense_and_routed(
+        family, router_lr_scale=lr_scale, router_grad_to_model=through, soft_forward=forward, **NO_LOSSES
+    )
     _random_biases(handle)
     handle.set_stage(stage)
     routers, hooks = _masked_reference(reference, handle, stage)

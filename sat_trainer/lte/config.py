@@ -23,6 +23,7 @@ from .errors import LTEConfigError
 
 RouterInit = Literal["normal", "zeros", "open"]
 Stage = Literal["soft", "hard"]
+SoftForward = Literal["weighted", "straight_through"]
 
 EXPERTS = "Experts"
 ROUTER = "Router"
@@ -139,6 +140,16 @@ class LTEConfig(Settings):
             "range": numbers(0),
             "help": "Weight of the separability loss (mean of 1 / (score - threshold)^2: scores away from the "
             "threshold, so stage 2's hard choice changes the network less). Not tuned yet.",
+        },
+    )
+    soft_forward: SoftForward = field(
+        default="weighted",
+        metadata={
+            "group": STAGES,
+            "help": "Stage 1's forward: weighted (each expert's output times its score, the paper's) or "
+            "straight_through (the hard selection of stage 2 in the forward, the score's gradient in the backward: "
+            "the model trains on the network it will serve from the first step, and the efficiency loss cannot "
+            "shrink every MLP's output by lowering all scores together).",
         },
     )
     soft_fraction: float = field(

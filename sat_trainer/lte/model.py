@@ -87,6 +87,10 @@ class LTEHandle:
         return self.config.threshold
 
     @property
+    def soft_forward(self) -> str:
+        return self.config.soft_forward
+
+    @property
     def router_grad_to_model(self) -> bool:
         return self.config.router_grad_to_model
 

@@ -6,7 +6,8 @@ GLM's ``gate_up_proj`` split in two halves). Its router scores each expert per t
 ``h_j = act(gate_j) * up_j`` by a per-token weight before ``down``:
 
 * ``soft`` (stage 1): the score of the neuron's expert, so the output is the score-weighted sum of the experts'
-  outputs, and the router gets the task loss's gradient;
+  outputs, and the router gets the task loss's gradient; with ``soft_forward: straight_through`` the forward uses
+  the hard selection (1 over the threshold, else 0) while the gradient flows as if the weight were the score;
 * ``hard`` (stage 2, inference): 1 when its expert's score exceeds the threshold, else 0 (the router runs without
   gradient). With every expert over the threshold this is the dense MLP exactly.
 
@@ -119,7 +120,8 @@ class Router(nn.Module):
 class RoutedMLP:
     """One routed MLP: its block, shape, router, expert of each neuron, and the bound forward.
 
-    ``context`` is read at every forward: ``stage`` ("soft" or "hard"), ``threshold``, ``router_grad_to_model``
+    ``context`` is read at every forward: ``stage`` ("soft" or "hard"), ``threshold``, ``soft_forward``,
+    ``router_grad_to_model``
     (whether the router's input passes gradient to the layers below, in stage soft), and ``record(index, scores)`` which receives this MLP's scores (for the losses and the logged active fraction).
     """
 
@@ -184,6 +186,9 @@ class RoutedMLP:
             self.layout = None
             scores = self.router(x if self.context.router_grad_to_model else x.detach())
             self.context.record(self.index, scores)
+            if self.context.soft_forward == "straight_through":  # the hard selection's value, the score's gradient
+                hard = (scores > self.context.threshold).to(scores.dtype)
+                return self._masked(x, hard + scores - scores.detach())
             return self._masked(x, scores)
         with torch.no_grad():
             scores = self.router(x)
