@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .config import SATConfig, to_config
 from .errors import SATError
+from .first_batches import first_batches
 from .patch.model import SATHandle, apply_sat, handle_of
 from .schedule import step_rates
 from .step_driver import StepDriver
@@ -215,29 +215,14 @@ class SATCallback(TrainerCallback, ExportableState):
             return
         if dataloader is None:
             raise SATError("layer_rates auto needs the Trainer's train_dataloader at on_train_begin to calibrate on")
-        self.calibration = calibrate(self.handle, model, _first_batches(dataloader, self.config.calibration_batches, args, model))
+        batches = first_batches(dataloader, self.config.calibration_batches, args, model)
+        if not batches:
+            raise SATError("layer_rates auto: the training set has no examples to calibrate on")
+        self.calibration = calibrate(self.handle, model, batches)
 
     def _count_tokens(self, module: nn.Module, inputs: tuple) -> None:
         if module.training and inputs and hasattr(inputs[0], "numel"):
             self._tokens += inputs[0].numel()
-
-
-def _first_batches(dataloader, count: int, args, model: nn.Module) -> list[dict]:
-    """The first ``count`` batches of the training set in dataset order, collated as the Trainer does,
-    on the model's device; reading the dataset (not iterating the loader) leaves its sampler untouched."""
-    dataset, collate = dataloader.dataset, dataloader.collate_fn
-    size = dataloader.batch_size or args.per_device_train_batch_size
-    device = next(model.parameters()).device
-    batches = []
-    for b in range(count):  # the Trainer built the loader on its dataset with the unused columns removed
-        examples = [dataset[i] for i in range(b * size, min((b + 1) * size, len(dataset)))]
-        if not examples:
-            break
-        batch = collate(examples)
-        batches.append({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
-    if not batches:
-        raise SATError("layer_rates auto: the training set has no examples to calibrate on")
-    return batches
 
 
 def _refuse_skipped_layers_without_unused_parameters(config: SATConfig, args, model: nn.Module) -> None:

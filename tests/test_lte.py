@@ -16,7 +16,7 @@ from sat_trainer import LTECallback, LTEConfig, LTEConfigError, LTEError, apply_
 from sat_trainer.lte.experts import ExpertGroups, balanced_assign, balanced_kmeans, group_neurons
 from sat_trainer.lte.losses import SEPARABILITY_FLOOR, efficiency_loss, separability_loss
 from sat_trainer.lte.model import CONFIG_NAME, WEIGHTS_NAME, gated_model_types
-from sat_trainer.lte.router import ROUTER_ATTR
+from sat_trainer.lte.router import ROUTER_ATTR, gated_activation
 
 NO_LOSSES = {"efficiency_weight": 0.0, "separability_weight": 0.0}
 GATED_TINY = [f for f in gated_model_types() if f in ALL_FAMILY_CONFIGS]
@@ -380,6 +380,51 @@ def test_trainer_runs_stage_one_then_stage_two(tmp_path):
     model.eval()
     ids = batch()
     torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def _expert_norms(block, x: torch.Tensor) -> torch.Tensor:
+    """(tokens, experts): each expert's share of the dense MLP's down-projection input, as a norm per token."""
+    act = gated_activation(block.block, block.shape, x)
+    norms = torch.zeros(x.shape[0], block.router.weight.shape[0])
+    return norms.index_add_(1, block.expert_of, act.pow(2)).sqrt()
+
+
+def test_activations_init_fits_routers_that_pick_the_tokens_largest_experts():
+    _, model, handle = _dense_and_routed(expert_size=8, router_init="activations", router_lr_scale=10.0)
+    ids = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[:, 24:] = 0  # padding: left out of the fit
+    inputs = []
+    hooks = [b.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach())) for b in handle.blocks]
+    assert handle.fit_routers([{"input_ids": ids, "attention_mask": mask, "labels": ids}]) == 8 * 24
+    assert handle.stage == "soft"  # left as it was
+    for hook in hooks:
+        hook.remove()
+    for block, x in zip(handle.blocks, inputs):  # the measured forward was the dense model's (every expert on)
+        x = x[:, :24].reshape(-1, x.shape[-1])
+        norms = _expert_norms(block, x)
+        top_half = norms >= norms.median(-1, keepdim=True).values
+        selected = block.router(x) > handle.config.threshold
+        assert 0.35 < selected.float().mean() < 0.65
+        assert (selected == top_half).float().mean() > 0.68  # chance: 0.5; measured 0.74-0.76
+
+
+def test_trainer_fits_activations_routers_before_the_first_step(tmp_path):
+    model = build("llama")
+    data = [{"input_ids": ids, "labels": ids} for ids in batch(seed=3, size=8, length=16)]
+    args = transformers.TrainingArguments(
+        str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=0.0, report_to=[], use_cpu=True
+    )
+    lte = LTECallback({"expert_size": 16, "router_init": "activations", "calibration_batches": 1, **NO_LOSSES})
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[lte])
+    assert all(torch.count_nonzero(b.router.weight) == 0 for b in lte.handle.blocks)  # open until fitted
+    trainer.train()
+    fresh = build("llama")
+    expected = apply_lte(fresh, lte.config)  # the same fit by hand on the first batch (lr 0: nothing moved)
+    expected.fit_routers([{"input_ids": torch.stack([d["input_ids"] for d in data[:4]])}])
+    for fitted, by_hand in zip(lte.handle.blocks, expected.blocks):
+        assert torch.count_nonzero(fitted.router.weight) > 0
+        torch.testing.assert_close(fitted.router.weight, by_hand.router.weight, rtol=1e-4, atol=1e-6)
 
 
 def _lte_trainer(output_dir, steps: int = 6, lte=None, **args):

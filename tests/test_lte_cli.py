@@ -71,7 +71,7 @@ def _scenario(base: Path, out: Path, changes: dict) -> dict:
 
 
 BAD = [
-    ("unknown-key", {"lte.expert_sise": 16}, "unknown LTE config key 'expert_sise' (value 16); allowed keys: dense_layers"),
+    ("unknown-key", {"lte.expert_sise": 16}, "unknown LTE config key 'expert_sise' (value 16); allowed keys: calibration_batches"),
     ("threshold", {"lte.threshold": 1.0}, "LTE config key 'threshold' has invalid value 1.0; allowed: a number in (0, 1)"),
     (
         "soft-fraction",
@@ -81,7 +81,7 @@ BAD = [
     (
         "router-init",
         {"lte.router_init": "uniform"},
-        "LTE config key 'router_init' has invalid value 'uniform'; allowed: normal, zeros, open",
+        "LTE config key 'router_init' has invalid value 'uniform'; allowed: normal, zeros, open, activations",
     ),
     ("not-a-mapping", {"lte": 5}, "LTE config must be a mapping of keys to values, got int"),
     ("expert-size", {"lte.expert_size": 24}, "key 'lte.expert_size' has invalid value 24: the MLPs of {base} have 64 neurons"),

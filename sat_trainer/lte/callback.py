@@ -37,6 +37,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..first_batches import first_batches
 from ..patch.blocks import layer_index
 from .config import LTEConfig, to_lte_config
 from .errors import LTEError
@@ -85,6 +86,8 @@ class LTECallback(TrainerCallback, ExportableState):
             _check_ddp(args, model)
         if state.global_step > 0:
             self._resume(args, state)
+        elif self.config.router_init == "activations":
+            self._fit(args, model, kwargs.get("train_dataloader"))
         self._set_stage(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -114,6 +117,16 @@ class LTECallback(TrainerCallback, ExportableState):
             handle = apply_lte(model, self.config)
         handle.accumulation_scale = 1.0 / max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
         self.handle = handle
+
+    def _fit(self, args, model: nn.Module, dataloader) -> None:
+        """``router_init: activations``: fit the routers on the first training batches before the first step."""
+        if dataloader is None:
+            raise LTEError("router_init activations needs the Trainer's train_dataloader at on_train_begin to fit on")
+        batches = first_batches(dataloader, self.config.calibration_batches, args, model)
+        if not batches:
+            raise LTEError("router_init activations: the training set has no examples to fit the routers on")
+        tokens = self.handle.fit_routers(batches)
+        logger.info("sat_trainer: LTE routers fitted to the dense activations of %d tokens", tokens)
 
     def _resume(self, args, state) -> None:
         """Install the routers and expert orders of the checkpoint this run resumes from (see the module docstring)."""

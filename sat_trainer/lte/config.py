@@ -21,7 +21,7 @@ from ..settings import LAYER_INDICES, Settings, layer_indices
 from ..value_range import ints, numbers
 from .errors import LTEConfigError
 
-RouterInit = Literal["normal", "zeros", "open"]
+RouterInit = Literal["normal", "zeros", "open", "activations"]
 Stage = Literal["soft", "hard"]
 SoftForward = Literal["weighted", "straight_through"]
 
@@ -92,7 +92,18 @@ class LTEConfig(Settings):
             "help": "The router's initial weights: normal (std 1/sqrt(hidden size), so scores start spread around "
             "0.5), zeros (every score starts at exactly 0.5) or open (weights 0, bias 3: every score starts at 0.95, "
             "every expert on, so stage 1 starts from the model as it was and only removes what the efficiency loss "
-            "can afford). The paper does not fix it.",
+            "can afford) or activations (open until training starts, then each router is fitted to rank its experts "
+            "as the dense model's own per-token activations do, on the first calibration_batches training batches: "
+            "about half the experts run at threshold 0.5, those with the largest activations). The paper does not "
+            "fix it.",
+        },
+    )
+    calibration_batches: int = field(
+        default=2,
+        metadata={
+            "group": ROUTER,
+            "range": ints(1),
+            "help": "router_init activations: how many training batches (the first ones) the routers are fitted on.",
         },
     )
     router_lr_scale: float = field(

@@ -129,6 +129,23 @@ class LTEHandle:
         """
         return sum(block.fast_layout() is not None for block in self.blocks)
 
+    def fit_routers(self, batches) -> int:
+        """Fit every router to its MLP's per-token expert activations on ``batches`` (what ``router_init:
+        activations`` does at train start; :mod:`sat_trainer.lte.fit`). The routers are first reset to every expert
+        on, so the measured forward is the dense model's; the stage is left as it was. Returns the tokens used."""
+        from .fit import fit_routers
+
+        model = self._model_ref()
+        stage = self.stage
+        generator = torch.Generator().manual_seed(self.config.seed)
+        for block in self.blocks:
+            block.router.reset("open", generator)
+        self.set_stage("hard")
+        try:
+            return fit_routers(self.blocks, model, batches)
+        finally:
+            self.set_stage(stage)
+
     def router_parameters(self) -> list[nn.Parameter]:
         return [p for b in self.blocks for p in (b.router.weight, b.router.bias)]
 

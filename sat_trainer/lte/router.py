@@ -110,7 +110,7 @@ class Router(nn.Module):
                 self.weight.copy_(torch.randn(self.weight.shape, generator=generator) * std / self.lr_scale)
             else:
                 self.weight.zero_()
-            if init == "open":
+            if init in ("open", "activations"):  # activations: open until fitted (sat_trainer.lte.fit)
                 self.bias.fill_(OPEN_LOGIT / self.lr_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""`router_init: activations`: start each router from the dense model's own per-token expert activations.
+
+A router trained from scratch by the task loss needs far more steps than a fine-tuning run has to learn *which*
+experts a token needs (measured: docs/journal/lte_2026-12-07.md). This fits each router, before stage 1, to rank
+its experts as the dense model's activations do, so that stage 1 refines a selection that already tracks the
+training-free per-token top-k, and stage 2 adapts the model to it.
+
+For each routed MLP and each (non-padding) token of a few training batches, with ``h = act(gate(x)) * up(x)`` (the
+dense MLP's down-projection input) and ``n_e = log ||h_e||`` for each expert ``e``, the target is ``n`` standardised
+across the token's experts (mean 0, std 1). A ridge regression from the MLP's input ``x`` (with a bias) fits it in
+closed form, and the router's effective logits are ``ACTIVATION_TEMPERATURE`` times the fit: at threshold 0.5
+(logit 0) about half the experts run at the start, those with the largest activations the fit predicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .router import RoutedMLP, gated_activation
+
+ACTIVATION_TEMPERATURE = 3.0  # effective logits = 3 x the standardised fit: scores away from 0.5 at the start
+RIDGE = 1e-3  # relative to the mean eigenvalue of x'x: keeps the solve stable for a few thousand tokens
+
+
+def fit_routers(blocks: list[RoutedMLP], model: nn.Module, batches: Iterable[dict]) -> int:
+    """Fit every block's router to its MLP's per-token expert activations on ``batches`` (dicts the model takes,
+    with ``attention_mask`` marking the tokens to use when present), with every expert on while measuring.
+
+    The caller runs this with every score over the threshold (``router_init: open`` values, stage hard), so that
+    the forward is the dense model's. Returns the number of tokens fitted on.
+    """
+    grams = {id(b): None for b in blocks}
+    cross = {id(b): None for b in blocks}
+    current_mask: list[torch.Tensor | None] = [None]
+    hooks = []
+
+    def collect(block: RoutedMLP):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            rows = x.reshape(-1, x.shape[-1])
+            if current_mask[0] is not None:
+                rows = rows[current_mask[0].reshape(-1).bool()]
+            h = gated_activation(block.block, block.shape, rows).float()
+            experts = block.router.weight.shape[0]
+            norms = torch.zeros(rows.shape[0], experts, device=h.device)
+            norms.index_add_(1, block.expert_of.to(h.device), h.pow(2))
+            target = norms.clamp_min(1e-12).log() / 2
+            target = (target - target.mean(-1, keepdim=True)) / target.std(-1, keepdim=True).clamp_min(1e-6)
+            features = torch.cat([rows.double(), torch.ones(rows.shape[0], 1, dtype=torch.double, device=rows.device)], 1)
+            gram, xy = features.T @ features, features.T @ target.double()
+            grams[id(block)] = gram if grams[id(block)] is None else grams[id(block)] + gram
+            cross[id(block)] = xy if cross[id(block)] is None else cross[id(block)] + xy
+
+        return hook
+
+    for block in blocks:
+        hooks.append(block.block.register_forward_pre_hook(collect(block)))
+    tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask = batch.get("attention_mask")
+                current_mask[0] = mask
+                tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        current_mask[0] = None
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    with torch.no_grad():
+        for block in blocks:
+            gram, xy = grams[id(block)], cross[id(block)]
+            if gram is None:
+                continue
+            ridge = RIDGE * torch.diagonal(gram).mean()
+            solution = torch.linalg.solve(
+                gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), xy
+            )  # (h + 1, E)
+            effective = ACTIVATION_TEMPERATURE * solution.T
+            router = block.router
+            router.weight.copy_((effective[:, :-1] / router.lr_scale).to(router.weight.dtype))
+            router.bias.copy_((effective[:, -1] / router.lr_scale).to(router.bias.dtype))
+    return tokens
