@@ -12,6 +12,8 @@ mean of batch means). Rows:
   the sparse inference path); the fraction is the one reached, counted per token over the held-out sets;
 * ``top-k`` (b): training-free per-token top-k of the dense model's own ``|act(gate) * up|`` at each fraction LTE
   reached (and ``--fractions``): a masked forward, quality only (:class:`sat_trainer.lte.baselines.TopKMask`);
+* ``top-k experts`` (b'): per token, the experts (LTE's grouping and expert size) whose activations have the
+  largest norm (:class:`sat_trainer.lte.baselines.TopKExperts`): the best any router of that expert size could choose;
 * ``random`` (c): random experts of LTE's expert size at the same fractions
   (:class:`sat_trainer.lte.baselines.RandomExperts`).
 
@@ -34,10 +36,10 @@ from typing import Any
 import torch
 import transformers
 
-from sat_trainer import load_lte
+from sat_trainer import LTEConfig, load_lte
 from sat_trainer.app.data import build_eval_sets
 from sat_trainer.app.run_config import DataConfig
-from sat_trainer.lte.baselines import RandomExperts, TopKMask
+from sat_trainer.lte.baselines import RandomExperts, TopKExperts, TopKMask
 from sat_trainer.lte.measure import ActiveMeter, gated_mlps
 from sat_trainer.lte.model import CONFIG_NAME
 from sat_trainer.lte.router import mlp_width
@@ -108,17 +110,20 @@ def baseline_rows(
     collator: Any,
     batch_size: int,
     fractions: list[float],
-    expert_size: int,
+    lte: dict,
     dense_layers: set[int],
     seed: int = 0,
 ) -> list[dict]:
-    """Top-k (b) and random experts (c) of ``model`` at each fraction of the routed MLPs' neurons."""
+    """Top-k (b), top-k experts (b') and random experts (c) of ``model`` at each fraction of the routed MLPs'
+    neurons; ``lte`` is the run's LTE config (its expert size and grouping)."""
+    expert_size = lte["expert_size"]
     widths = {layer_index(name): mlp_width(block, shape) for name, shape, block in gated_mlps(model)}
     masked = sum(w for layer, w in widths.items() if layer not in dense_layers)
     rows = []
     for fraction in fractions:
         for method, mask in (
             ("top-k", TopKMask(model, fraction, dense_layers)),
+            ("top-k experts", TopKExperts(model, fraction, expert_size, lte["kmeans_iterations"], lte["seed"], dense_layers)),
             ("random", RandomExperts(model, fraction, expert_size, seed, dense_layers)),
         ):
             with mask:
@@ -151,7 +156,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         target = f"{r['threshold']:g}" if "threshold" in r else _percent(r.get("target_fraction"))
-        cells = [r["method"], r["model"], target if r["method"] in ("lte", "top-k", "random") else ""]
+        cells = [r["method"], r["model"], target if r["method"] in ("lte", "top-k", "top-k experts", "random") else ""]
         cells += [_percent(r["fraction"]), _percent(r["mlp_fraction"])]
         cells += [f"{r['held_out_loss'][n]:.4f}" for n in names]
         cells.append(f"{100 * (r['held_out_loss'][first] / reference['held_out_loss'][first] - 1):+.2f}%")
@@ -172,7 +177,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     first = next(iter(rows[0]["held_out_loss"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, style in (("lte", "o-"), ("top-k", "s--"), ("random", "^:")):
+    for method, style in (("lte", "o-"), ("top-k", "s--"), ("top-k experts", "d-."), ("random", "^:")):
         points = sorted(
             (r["mlp_fraction"], r["held_out_loss"][first]) for r in rows if r["method"] == method and r["mlp_fraction"]
         )
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     reached = [r["fraction"] for r in rows if r["method"] == "lte" and r["fraction"]]
     fractions = sorted({round(f, 4) for f in [*reached, *args.fractions] if 0 < f <= 1})
     rows += baseline_rows(
-        base, source, sets, collator, batch_size, fractions, saved["config"]["expert_size"], dense_layers, args.seed
+        base, source, sets, collator, batch_size, fractions, LTEConfig(**saved["config"]).to_dict(), dense_layers, args.seed
     )
     text = table(rows)
     print(text)

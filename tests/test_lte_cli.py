@@ -25,7 +25,7 @@ from sat_trainer.app.cli import main
 from sat_trainer.app.data.sft import PadCollator
 from sat_trainer.app.model_source import check_model
 from sat_trainer.errors import SATConfigError
-from sat_trainer.lte.baselines import RandomExperts, TopKMask
+from sat_trainer.lte.baselines import RandomExperts, TopKExperts, TopKMask
 from sat_trainer.lte.measure import ActiveMeter
 from sat_trainer.lte.model import CONFIG_NAME, WEIGHTS_NAME
 
@@ -71,7 +71,11 @@ def _scenario(base: Path, out: Path, changes: dict) -> dict:
 
 
 BAD = [
-    ("unknown-key", {"lte.expert_sise": 16}, "unknown LTE config key 'expert_sise' (value 16); allowed keys: calibration_batches"),
+    (
+        "unknown-key",
+        {"lte.expert_sise": 16},
+        "unknown LTE config key 'expert_sise' (value 16); allowed keys: calibration_batches",
+    ),
     ("threshold", {"lte.threshold": 1.0}, "LTE config key 'threshold' has invalid value 1.0; allowed: a number in (0, 1)"),
     (
         "soft-fraction",
@@ -337,6 +341,36 @@ def test_random_experts_keep_whole_experts_at_the_fraction():
         per_expert = torch.zeros(on.shape[0], experts).index_add_(1, expert_of, on.float())
         assert ((per_expert == 0) | (per_expert == size)).all()  # whole experts: every neuron of a kept one
         assert torch.equal(masked.reshape(-1, width)[on], h.reshape(-1, width)[on])
+
+
+def test_top_k_experts_keep_each_tokens_largest_experts_of_ltes_grouping():
+    model = build("llama").eval()
+    width = model.model.layers[0].mlp.down_proj.in_features
+    size, experts = 16, width // 16
+    grouping = apply_lte(build("llama"), {"expert_size": size})  # the same weights: apply_lte's experts
+    raw_hooks, raw = _down_inputs(model)
+    with TopKExperts(model, 0.5, expert_size=size) as mask:
+        kept_hooks, kept = _down_inputs(model)
+        with torch.no_grad():
+            model(torch.randint(0, 64, (2, 12)))
+    for hook in raw_hooks + kept_hooks:
+        hook.remove()
+    k = round(0.5 * experts)
+    assert mask.kept_fraction() == k / experts
+    for (expert_of, kept_k), routed, h, masked in zip(mask.states, grouping.blocks, raw, kept):
+        assert torch.equal(expert_of, routed.expert_of) and kept_k == k
+        h, on = h.reshape(-1, width), (masked != 0).reshape(-1, width)
+        norms = torch.zeros(h.shape[0], experts).index_add_(1, expert_of, h.pow(2))
+        chosen = torch.zeros(h.shape[0], experts).index_add_(1, expert_of, on.float()) > 0
+        assert (chosen.sum(-1) == k).all()
+        smallest_kept = norms.masked_fill(~chosen, float("inf")).amin(-1)
+        largest_dropped = norms.masked_fill(chosen, -1.0).amax(-1)
+        assert (smallest_kept >= largest_dropped).all()  # the k experts of largest norm, whole
+    with TopKExperts(model, 1.0, expert_size=size):
+        with torch.no_grad():
+            every = model(torch.arange(12)[None]).logits
+    with torch.no_grad():
+        torch.testing.assert_close(every, model(torch.arange(12)[None]).logits, rtol=0, atol=0)
 
 
 def test_the_meter_counts_selected_neurons_per_real_token_and_unrouted_layers_whole():

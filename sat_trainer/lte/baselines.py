@@ -7,6 +7,11 @@ only, never speed.
 * :class:`TopKMask`: each token keeps the ``k = round(fraction * n)`` neurons of largest ``|h_j|`` (its own
   activations' top-k; ties go to the lower index, as ``torch.topk`` picks). At fraction 1 nothing is masked and the
   model is the dense model exactly.
+* :class:`TopKExperts`: the oracle of a router with experts: the MLP's neurons grouped as LTE groups them
+  (balanced k-means of the gate and up rows, ``expert_size`` each), and each token keeps the
+  ``round(fraction * experts)`` experts whose activations have the largest norm. No router of that expert size can
+  choose better for a token than its own activations do, so this is the floor a trained LTE model is judged against
+  at its expert size, where :class:`TopKMask` is the floor at single neurons.
 * :class:`RandomExperts`: each MLP's neurons are grouped into equal-size experts at random (a seeded permutation)
   and each token keeps ``round(fraction * experts)`` experts drawn uniformly at random, independently per token.
 
@@ -21,8 +26,9 @@ import torch
 from torch import nn
 
 from ..patch.blocks import layer_index
+from .experts import group_neurons
 from .measure import gated_mlps
-from .router import mlp_width
+from .router import mlp_width, neuron_features
 
 
 class _DownInputMask:
@@ -92,6 +98,51 @@ class TopKMask(_DownInputMask):
             return torch.ones_like(h)
         top = h.detach().abs().topk(k, dim=-1).indices
         return torch.zeros_like(h).scatter_(-1, top, 1.0)
+
+
+class TopKExperts(_DownInputMask):
+    """Per token, the ``round(fraction * experts)`` experts (LTE's grouping) of largest activation norm reach ``down``.
+
+    Args:
+        model: as :class:`TopKMask`.
+        fraction: of each MLP's experts kept per token, in (0, 1].
+        expert_size: neurons per expert; must divide every masked MLP's width.
+        kmeans_iterations, seed: the grouping's, as ``LTEConfig`` sets them (the same values group as ``apply_lte``).
+        dense_layers: layer indices left unmasked.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        fraction: float,
+        expert_size: int,
+        kmeans_iterations: int = 20,
+        seed: int = 0,
+        dense_layers: set[int] | None = None,
+    ):
+        self.expert_size, self.kmeans_iterations, self.seed = expert_size, kmeans_iterations, seed
+        super().__init__(model, fraction, dense_layers)
+        self._by_name = {name: (shape, block) for name, shape, block in self.blocks}
+
+    def _layer_state(self, name: str, width: int) -> tuple[torch.Tensor, int]:
+        if width % self.expert_size:
+            raise ValueError(f"expert_size {self.expert_size} does not divide {name}'s {width} neurons")
+        shape, block = self._by_name[name]
+        groups = group_neurons(
+            neuron_features(block, shape), self.expert_size, self.kmeans_iterations, self.seed + layer_index(name)
+        )
+        return groups.expert_of, max(1, round(self.fraction * groups.num_experts))
+
+    def _mask(self, h: torch.Tensor, state: tuple[torch.Tensor, int]) -> torch.Tensor:
+        expert_of, k = state
+        expert_of = expert_of.to(h.device)
+        experts = int(expert_of.max()) + 1
+        if k >= experts:
+            return torch.ones_like(h)
+        norms = torch.zeros(*h.shape[:-1], experts, device=h.device).index_add_(-1, expert_of, h.detach().float().pow(2))
+        top = norms.topk(k, dim=-1).indices
+        chosen = torch.zeros_like(norms).scatter_(-1, top, 1.0)
+        return chosen.index_select(-1, expert_of).to(h.dtype)
 
 
 class RandomExperts(_DownInputMask):
