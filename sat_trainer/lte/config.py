@@ -123,7 +123,8 @@ class LTEConfig(Settings):
             "help": "In stage 1, whether the router's input passes gradient to the layers below it. Off: the "
             "efficiency and separability losses train the routers only, and the model's weights learn from the task "
             "loss alone (through the score-weighted experts). On: those losses also reshape the hidden states the "
-            "routers read, the paper's joint training read literally.",
+            "routers read, the paper's joint training read literally. Off by default by design (the routers' "
+            "losses should not reshape the model); not yet measured against on.",
         },
     )
     threshold: float = field(
