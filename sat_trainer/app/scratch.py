@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cache import cache_dir
+from .cache import cache_dir, cache_key
 from .shapes import SHAPES, check_shape_spec, model_config
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def ensure_init(cfg: RunConfig) -> Path:
     sample = tokenizer_sample(cfg.data)
     tokenizer_dir = ensure_tokenizer(sample, spec["vocab_size"])
     seed = cfg.training.get("seed", 42)  # TrainingArguments' default seed
-    key = _digest({"tokenizer": tokenizer_dir.name, "spec": spec, "block_size": cfg.data.max_length, "seed": seed})
+    key = cache_key({"tokenizer": tokenizer_dir.name, "spec": spec, "block_size": cfg.data.max_length, "seed": seed})
     out = cache_dir() / "scratch" / f"{spec['shape']}-{key[:12]}"
     if (out / "config.json").is_file():
         return out
@@ -125,7 +125,3 @@ def _quiet() -> Iterator[None]:
     finally:
         if was:
             hf_logging.enable_progress_bar()
-
-
-def _digest(value: dict) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

@@ -11,7 +11,6 @@ with the same four loads the folder (memory-mapped) instead.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...errors import SATError
+from ..cache import cache_key
 
 if TYPE_CHECKING:
     import datasets
@@ -59,7 +59,7 @@ def corpus_blocks(
         "block_size": block_size,
         "max_tokens": max_tokens,
     }
-    folder = cache_root / "corpus" / f"{name}-{split}-{_digest(key)[:16]}"
+    folder = cache_root / "corpus" / f"{name}-{split}-{cache_key(key)[:16]}"
     if (folder / MANIFEST).is_file():
         manifest = json.loads((folder / MANIFEST).read_text())
         print(f"sat_trainer: {_summary(manifest)}; reused from {folder}", flush=True)
@@ -98,7 +98,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of the tokenizer's whole definition (vocabulary, merges, normalisation), EOS included."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
-    return _digest({"tokenizer": text, "eos": tokenizer.eos_token_id})[:16]
+    return cache_key({"tokenizer": text, "eos": tokenizer.eos_token_id})[:16]
 
 
 def _tokenize(texts: Iterator[str], tokenizer: PreTrainedTokenizerBase, max_tokens: int | None) -> tuple[np.ndarray, int]:
@@ -138,7 +138,3 @@ def _quiet() -> Iterator[None]:
     finally:
         if was:
             datasets.enable_progress_bars()
-
-
-def _digest(value: dict) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
