@@ -322,17 +322,23 @@ def test_top_k_of_every_neuron_is_the_dense_loss_and_lower_fractions_keep_k_per_
             assert (smallest_kept >= largest_dropped).all()  # the largest |act(gate) * up| of each token
 
 
-def test_random_experts_keep_whole_experts_at_the_fraction():
-    model = build("llama").eval()
-    width = model.model.layers[0].mlp.down_proj.in_features
-    size, experts = 16, width // 16
+def _masked_forward(model, mask):
+    """One forward of a random batch under ``mask``: (mask, each MLP's ``down`` input before the mask, after it)."""
     raw_hooks, raw = _down_inputs(model)
-    with RandomExperts(model, 0.5, expert_size=size, seed=1) as mask:
+    with mask:
         kept_hooks, kept = _down_inputs(model)
         with torch.no_grad():
             model(torch.randint(0, 64, (2, 12)))
     for hook in raw_hooks + kept_hooks:
         hook.remove()
+    return mask, raw, kept
+
+
+def test_random_experts_keep_whole_experts_at_the_fraction():
+    model = build("llama").eval()
+    width = model.model.layers[0].mlp.down_proj.in_features
+    size, experts = 16, width // 16
+    mask, raw, kept = _masked_forward(model, RandomExperts(model, 0.5, expert_size=size, seed=1))
     k = round(0.5 * experts)
     assert mask.kept_fraction() == k / experts
     for (name, shape, block), (expert_of, kept_k), h, masked in zip(mask.blocks, mask.states, raw, kept):
@@ -348,13 +354,7 @@ def test_top_k_experts_keep_each_tokens_largest_experts_of_ltes_grouping():
     width = model.model.layers[0].mlp.down_proj.in_features
     size, experts = 16, width // 16
     grouping = apply_lte(build("llama"), {"expert_size": size})  # the same weights: apply_lte's experts
-    raw_hooks, raw = _down_inputs(model)
-    with TopKExperts(model, 0.5, expert_size=size) as mask:
-        kept_hooks, kept = _down_inputs(model)
-        with torch.no_grad():
-            model(torch.randint(0, 64, (2, 12)))
-    for hook in raw_hooks + kept_hooks:
-        hook.remove()
+    mask, raw, kept = _masked_forward(model, TopKExperts(model, 0.5, expert_size=size))
     k = round(0.5 * experts)
     assert mask.kept_fraction() == k / experts
     for (expert_of, kept_k), routed, h, masked in zip(mask.states, grouping.blocks, raw, kept):

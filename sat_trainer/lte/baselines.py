@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..patch.blocks import layer_index
-from .experts import group_neurons
+from .experts import expert_energy, group_neurons
 from .measure import gated_mlps
 from .router import mlp_width, neuron_features
 
@@ -139,7 +139,7 @@ class TopKExperts(_DownInputMask):
         experts = int(expert_of.max()) + 1
         if k >= experts:
             return torch.ones_like(h)
-        norms = torch.zeros(*h.shape[:-1], experts, device=h.device).index_add_(-1, expert_of, h.detach().float().pow(2))
+        norms = expert_energy(h, expert_of, experts)
         top = norms.topk(k, dim=-1).indices
         chosen = torch.zeros_like(norms).scatter_(-1, top, 1.0)
         return chosen.index_select(-1, expert_of).to(h.dtype)

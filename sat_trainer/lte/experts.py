@@ -111,3 +111,11 @@ def balanced_assign(distance: torch.Tensor, size: int) -> torch.Tensor:
 def group_neurons(features: torch.Tensor, size: int, iterations: int = 20, seed: int = 0) -> ExpertGroups:
     """:func:`balanced_kmeans` of one MLP's neuron features, as :class:`ExpertGroups`."""
     return ExpertGroups.from_assignment(balanced_kmeans(features, size, iterations, seed), size)
+
+
+def expert_energy(h: torch.Tensor, expert_of: torch.Tensor, experts: int) -> torch.Tensor:
+    """(..., experts): per token, the sum of squares of each expert's activations in ``h`` (..., n), in float32.
+
+    What the oracle baseline ranks experts by and what ``router_init: activations`` fits the routers to."""
+    energy = torch.zeros(*h.shape[:-1], experts, device=h.device)
+    return energy.index_add_(-1, expert_of.to(h.device), h.detach().float().pow(2))

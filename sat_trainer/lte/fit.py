@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .experts import expert_energy
 from .router import RoutedMLP, gated_activation
 
 ACTIVATION_TEMPERATURE = 3.0  # effective logits = 3 x the standardised fit: scores away from 0.5 at the start
@@ -43,11 +44,9 @@ def fit_routers(blocks: list[RoutedMLP], model: nn.Module, batches: Iterable[dic
             rows = x.reshape(-1, x.shape[-1])
             if current_mask[0] is not None:
                 rows = rows[current_mask[0].reshape(-1).bool()]
-            h = gated_activation(block.block, block.shape, rows).float()
-            experts = block.router.weight.shape[0]
-            norms = torch.zeros(rows.shape[0], experts, device=h.device)
-            norms.index_add_(1, block.expert_of.to(h.device), h.pow(2))
-            target = norms.clamp_min(1e-12).log() / 2
+            h = gated_activation(block.block, block.shape, rows)
+            energy = expert_energy(h, block.expert_of, block.router.weight.shape[0])
+            target = energy.clamp_min(1e-12).log() / 2
             target = (target - target.mean(-1, keepdim=True)) / target.std(-1, keepdim=True).clamp_min(1e-6)
             features = torch.cat([rows.double(), torch.ones(rows.shape[0], 1, dtype=torch.double, device=rows.device)], 1)
             gram, xy = features.T @ features, features.T @ target.double()
