@@ -37,6 +37,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import statistics
@@ -73,8 +74,9 @@ def variant_overrides(variant: str) -> tuple[bool, list[str]]:
 
 
 def task_of(config: str) -> str:
-    """``sft`` for an SFT scenario file (its name says so), else ``cpt``."""
-    return "sft" if "sft" in Path(config).stem else "cpt"
+    """The scenario's task, as its file name says: ``pretrain`` (from scratch), ``sft``, else ``cpt``."""
+    stem = Path(config).stem
+    return "pretrain" if stem.startswith("pretrain") else "sft" if "sft" in stem else "cpt"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,7 +152,7 @@ def train_one(args: argparse.Namespace, task: str, seed: int, variant: str, extr
     """One `sat-train` run of ``variant``; its row is appended to ``args.json`` as it lands."""
     label = label or variant
     dense, overrides = variant_overrides(variant)
-    out = Path(args.out) / Path(args.config).stem / f"seed{seed}" / label.replace("=", "-").replace(",", "_").replace("@", "_")
+    out = Path(args.out) / Path(args.config).stem / f"seed{seed}" / folder_name(label)
     cfg = load_run_config(
         task, args.config, [*args.set, *overrides, *extra, f"training.seed={seed}", f"training.output_dir={out}"]
     )
@@ -170,6 +172,16 @@ def train_one(args: argparse.Namespace, task: str, seed: int, variant: str, extr
     with open(args.json[0], "a") as f:
         f.write(json.dumps(row) + "\n")
     return row
+
+
+def folder_name(label: str) -> str:
+    """A run folder's name for a variant label: ``=`` as ``-``, any other character but letters, digits, ``.``,
+    ``-`` and ``_`` as ``_`` (a label may hold YAML, e.g. ``est_stages=[{fraction: 0.4}]``); a long one is cut
+    and ends with a hash of the whole label, so two labels never share a folder."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", label.replace("=", "-")).strip("_")
+    if len(name) <= 80:
+        return name
+    return f"{name[:64]}_{hashlib.sha256(label.encode()).hexdigest()[:12]}"
 
 
 def step_times(path: str) -> dict[str, StepTimes]:
