@@ -13,8 +13,10 @@ import transformers
 from tiny import ALL_FAMILY_CONFIGS, batch, build
 
 from sat_trainer import LTECallback, LTEConfig, LTEConfigError, LTEError, apply_lte, load_lte
-from sat_trainer.lte.experts import ExpertGroups, balanced_assign, balanced_kmeans, group_neurons
+from sat_trainer.lte.baselines import TopKExperts
+from sat_trainer.lte.experts import ExpertGroups, balanced_assign, balanced_kmeans, coactivation_features, group_neurons
 from sat_trainer.lte.losses import SEPARABILITY_FLOOR, efficiency_loss, separability_loss
+from sat_trainer.lte.measure import gated_mlps
 from sat_trainer.lte.model import CONFIG_NAME, WEIGHTS_NAME, gated_model_types
 from sat_trainer.lte.router import ROUTER_ATTR, gated_activation
 
@@ -184,6 +186,30 @@ def test_experts_group_gate_and_up_rows_of_the_model():
     expected = group_neurons(features, 32, 20, seed=5 + 0)
     assert torch.equal(handle.blocks[0].expert_of, expected.expert_of)
     assert handle.blocks[0].router.weight.shape == (3, 64)
+
+
+def test_coactivation_features_group_neurons_large_on_the_same_tokens_whatever_their_scale():
+    first, second = [0, 3, 5, 6], [1, 2, 4, 7]
+    h = torch.zeros(20, 8)
+    h[:10, first] = torch.tensor([1.0, -50.0, 0.2, 7.0])  # large on tokens 0-9 (signs and scales differ)
+    h[10:, second] = torch.tensor([3.0, 0.1, -9.0, 40.0])
+    h += 0.01 * torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
+    features = coactivation_features(h)
+    assert features.shape == (8, 20)
+    torch.testing.assert_close(features.norm(dim=1), torch.ones(8))
+    groups = group_neurons(features, 4, seed=3)
+    assert sorted(sorted(groups.order[e * 4 : (e + 1) * 4].tolist()) for e in range(2)) == [first, second]
+
+
+def test_top_k_experts_group_by_the_features_given():
+    model = build("llama").eval()
+    names = [name for name, _, _ in gated_mlps(model)]
+    width = model.model.layers[0].mlp.down_proj.in_features
+    features = {name: torch.randn(width, 5, generator=torch.Generator().manual_seed(i)) for i, name in enumerate(names)}
+    with TopKExperts(model, 0.5, expert_size=16, seed=2, features=features) as mask:
+        pass
+    for index, (name, (expert_of, _)) in enumerate(zip(names, mask.states)):
+        assert torch.equal(expert_of, group_neurons(features[name], 16, 20, seed=2 + index).expert_of)
 
 
 # ---- losses ----------------------------------------------------------------------------------------------------

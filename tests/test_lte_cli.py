@@ -202,6 +202,34 @@ def test_the_saved_routers_reload_with_load_lte_and_give_the_reported_sparsity(l
     assert meter.summary()["tokens"] == reported["tokens"]
 
 
+
+def test_the_expert_floor_script_groups_and_fits_on_calibration_records_and_measures_on_the_rest(lte_run):
+    """scripts/lte_expert_floor.py on a run's final model: every row (dense too) is measured on the held-out records
+    after the first one, and the co-activation row is the oracle over groups of the first record's activations."""
+    lte_run, _ = lte_run
+    floor, quality = _load_script("lte_expert_floor"), _load_script("lte_quality")
+    with pytest.raises(SystemExit, match="calibration-records"):
+        floor.main([str(lte_run), "--fitted-router"])
+    argv = [str(lte_run), "--expert-sizes", "1", "16", "--calibration-records", "1", "--grouping", "weights", "coactivation"]
+    rows = floor.main([*argv, "--fitted-router"])
+    assert [(r["expert_size"], r.get("router")) for r in rows] == [
+        (None, None),
+        (1, "top-k"),
+        (1, "fitted"),
+        (16, "oracle, weights"),
+        (16, "oracle, coactivation"),
+        (16, "fitted"),
+    ]
+    sets, collator, batch_size = quality.eval_data(lte_run)
+    first, rest = floor.split_sets(sets, 1)
+    model = quality.load_model(lte_run / "final")
+    assert rows[0]["held_out_loss"] == quality.held_out_loss(model, rest, collator, batch_size)
+    profiles = floor.activation_profiles(model, floor.batches_of(first, collator, batch_size))
+    with TopKExperts(model, 0.5, expert_size=16, features=profiles):
+        assert rows[4]["held_out_loss"] == quality.held_out_loss(model, rest, collator, batch_size)
+    assert rows[3]["held_out_loss"] != rows[4]["held_out_loss"]
+    assert all(0 < r["fraction"] < 1 for r in rows[1:])
+
 def test_a_run_resumed_from_a_checkpoint_ends_with_the_uninterrupted_runs_routers(lte_run, tiny_base, tmp_path):
     lte_run, _ = lte_run
     assert (lte_run / "checkpoint-2" / WEIGHTS_NAME).is_file()

@@ -11,7 +11,8 @@ only, never speed.
   (balanced k-means of the gate and up rows, ``expert_size`` each), and each token keeps the
   ``round(fraction * experts)`` experts whose activations have the largest norm. No router of that expert size can
   choose better for a token than its own activations do, so this is the floor a trained LTE model is judged against
-  at its expert size, where :class:`TopKMask` is the floor at single neurons.
+  at its expert size, where :class:`TopKMask` is the floor at single neurons. Another grouping (neurons that
+  fire together: :func:`~sat_trainer.lte.experts.coactivation_features`) can be passed in.
 * :class:`RandomExperts`: each MLP's neurons are grouped into equal-size experts at random (a seeded permutation)
   and each token keeps ``round(fraction * experts)`` experts drawn uniformly at random, independently per token.
 
@@ -21,6 +22,8 @@ Each records the fraction it kept per token (``kept_fraction()``), the same quan
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -109,6 +112,8 @@ class TopKExperts(_DownInputMask):
         expert_size: neurons per expert; must divide every masked MLP's width.
         kmeans_iterations, seed: the grouping's, as ``LTEConfig`` sets them (the same values group as ``apply_lte``).
         dense_layers: layer indices left unmasked.
+        features: per MLP name, the (n, d) rows the neurons are grouped by instead of their gate and up rows (e.g.
+            :func:`~sat_trainer.lte.experts.coactivation_features`); None: LTE's grouping.
     """
 
     def __init__(
@@ -119,8 +124,10 @@ class TopKExperts(_DownInputMask):
         kmeans_iterations: int = 20,
         seed: int = 0,
         dense_layers: set[int] | None = None,
+        features: Mapping[str, torch.Tensor] | None = None,
     ):
         self.expert_size, self.kmeans_iterations, self.seed = expert_size, kmeans_iterations, seed
+        self.features = features
         super().__init__(model, fraction, dense_layers)
         self._by_name = {name: (shape, block) for name, shape, block in self.blocks}
 
@@ -128,9 +135,8 @@ class TopKExperts(_DownInputMask):
         if width % self.expert_size:
             raise ValueError(f"expert_size {self.expert_size} does not divide {name}'s {width} neurons")
         shape, block = self._by_name[name]
-        groups = group_neurons(
-            neuron_features(block, shape), self.expert_size, self.kmeans_iterations, self.seed + layer_index(name)
-        )
+        features = neuron_features(block, shape) if self.features is None else self.features[name]
+        groups = group_neurons(features, self.expert_size, self.kmeans_iterations, self.seed + layer_index(name))
         return groups.expert_of, max(1, round(self.fraction * groups.num_experts))
 
     def _mask(self, h: torch.Tensor, state: tuple[torch.Tensor, int]) -> torch.Tensor:

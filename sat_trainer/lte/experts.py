@@ -119,3 +119,13 @@ def expert_energy(h: torch.Tensor, expert_of: torch.Tensor, experts: int) -> tor
     What the oracle baseline ranks experts by and what ``router_init: activations`` fits the routers to."""
     energy = torch.zeros(*h.shape[:-1], experts, device=h.device)
     return energy.index_add_(-1, expert_of.to(h.device), h.detach().float().pow(2))
+
+
+def coactivation_features(h: torch.Tensor) -> torch.Tensor:
+    """(n, tokens): each neuron's ``|h_j|`` over calibration tokens ``h`` (tokens, n), scaled to unit norm, so that
+    :func:`balanced_kmeans` of these rows groups neurons that are large on the same tokens (whatever their scale).
+
+    An alternative to grouping by weight rows, measured in docs/journal/lte_2026-12-07.md: an expert's neurons are
+    then the ones a token needs together, which is what a router choosing whole experts can exploit."""
+    profile = h.detach().float().abs().T
+    return profile / profile.norm(dim=1, keepdim=True).clamp_min(1e-12)
