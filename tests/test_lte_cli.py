@@ -202,7 +202,6 @@ def test_the_saved_routers_reload_with_load_lte_and_give_the_reported_sparsity(l
     assert meter.summary()["tokens"] == reported["tokens"]
 
 
-
 def test_the_expert_floor_script_groups_and_fits_on_calibration_records_and_measures_on_the_rest(lte_run):
     """scripts/lte_expert_floor.py on a run's final model: every row (dense too) is measured on the held-out records
     after the first one, and the co-activation row is the oracle over groups of the first record's activations."""
@@ -229,6 +228,7 @@ def test_the_expert_floor_script_groups_and_fits_on_calibration_records_and_meas
         assert rows[4]["held_out_loss"] == quality.held_out_loss(model, rest, collator, batch_size)
     assert rows[3]["held_out_loss"] != rows[4]["held_out_loss"]
     assert all(0 < r["fraction"] < 1 for r in rows[1:])
+
 
 def test_a_run_resumed_from_a_checkpoint_ends_with_the_uninterrupted_runs_routers(lte_run, tiny_base, tmp_path):
     lte_run, _ = lte_run
