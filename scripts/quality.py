@@ -18,6 +18,12 @@ curves are re-timed with step times measured on a quiet machine, interleaved: ea
 benchmark's median at its scheduled rate (linear between the measured rates, dense's at rate 0),
 so the time columns do not depend on what else the machine ran during training.
 
+With ``--timing-rounds N`` each SAT variant's run is followed by ``sat-train --compare-dense``'s interleaved timing
+(dense and each rate or EST stage of its schedule in turn, in one process, ``N`` rounds); its step times are kept in
+the row, size its equal-time run, and, when every SAT row has them, the table's and plot's times are re-timed in
+*dense steps*: a step of dense counts 1, a step of a variant its measured time over dense's (a run's own clock,
+shared with other runs, drops out). Runs made side by side then compare on one scale.
+
 With ``--report`` nothing is trained: the table (and a PNG of held-out loss against training
 time) is built from the rows already in the JSON-lines file for ``--config``, the latest row per
 variant and seed.
@@ -47,7 +53,7 @@ from pathlib import Path
 from sat_trainer import SATConfig
 from sat_trainer.app.cpu_memory import keep_freed_memory
 from sat_trainer.app.report import equal_time_steps, time_to_reach
-from sat_trainer.app.run import run
+from sat_trainer.app.run import run, time_steps
 from sat_trainer.app.run_config import load_run_config
 from sat_trainer.app.step_timing import StepTimes
 from sat_trainer.errors import SATError
@@ -100,6 +106,13 @@ def main(argv: list[str] | None = None) -> None:
         "--min-steps", type=int, default=0, help="--report: only rows of at least this many steps (one protocol among several)"
     )
     p.add_argument("--step-times", help="re-time every curve with the step times of these benchmark.py JSON rows")
+    p.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=0,
+        help="after each SAT variant's run (with --report: each SAT row without them), time its steps against "
+        "dense's interleaved, this many rounds (0: not)",
+    )
     p.add_argument("--plot", help="also write a PNG of held-out loss (first eval set) against training time")
     p.add_argument(
         "--frontier",
@@ -109,9 +122,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     keep_freed_memory()  # no page faults per step on CPU (sat_trainer.app.cpu_memory): steadier timings
     results = saved_results(args.json, args.config, args.min_steps) if args.report else train_variants(args)
+    if args.report and args.timing_rounds > 0:
+        results = {v: [with_step_times(args, r) for r in rows] for v, rows in results.items()}
     if args.step_times:
         times = step_times(args.step_times)
         results = {v: [retime(r, times) for r in rows] for v, rows in results.items()}
+    elif all("step_times" in r for rows in results.values() for r in rows if r["sat"] is not None):
+        results = {v: [in_dense_steps(r) for r in rows] for v, rows in results.items()}
+        print("times in dense steps, at each variant's interleaved step times (--timing-rounds)")
     print(table(results))
     if args.plot:
         plot(results, args.plot)
@@ -134,7 +152,7 @@ def train_variants(args: argparse.Namespace) -> dict[str, list[dict]]:
                     steps = equal_time_steps_of(args, rows["dense"], row)
                     label = f"{variant}@equal-time"
                     results.setdefault(label, []).append(
-                        train_one(args, task, seed, variant, [f"training.max_steps={steps}"], label)
+                        train_one(args, task, seed, variant, [f"training.max_steps={steps}"], label, row.get("step_times"))
                     )
     return results
 
@@ -142,14 +160,25 @@ def train_variants(args: argparse.Namespace) -> dict[str, list[dict]]:
 def equal_time_steps_of(args: argparse.Namespace, dense: dict, row: dict) -> int:
     """The SAT steps that fit in dense's train-step time: at the ``--step-times`` medians when given
     (robust to what else the machine ran), else at the variant's own time per step."""
+    sat = SATConfig.from_dict(row["sat"])
     if args.step_times:
-        sat = SATConfig.from_dict(row["sat"])
         return step_times(args.step_times)[sat.omit_in].equal_time_steps(sat, dense["steps"])
+    if "step_times" in row:
+        return StepTimes.from_dict(row["step_times"]).equal_time_steps(sat, dense["steps"])
     return equal_time_steps(dense, row)
 
 
-def train_one(args: argparse.Namespace, task: str, seed: int, variant: str, extra: list[str], label: str | None = None) -> dict:
-    """One `sat-train` run of ``variant``; its row is appended to ``args.json`` as it lands."""
+def train_one(
+    args: argparse.Namespace,
+    task: str,
+    seed: int,
+    variant: str,
+    extra: list[str],
+    label: str | None = None,
+    times: dict | None = None,
+) -> dict:
+    """One `sat-train` run of ``variant``; its row is appended to ``args.json`` as it lands. A SAT run's row keeps
+    ``times`` (its variant's step times, for an equal-time run) or, with ``--timing-rounds``, its own."""
     label = label or variant
     dense, overrides = variant_overrides(variant)
     out = Path(args.out) / Path(args.config).stem / f"seed{seed}" / folder_name(label)
@@ -168,6 +197,8 @@ def train_one(args: argparse.Namespace, task: str, seed: int, variant: str, extr
         "steps": report["steps"],
         "set": args.set,
     }
+    if not dense and (times is not None or args.timing_rounds > 0):
+        row["step_times"] = times or time_steps(cfg, report["steps"], rounds=args.timing_rounds).to_dict()
     Path(args.json[0]).parent.mkdir(parents=True, exist_ok=True)
     with open(args.json[0], "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -219,6 +250,35 @@ def retime(row: dict, times: dict[str, StepTimes]) -> dict:
         return {**row, "evals": evals, "train_time_s": elapsed(row["steps"])}
     except SATError as err:
         raise SystemExit(f"--step-times: {row['variant']}: {err}") from None
+
+
+def with_step_times(args: argparse.Namespace, row: dict) -> dict:
+    """``--report --timing-rounds N``: a SAT row trained without step times gets them now (its variant's config,
+    timed as after training), appended to ``args.json`` as the latest row of its variant and seed."""
+    if row["sat"] is None or "step_times" in row:
+        return row
+    _, overrides = variant_overrides(row["variant"].split("@")[0])
+    extra = [f"training.seed={row['seed']}", f"training.output_dir={Path(args.out) / 'timing' / folder_name(row['variant'])}"]
+    cfg = load_run_config(task_of(args.config), args.config, [*row["set"], *overrides, *extra])
+    timed = {**row, "step_times": time_steps(cfg, row["steps"], rounds=args.timing_rounds).to_dict()}
+    with open(args.json[0], "a") as f:
+        f.write(json.dumps(timed) + "\n")
+    return timed
+
+
+def in_dense_steps(row: dict) -> dict:
+    """``row`` with its evals' and total train time in dense steps: dense's step count, or a SAT run's summed step
+    times (its ``step_times``, interleaved with dense's) over dense's step time."""
+    if row["sat"] is None:
+        elapsed = float
+    else:
+        sat, times = SATConfig.from_dict(row["sat"]), StepTimes.from_dict(row["step_times"])
+
+        def elapsed(step: int) -> float:
+            return times.curve_time(sat, row["steps"], step) / times.dense_s
+
+    evals = [{**e, "train_time_s": elapsed(e["step"])} for e in row["evals"]]
+    return {**row, "evals": evals, "train_time_s": elapsed(row["steps"])}
 
 
 def saved_results(paths: list[str], config: str, min_steps: int = 0) -> dict[str, list[dict]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -152,6 +153,48 @@ def test_equal_time_from_step_times_uses_the_medians_not_the_runs_clock(tmp_path
     # dense's 10 steps are 20 s at the medians; SAT at a constant 0.5 takes 1 s a step: 20 of them fit
     assert quality.equal_time_steps_of(argparse.Namespace(step_times=str(bench)), dense, sat) == 20
     assert quality.equal_time_steps_of(argparse.Namespace(step_times=None), dense, sat) == 2  # 100 s at the run's 50 s a step
+
+
+def test_quality_rows_with_their_own_step_times_are_timed_in_dense_steps():
+    """An EST row carrying --timing-rounds' step times: each step costs its stage's measured time over dense's, so
+    the curve's times are in dense steps; dense's are its step counts; the equal-time run is sized from them."""
+    import argparse
+
+    from sat_trainer.app.step_timing import StepTimes
+
+    quality = _load("quality")
+    est = {
+        "targets": ["mlp", "layers"],
+        "schedule": "est",
+        "omit_in": "forward_backward",
+        "metric": "uniform",
+        "rescale": "inverse_keep",
+        "dense_warmup_fraction": 0.0,
+        "est_stages": [{"fraction": 0.5, "layers": 0.5, "channels": 0.5}, {"fraction": 0.5}],
+    }
+    times = StepTimes(dense_s=2.0, sat_s={0.0: 2.0, "layers=0.5,mlp=0.5": 0.5})
+    evals = [{"step": 0, "train_time_s": 0.0, "new": 5.0}, {"step": 2, "train_time_s": 7.0, "new": 4.5}]
+    evals.append({"step": 4, "train_time_s": 30.0, "new": 4.0})
+    row = _row("est", 0, {"new": 4.0}, evals, 30.0) | {"sat": est, "steps": 4, "step_times": times.to_dict()}
+    timed = quality.in_dense_steps(row)
+    assert [e["train_time_s"] for e in timed["evals"]] == [0.0, 0.5, 2.5]  # 2 steps at 0.25 dense steps, 2 dense
+    assert timed["train_time_s"] == 2.5
+    dense = _row("dense", 0, {"new": 3.9}, evals, 99.0) | {"steps": 4}
+    assert [e["train_time_s"] for e in quality.in_dense_steps(dense)["evals"]] == [0, 2, 4]
+    # dense's 4 steps are 8 s; the schedule over 6 steps: 3 at 0.5 s and 3 at 2 s = 7.5 s fits, over 7 steps 8.5 s not
+    assert quality.equal_time_steps_of(argparse.Namespace(step_times=None), dense, row) == 6
+
+
+def test_quality_names_a_run_folder_for_any_variant_and_runs_pretrain_configs_as_pretrain():
+    quality = _load("quality")
+    assert quality.folder_name("omit_in=backward@equal-time") == "omit_in-backward_equal-time"
+    label = "est_stages=[{fraction: 0.4, channels: 0.5},{fraction: 0.6}]"
+    name = quality.folder_name(label)
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", name) and len(name) <= 80
+    assert name != quality.folder_name(label.replace("0.6", "0.5"))  # cut names stay apart by their hash
+    assert quality.task_of("configs/pretrain_llama_python.yaml") == "pretrain"
+    assert quality.task_of("configs/smollm2_sft_lora.yaml") == "sft"
+    assert quality.task_of("configs/smollm2_cpt.yaml") == "cpt"
 
 
 def test_quality_table_pairs_each_variant_with_dense_of_its_own_seed():
