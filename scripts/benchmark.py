@@ -46,6 +46,7 @@ import transformers
 
 from sat_trainer import SATConfig, apply_sat
 from sat_trainer.app.cpu_memory import keep_freed_memory
+from sat_trainer.app.shapes import SHAPES as PRETRAIN_SHAPES
 from sat_trainer.app.step_timing import interleaved
 from sat_trainer.patch.forward_context import loss_token_split
 from sat_trainer.schedule import kept_count, omission_rate_at
@@ -109,6 +110,8 @@ SHAPES = {
         num_key_value_heads=32,
         vocab_size=32000,
     ),
+    # `sat-train pretrain`'s llama-10m (configs/pretrain_llama_python.yaml, EST's scenario), at its 8k vocabulary
+    "llama-10m": {**PRETRAIN_SHAPES["llama-10m"][1], "vocab_size": 8192},
     # checks the scripts only
     "tiny": dict(
         hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256
