@@ -184,7 +184,6 @@ def test_the_console_prints_the_sparsity_per_layer(lte_run):
     assert f"per layer (fraction computed; 1 = no router): 0: {lte['layers']['0']:.3f}, 1: {lte['layers']['1']:.3f}" in printed
 
 
-
 def test_the_cpt_scenario_takes_an_lte_section_in_place_of_sat(tiny_base, tmp_path):
     """`sat-train cpt` of the shipped CPT demo with ``sat: null`` and an ``lte:`` section: both stages run on the
     packed text, and the saved routers reload onto the plain final model at the reported sparsity."""
@@ -199,6 +198,7 @@ def test_the_cpt_scenario_takes_an_lte_section_in_place_of_sat(tiny_base, tmp_pa
     assert handle.stage == "hard" and len(handle.blocks) == 2
     fraction = report["lte"]["held_out"]["continual"]["mlp_fraction"]
     assert 0 < fraction < 1
+
 
 def test_the_saved_routers_reload_with_load_lte_and_give_the_reported_sparsity(lte_run):
     """load_lte on the plain final model: same routed layers, and on the run's held-out set (one eval batch, so the
