@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     keep_freed_memory()  # no page faults per step on CPU (sat_trainer.app.cpu_memory): steadier timings
+    unit = "s"
     results = saved_results(args.json, args.config, args.min_steps) if args.report else train_variants(args)
     if args.report and args.timing_rounds > 0:
         results = {v: [with_step_times(args, r) for r in rows] for v, rows in results.items()}
@@ -129,10 +130,11 @@ def main(argv: list[str] | None = None) -> None:
         results = {v: [retime(r, times) for r in rows] for v, rows in results.items()}
     elif all("step_times" in r for rows in results.values() for r in rows if r["sat"] is not None):
         results = {v: [in_dense_steps(r) for r in rows] for v, rows in results.items()}
+        unit = "dense steps"
         print("times in dense steps, at each variant's interleaved step times (--timing-rounds)")
     print(table(results))
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, unit)
     if args.frontier:
         frontier(results, args.frontier)
 
@@ -344,14 +346,15 @@ def _paired_by_seed(rows: list[dict], dense: list[dict]) -> list[tuple[dict, dic
     return [(r, by_seed[r["seed"]]) for r in rows if r["seed"] in by_seed]
 
 
-def plot(results: dict[str, list[dict]], path: str) -> None:
-    """Held-out loss on the first eval set against time inside training steps, seed 0 of each variant."""
+def plot(results: dict[str, list[dict]], path: str, unit: str = "s") -> None:
+    """Held-out loss on the first eval set against time inside training steps (in ``unit``), seed 0 of each
+    variant; the legend below the axes, a variant label over 90 characters cut in its middle."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5 + 0.2 * len(results)))
     first = list(next(iter(results.values()))[0]["held_out_loss"])[0]
     for variant, rows in results.items():
         evals = rows[0]["evals"]
@@ -362,11 +365,12 @@ def plot(results: dict[str, list[dict]], path: str) -> None:
             if variant == "default"
             else dict(alpha=0.7)
         )
-        ax.plot([e["train_time_s"] for e in evals], [e[first] for e in evals], marker="o", markersize=3, label=variant, **style)
-    ax.set_xlabel("time inside training steps (s)")
+        label = variant if len(variant) <= 90 else f"{variant[:40]}…{variant[-49:]}"
+        ax.plot([e["train_time_s"] for e in evals], [e[first] for e in evals], marker="o", markersize=3, label=label, **style)
+    ax.set_xlabel(f"time inside training steps ({unit})")
     ax.set_ylabel(f"held-out loss: {first}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
