@@ -34,6 +34,7 @@ from lte_quality import eval_data, held_out_loss, load_model  # noqa: E402
 from sat_trainer import LTEConfig, apply_lte  # noqa: E402
 from sat_trainer.lte.baselines import TopKExperts, TopKMask  # noqa: E402
 from sat_trainer.lte.experts import coactivation_features  # noqa: E402
+from sat_trainer.lte.fit import each_mlp_input  # noqa: E402
 from sat_trainer.lte.measure import ActiveMeter, gated_mlps  # noqa: E402
 from sat_trainer.lte.router import gated_activation  # noqa: E402
 
@@ -62,28 +63,14 @@ def batches_of(sets: dict, collator, batch_size: int) -> list[dict]:
 def activation_profiles(model: torch.nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
     """Per gated MLP name, :func:`coactivation_features` of its ``act(gate) * up`` over the batches' real tokens."""
     blocks = gated_mlps(model)
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name, _, _ in blocks}
-    mask: list[torch.Tensor | None] = [None]
+    seen: list[list[torch.Tensor]] = [[] for _ in blocks]
 
-    def collect(name, shape, block):
-        def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            if mask[0] is not None:
-                x = x[mask[0].reshape(-1).bool()]
-            seen[name].append(gated_activation(block, shape, x))
+    def collect(index: int, rows: torch.Tensor) -> None:
+        _, shape, block = blocks[index]
+        seen[index].append(gated_activation(block, shape, rows))
 
-        return hook
-
-    hooks = [block.register_forward_pre_hook(collect(name, shape, block)) for name, shape, block in blocks]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                mask[0] = batch.get("attention_mask")
-                model(**batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {name: coactivation_features(torch.cat(hs)) for name, hs in seen.items()}
+    each_mlp_input(model, [block for _, _, block in blocks], batches, collect)
+    return {name: coactivation_features(torch.cat(hs)) for (name, _, _), hs in zip(blocks, seen)}
 
 
 def fitted_router_row(model, size: int, calibration: list[dict], sets, collator, batch_size, dense) -> dict:

@@ -14,7 +14,7 @@ closed form, and the router's effective logits are ``ACTIVATION_TEMPERATURE`` ti
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -26,6 +26,40 @@ ACTIVATION_TEMPERATURE = 3.0  # effective logits = 3 x the standardised fit: sco
 RIDGE = 1e-3  # relative to the mean eigenvalue of x'x: keeps the solve stable for a few thousand tokens
 
 
+def each_mlp_input(model: nn.Module, modules: list[nn.Module], batches: Iterable[dict], visit: Callable) -> int:
+    """Run ``batches`` through ``model`` (eval mode, no gradients, ``labels`` dropped) and call ``visit(i, rows)`` with
+    the (tokens, hidden) input of ``modules[i]`` for each batch's real tokens (its ``attention_mask``, when present).
+
+    The calibration forward of :func:`fit_routers` and of ``scripts/lte_expert_floor.py``. The model's training mode
+    is restored. Returns the number of tokens seen."""
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook_of(index: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            rows = args[0].detach().reshape(-1, args[0].shape[-1])
+            if mask[0] is not None:
+                rows = rows[mask[0].reshape(-1).bool()]
+            visit(index, rows)
+
+        return hook
+
+    hooks = [module.register_forward_pre_hook(hook_of(i)) for i, module in enumerate(modules)]
+    tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask[0] = batch.get("attention_mask")
+                tokens += int(mask[0].sum()) if mask[0] is not None else int(batch["input_ids"].numel())
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return tokens
+
+
 def fit_routers(blocks: list[RoutedMLP], model: nn.Module, batches: Iterable[dict]) -> int:
     """Fit every block's router to its MLP's per-token expert activations on ``batches`` (dicts the model takes,
     with ``attention_mask`` marking the tokens to use when present), with every expert on while measuring.
@@ -33,48 +67,23 @@ def fit_routers(blocks: list[RoutedMLP], model: nn.Module, batches: Iterable[dic
     The caller runs this with every score over the threshold (``router_init: open`` values, stage hard), so that
     the forward is the dense model's. Returns the number of tokens fitted on.
     """
-    grams = {id(b): None for b in blocks}
-    cross = {id(b): None for b in blocks}
-    current_mask: list[torch.Tensor | None] = [None]
-    hooks = []
+    grams: list[torch.Tensor | None] = [None] * len(blocks)
+    cross: list[torch.Tensor | None] = [None] * len(blocks)
 
-    def collect(block: RoutedMLP):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            rows = x.reshape(-1, x.shape[-1])
-            if current_mask[0] is not None:
-                rows = rows[current_mask[0].reshape(-1).bool()]
-            h = gated_activation(block.block, block.shape, rows)
-            energy = expert_energy(h, block.expert_of, block.router.weight.shape[0])
-            target = energy.clamp_min(1e-12).log() / 2
-            target = (target - target.mean(-1, keepdim=True)) / target.std(-1, keepdim=True).clamp_min(1e-6)
-            features = torch.cat([rows.double(), torch.ones(rows.shape[0], 1, dtype=torch.double, device=rows.device)], 1)
-            gram, xy = features.T @ features, features.T @ target.double()
-            grams[id(block)] = gram if grams[id(block)] is None else grams[id(block)] + gram
-            cross[id(block)] = xy if cross[id(block)] is None else cross[id(block)] + xy
+    def accumulate(index: int, rows: torch.Tensor) -> None:
+        block = blocks[index]
+        h = gated_activation(block.block, block.shape, rows)
+        energy = expert_energy(h, block.expert_of, block.router.weight.shape[0])
+        target = energy.clamp_min(1e-12).log() / 2
+        target = (target - target.mean(-1, keepdim=True)) / target.std(-1, keepdim=True).clamp_min(1e-6)
+        features = torch.cat([rows.double(), torch.ones(rows.shape[0], 1, dtype=torch.double, device=rows.device)], 1)
+        gram, xy = features.T @ features, features.T @ target.double()
+        grams[index] = gram if grams[index] is None else grams[index] + gram
+        cross[index] = xy if cross[index] is None else cross[index] + xy
 
-        return hook
-
-    for block in blocks:
-        hooks.append(block.block.register_forward_pre_hook(collect(block)))
-    tokens = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                mask = batch.get("attention_mask")
-                current_mask[0] = mask
-                tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-                model(**{k: v for k, v in batch.items() if k != "labels"})
-    finally:
-        current_mask[0] = None
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
+    tokens = each_mlp_input(model, [block.block for block in blocks], batches, accumulate)
     with torch.no_grad():
-        for block in blocks:
-            gram, xy = grams[id(block)], cross[id(block)]
+        for block, gram, xy in zip(blocks, grams, cross):
             if gram is None:
                 continue
             ridge = RIDGE * torch.diagonal(gram).mean()
