@@ -121,8 +121,8 @@ class RoutedMLP:
     """One routed MLP: its block, shape, router, expert of each neuron, and the bound forward.
 
     ``context`` is read at every forward: ``stage`` ("soft" or "hard"), ``threshold``, ``soft_forward``,
-    ``router_grad_to_model``
-    (whether the router's input passes gradient to the layers below, in stage soft), and ``record(index, scores)`` which receives this MLP's scores (for the losses and the logged active fraction).
+    ``router_grad_to_model`` (whether the router's input passes gradient to the layers below, in stage soft), and
+    ``record(index, scores)`` which receives this MLP's scores (for the losses and the logged active fraction).
     """
 
     def __init__(self, index: int, name: str, shape: BlockShape, block: nn.Module, router: Router, expert_of: torch.Tensor):
